@@ -1,0 +1,12 @@
+"""vlmzip: send a vision-language model far fewer visual tokens, and measure what it costs.
+
+    import vlmzip
+    vlmzip.compress(model, "visionzip", dominant=54, contextual=10)
+    ...  # the usual processor -> model.generate(...) code
+    vlmzip.decompress(model)
+"""
+
+from .api import compress, compressed, decompress, is_compressed, list_methods, state_of
+
+__all__ = ["compress", "compressed", "decompress", "is_compressed", "list_methods", "state_of"]
+__version__ = "0.1.0"

@@ -1,0 +1,10 @@
+"""Token-compression algorithms: pure tensor functions registered by name.
+
+Importing this package registers every built-in method. To add one: write one file here with the
+function and a ``register(MethodSpec(...))`` call, and import it below.
+"""
+
+from . import sampling, vanilla, visionzip  # noqa: F401  (registration side effects)
+from .base import MethodSpec, Selection, TokenLayout, VisionTokens, get_method, registered
+
+__all__ = ["MethodSpec", "Selection", "TokenLayout", "VisionTokens", "get_method", "registered"]

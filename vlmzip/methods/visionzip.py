@@ -1,0 +1,179 @@
+"""VisionZip (Yang et al., 2024; seeds 000/001): dominant tokens + contextual tokens.
+
+Faithful to the authors' released behaviour (DESIGN.md section 3):
+
+- dominant tokens: for a CLS encoder, the CLS token plus the (dominant - 1) patches the CLS query
+  attends to most (attention summed over heads); for an encoder without CLS, the ``dominant`` tokens
+  that receive the most attention (mean over heads and queries). Kept in positional order.
+- contextual tokens: the R remaining tokens, in positional order, are split into C targets at a uniform
+  stride (``step = max(1, R // C)``) and the rest; every other token joins the target whose
+  L2-normalised key is most similar; a contextual token is its target plus the mean of its members.
+- output order: dominant tokens, then contextual tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .base import (
+    Knob,
+    MethodSpec,
+    Selection,
+    TokenLayout,
+    VisionTokens,
+    check_budget,
+    positive_int,
+    register,
+)
+
+# The paper's LLaVA-1.5 splits: 64 = 54 + 10, 128 = 108 + 20, 192 = 162 + 30.
+CONTEXTUAL_FRACTION = 10 / 64
+
+
+def split_budget(tokens: int) -> tuple[int, int]:
+    """Split a total budget into (dominant, contextual) at the paper's ~84:16 ratio.
+
+    64 -> (54, 10), 128 -> (108, 20), 192 -> (162, 30); other values at the same ratio, rounded.
+    """
+    contextual = round(tokens * CONTEXTUAL_FRACTION)
+    return tokens - contextual, contextual
+
+
+def select_dominant(
+    cls_attention: torch.Tensor | None,
+    received_attention: torch.Tensor | None,
+    dominant: int,
+    has_cls: bool,
+) -> torch.Tensor:
+    """Indices of the dominant tokens, sorted in positional order.
+
+    With CLS: ``cls_attention`` (B, T), CLS at index 0; returns CLS + top (dominant - 1) patches.
+    Without: ``received_attention`` (B, T); returns the top ``dominant`` tokens.
+    Returns (B, dominant) long.
+    """
+    if has_cls:
+        if cls_attention is None:
+            raise ValueError("VisionZip on a CLS encoder needs the CLS attention row")
+        patch_scores = cls_attention[:, 1:]
+        top = patch_scores.topk(dominant - 1, dim=1).indices + 1
+        cls = torch.zeros(top.shape[0], 1, dtype=top.dtype, device=top.device)
+        idx = torch.cat([cls, top], dim=1)
+    else:
+        if received_attention is None:
+            raise ValueError("VisionZip on an encoder without CLS needs the received attention")
+        idx = received_attention.topk(dominant, dim=1).indices
+    return idx.sort(dim=1).values
+
+
+def remaining_indices(dominant_idx: torch.Tensor, total: int) -> torch.Tensor:
+    """(B, T - K) indices of the tokens not in ``dominant_idx`` (B, K), in positional order."""
+    batch = dominant_idx.shape[0]
+    rest = torch.ones(batch, total, dtype=torch.bool, device=dominant_idx.device)
+    rest.scatter_(1, dominant_idx, False)
+    positions = torch.arange(total, device=dominant_idx.device).expand(batch, total)
+    return positions[rest].view(batch, total - dominant_idx.shape[1])
+
+
+def uniform_targets(num_remaining: int, contextual: int, device: torch.device | None = None) -> torch.Tensor:
+    """(C,) positions of the contextual targets among R remaining tokens: 0, step, 2*step, ... first C."""
+    step = max(1, num_remaining // contextual)
+    return torch.arange(0, num_remaining, step, device=device)[:contextual]
+
+
+def merge_contextual(
+    hidden: torch.Tensor, keys: torch.Tensor, contextual: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Merge R remaining tokens into C contextual tokens.
+
+    ``hidden`` (B, R, D) and ``keys`` (B, R, Dh) are the remaining tokens in positional order.
+    Returns ``(tokens (B, C, D), targets (C,), assign (B, R))`` where ``targets`` are positions among
+    the R tokens and ``assign[b, r]`` is the contextual slot (0..C-1) token r went to.
+    """
+    batch, num_remaining, _ = hidden.shape
+    targets = uniform_targets(num_remaining, contextual, hidden.device)
+    is_target = torch.zeros(num_remaining, dtype=torch.bool, device=hidden.device)
+    is_target[targets] = True
+    members = (~is_target).nonzero().squeeze(1)
+
+    k = keys.float()
+    k = k / k.norm(dim=-1, keepdim=True)
+    similarity = k[:, members] @ k[:, targets].transpose(1, 2)  # (B, M, C)
+    member_slot = similarity.argmax(dim=2)  # (B, M)
+
+    one_hot = torch.zeros(batch, members.numel(), contextual, dtype=torch.float32, device=hidden.device)
+    one_hot.scatter_(2, member_slot.unsqueeze(-1), 1.0)
+    counts = one_hot.sum(dim=1).clamp(min=1).unsqueeze(-1)  # (B, C, 1)
+    member_mean = one_hot.transpose(1, 2) @ hidden[:, members].float() / counts
+    tokens = (hidden[:, targets].float() + member_mean).to(hidden.dtype)
+
+    assign = torch.empty(batch, num_remaining, dtype=torch.long, device=hidden.device)
+    assign[:, targets] = torch.arange(contextual, device=hidden.device)
+    assign[:, members] = member_slot
+    return tokens, targets, assign
+
+
+def visionzip(tokens: VisionTokens, dominant: int, contextual: int) -> Selection:
+    """VisionZip on a batch: (B, T, D) hidden -> (B, dominant + contextual, D) selection."""
+    hidden = tokens.hidden
+    batch, total, _ = hidden.shape
+    has_cls = tokens.layout.num_prefix == 1
+    dom_idx = select_dominant(tokens.cls_attention, tokens.received_attention, dominant, has_cls)
+    dom_tokens = hidden.gather(1, dom_idx.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+
+    merged_from = torch.full((batch, total), -1, dtype=torch.long, device=hidden.device)
+    merged_from.scatter_(1, dom_idx, torch.arange(dominant, device=hidden.device).expand(batch, dominant))
+    if contextual == 0:
+        return Selection(features=dom_tokens, indices=dom_idx, merged_from=merged_from)
+
+    if tokens.keys is None:
+        raise ValueError("VisionZip's contextual tokens need the layer's keys")
+    rest_idx = remaining_indices(dom_idx, total)
+    rest_hidden = hidden.gather(1, rest_idx.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+    rest_keys = tokens.keys.gather(1, rest_idx.unsqueeze(-1).expand(-1, -1, tokens.keys.shape[-1]))
+    ctx_tokens, targets, assign = merge_contextual(rest_hidden, rest_keys, contextual)
+    merged_from.scatter_(1, rest_idx, assign + dominant)
+
+    features = torch.cat([dom_tokens, ctx_tokens], dim=1)
+    indices = torch.cat([dom_idx, rest_idx[:, targets]], dim=1)
+    return Selection(features=features, indices=indices, merged_from=merged_from)
+
+
+def resolve(knobs: dict[str, Any], layout: TokenLayout) -> dict[str, Any]:
+    """Validate VisionZip knobs: ``tokens`` alone, or ``dominant`` and ``contextual``."""
+    if layout.num_prefix not in (0, 1):
+        raise ValueError(f"VisionZip supports encoders with one CLS token or none, not {layout.num_prefix}")
+    tokens = knobs.get("tokens")
+    dominant = knobs.get("dominant")
+    contextual = knobs.get("contextual")
+    if tokens is not None:
+        if dominant is not None or contextual is not None:
+            raise ValueError("pass either tokens=N or dominant=.. and contextual=.., not both")
+        dominant, contextual = split_budget(positive_int("tokens", tokens))
+    else:
+        if dominant is None:
+            raise ValueError("VisionZip needs a budget: tokens=N, or dominant=D and contextual=C (e.g. 54 and 10)")
+        contextual = 0 if contextual is None else contextual
+    dominant = positive_int("dominant", dominant)
+    contextual = positive_int("contextual", contextual, allow_zero=True)
+    what = "visual tokens (CLS counted) the LLM can receive"
+    check_budget("dominant + contextual", dominant + contextual, layout.vanilla, what)
+    return {"dominant": dominant, "contextual": contextual}
+
+
+SPEC = register(
+    MethodSpec(
+        name="visionzip",
+        description="VisionZip: CLS-attended dominant tokens + key-similarity merged contextual tokens.",
+        knobs=(
+            Knob("tokens", int, None, "total budget per image; split ~84:16 (64 = 54 + 10)"),
+            Knob("dominant", int, None, "dominant tokens per image, CLS included"),
+            Knob("contextual", int, None, "contextual (merged) tokens per image"),
+        ),
+        fn=visionzip,
+        resolve=resolve,
+        budget=lambda k, layout: k["dominant"] + k["contextual"],
+        needs=frozenset({"keys", "cls_attention", "received_attention"}),
+    )
+)

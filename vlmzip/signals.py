@@ -1,0 +1,40 @@
+"""Attention signals recomputed from captured queries and keys (no eager attention needed).
+
+Forward hooks capture one layer's ``q_proj`` / ``k_proj`` outputs while the model keeps its SDPA or
+FlashAttention kernels; these functions rebuild only the attention rows a method needs.
+Shapes: B batch, T tokens, H heads, Dh head dim; q and k arrive as (B, T, H * Dh).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(B, T, H * Dh) -> (B, H, T, Dh) in float32."""
+    batch, tokens, width = x.shape
+    return x.float().view(batch, tokens, num_heads, width // num_heads).transpose(1, 2)
+
+
+def head_mean_keys(k: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(B, T, H * Dh) keys -> (B, T, Dh) averaged over heads (VisionZip's merging metric)."""
+    return split_heads(k, num_heads).mean(dim=1)
+
+
+def query_row_attention(q: torch.Tensor, k: torch.Tensor, num_heads: int, scale: float, row: int = 0) -> torch.Tensor:
+    """Softmax attention of query ``row`` over all keys, summed over heads: (B, T).
+
+    Equals ``attn_probs[:, :, row, :].sum(1)`` of an eager run (no mask: encoders attend to all tokens).
+    """
+    qh = split_heads(q[:, row : row + 1], num_heads)  # (B, H, 1, Dh)
+    kh = split_heads(k, num_heads)  # (B, H, T, Dh)
+    probs = torch.softmax((qh @ kh.transpose(-1, -2)) * scale, dim=-1)  # (B, H, 1, T)
+    return probs.squeeze(2).sum(dim=1)
+
+
+def received_attention(q: torch.Tensor, k: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
+    """Attention each token receives, averaged over heads and over all queries: (B, T)."""
+    qh = split_heads(q, num_heads)
+    kh = split_heads(k, num_heads)
+    probs = torch.softmax((qh @ kh.transpose(-1, -2)) * scale, dim=-1)  # (B, H, T, T)
+    return probs.mean(dim=(1, 2))
