@@ -1,0 +1,56 @@
+"""Loading models, processors and images from disk, with clear errors."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import nn
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from .adapters import adapter_for
+
+DEFAULT_MODEL_NAME = "tiny-llava-336"
+
+
+def cache_dir() -> Path:
+    """vlmzip's cache folder: ``$VLMZIP_CACHE`` or ``~/.cache/vlmzip``."""
+    return Path(os.environ.get("VLMZIP_CACHE", Path.home() / ".cache" / "vlmzip"))
+
+
+def default_model_dir() -> Path:
+    """A small LLaVA-1.5-layout model (336 px, 576 patches + CLS, random weights) built from config on
+    first use and cached. It answers nonsense; it exists so every path runs without a download."""
+    from .lab.tiny import TinyLlavaConfig, build_llava
+
+    out = cache_dir() / "models" / DEFAULT_MODEL_NAME
+    if not (out / "config.json").exists():
+        tmp = out.with_name(out.name + ".partial")
+        build_llava(tmp, TinyLlavaConfig())
+        tmp.rename(out)
+    return out
+
+
+def load_model(path: str | Path | None, device: str = "cpu", dtype: str = "float32") -> tuple[nn.Module, object]:
+    """Load (model, processor) from a checkpoint folder (default: the built-in small LLaVA), offline."""
+    folder = Path(path) if path else default_model_dir()
+    if not (folder / "config.json").exists():
+        raise ValueError(f"{folder} is not a model folder (no config.json); pass --model DIR of a saved checkpoint")
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=getattr(torch, dtype)).to(device).eval()
+    adapter_for(model)  # fail early, with the list of supported classes
+    processor = AutoProcessor.from_pretrained(folder)
+    return model, processor
+
+
+def read_image(path: str | Path) -> Image.Image:
+    """Open an image file as RGB; a clear ``ValueError`` if it is missing or cannot be decoded."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"image file {p} does not exist")
+    try:
+        with Image.open(p) as img:
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise ValueError(f"cannot read image {p}: {err}; pass a valid PNG or JPEG file") from None
