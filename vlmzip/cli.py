@@ -98,21 +98,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"answer (vanilla):      {vanilla_answer!r}")
     print(f"answer ({args.method}): {method_answer!r}")
     print(
-        f"time to first token, median of {args.repeats} interleaved runs: vanilla {timing.vanilla_median * 1e3:.1f} ms,"
-        f" {args.method} {timing.compressed_median * 1e3:.1f} ms -> speedup {timing.speedup:.2f}x (vanilla / compressed)"
+        f"time to first token, median of {args.repeats} interleaved runs: "
+        f"vanilla {timing.vanilla_median * 1e3:.1f} ms, {args.method} {timing.compressed_median * 1e3:.1f} ms "
+        f"-> speedup {timing.speedup:.2f}x (vanilla / compressed)"
     )
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vlmzip", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="vlmzip", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p_list = sub.add_parser("list", help="list registered methods and their knobs")
     p_list.set_defaults(func=cmd_list)
 
     p_run = sub.add_parser("run", help="answer one question vanilla and compressed; compare time to first token")
-    p_run.add_argument("--model", help="checkpoint folder (default: a built-in small LLaVA, random weights)")
+    p_run.add_argument(
+        "--model", help="checkpoint folder, or arch:llava-1.5-7b (random weights; default: a small LLaVA)"
+    )
     p_run.add_argument("--image", help="image file (default: a procedural lab scene)")
     p_run.add_argument("--prompt", default="What color is the small object?", help="the question")
     add_method_args(p_run)
