@@ -152,9 +152,18 @@ def compressed(model: nn.Module, method: str, **knobs: Any) -> Iterator[nn.Modul
 
 
 def _shrink_for(state: CompressionState, input_ids: torch.Tensor, **tensors: Any) -> sequence.Shrunk:
+    """Shrink on the CPU (one small copy before any GPU work of this call), then move back."""
     adapter = state.adapter
-    keep = sequence.keep_mask(input_ids, adapter.image_token_id, adapter.placeholders_per_image(), state.budget)
-    return sequence.shrink(input_ids, keep, pad_token_id=adapter.pad_token_id, **tensors)
+    device = input_ids.device
+    cpu = {k: None if v is None else v.cpu() for k, v in tensors.items()}
+    ids = input_ids.cpu()
+    keep = sequence.keep_mask(ids, adapter.image_token_id, adapter.placeholders_per_image(), state.budget)
+    shrunk = sequence.shrink(ids, keep, pad_token_id=adapter.pad_token_id, **cpu)
+    for name in ("input_ids", "attention_mask", "labels", "position_ids"):
+        value = getattr(shrunk, name)
+        if value is not None:
+            setattr(shrunk, name, value.to(device))
+    return shrunk
 
 
 def _has_images(input_ids: Any, state: CompressionState) -> bool:

@@ -33,8 +33,22 @@ def default_model_dir() -> Path:
     return out
 
 
+ARCH_PREFIX = "arch:"
+
+
 def load_model(path: str | Path | None, device: str = "cpu", dtype: str = "float32") -> tuple[nn.Module, object]:
-    """Load (model, processor) from a checkpoint folder (default: the built-in small LLaVA), offline."""
+    """Load (model, processor) from a checkpoint folder (default: the built-in small LLaVA), offline.
+
+    ``arch:NAME`` (e.g. ``arch:llava-1.5-7b``) builds that real architecture with random weights in
+    memory, for speed measurements: prefill cost depends on the shapes, not on the weights.
+    """
+    if isinstance(path, str) and path.startswith(ARCH_PREFIX):
+        from .lab.tiny import ARCHITECTURES, build_llava
+
+        name = path[len(ARCH_PREFIX) :]
+        if name not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {name!r}; known: {', '.join(sorted(ARCHITECTURES))}")
+        return build_llava(cfg=ARCHITECTURES[name], device=device, dtype=getattr(torch, dtype))
     folder = Path(path) if path else default_model_dir()
     if not (folder / "config.json").exists():
         raise ValueError(f"{folder} is not a model folder (no config.json); pass --model DIR of a saved checkpoint")

@@ -62,8 +62,22 @@ class TinyLlavaConfig:
     max_positions: int = 2048
     vision_feature_layer: int = -2
     select_strategy: str = "default"
+    text_intermediate: int | None = None  # default 4 * text_hidden
+    vision_intermediate: int | None = None  # default 4 * vision_hidden
+    vocab_size: int | None = None  # pad the LM vocabulary to this size (real models: ~32k)
     words: tuple[str, ...] = tuple(BASE_WORDS)
     seed: int = 0
+
+
+# Real architectures with random weights: prefill cost is set by the shapes, not by the weights.
+ARCHITECTURES: dict[str, TinyLlavaConfig] = {
+    # LLaVA-1.5-7B: CLIP ViT-L/14-336 (24 layers, 1024 wide) + Llama-2-7B (32 layers, 4096 wide).
+    "llava-1.5-7b": TinyLlavaConfig(
+        image_size=336, patch_size=14, vision_hidden=1024, vision_layers=24, vision_heads=16,
+        text_hidden=4096, text_layers=32, text_heads=32, text_kv_heads=32, text_intermediate=11008,
+        max_positions=4096, vocab_size=32064,
+    ),
+}
 
 
 def build_tokenizer(words: list[str] | tuple[str, ...]) -> PreTrainedTokenizerFast:
@@ -112,7 +126,7 @@ def llava_config(cfg: TinyLlavaConfig, tokenizer: PreTrainedTokenizerFast) -> Ll
     """The transformers LlavaConfig (CLIP vision + Llama text) for these sizes and this tokenizer."""
     vision = CLIPVisionConfig(
         hidden_size=cfg.vision_hidden,
-        intermediate_size=4 * cfg.vision_hidden,
+        intermediate_size=cfg.vision_intermediate or 4 * cfg.vision_hidden,
         num_hidden_layers=cfg.vision_layers,
         num_attention_heads=cfg.vision_heads,
         image_size=cfg.image_size,
@@ -120,9 +134,9 @@ def llava_config(cfg: TinyLlavaConfig, tokenizer: PreTrainedTokenizerFast) -> Ll
         projection_dim=cfg.vision_hidden,
     )
     text = LlamaConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=max(len(tokenizer), cfg.vocab_size or 0),
         hidden_size=cfg.text_hidden,
-        intermediate_size=4 * cfg.text_hidden,
+        intermediate_size=cfg.text_intermediate or 4 * cfg.text_hidden,
         num_hidden_layers=cfg.text_layers,
         num_attention_heads=cfg.text_heads,
         num_key_value_heads=cfg.text_kv_heads,
@@ -146,14 +160,19 @@ def llava_config(cfg: TinyLlavaConfig, tokenizer: PreTrainedTokenizerFast) -> Ll
 
 
 def build_llava(
-    out_dir: str | Path | None = None, cfg: TinyLlavaConfig | None = None
+    out_dir: str | Path | None = None,
+    cfg: TinyLlavaConfig | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
-    """Build a randomly initialised LLaVA + processor; save both to ``out_dir`` when given."""
+    """Build a randomly initialised LLaVA + processor (weights created directly on ``device`` in
+    ``dtype``); save both to ``out_dir`` when given."""
     cfg = cfg or TinyLlavaConfig()
     tokenizer = build_tokenizer(cfg.words)
     processor = build_processor(cfg, tokenizer)
     torch.manual_seed(cfg.seed)
-    model = LlavaForConditionalGeneration(llava_config(cfg, tokenizer)).eval()
+    with torch.device(device):
+        model = LlavaForConditionalGeneration._from_config(llava_config(cfg, tokenizer), dtype=dtype).eval()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     if out_dir is not None:

@@ -22,7 +22,9 @@ def random_indices(candidates: torch.Tensor, batch: int, tokens: int, generator:
     """(B, tokens) indices drawn without replacement from ``candidates`` (N,), sorted per row."""
     scores = torch.rand(batch, candidates.numel(), generator=generator)
     pick = scores.topk(tokens, dim=1).indices.sort(dim=1).values
-    return candidates.cpu()[pick].to(candidates.device)
+    if candidates.device.type == "cuda":  # an async copy: no host sync in the middle of a forward
+        pick = pick.pin_memory().to(candidates.device, non_blocking=True)
+    return candidates[pick]
 
 
 def random_sample(tokens: VisionTokens, tokens_per_image: int, seed: int) -> Selection:

@@ -70,10 +70,17 @@ def select_dominant(
 def remaining_indices(dominant_idx: torch.Tensor, total: int) -> torch.Tensor:
     """(B, T - K) indices of the tokens not in ``dominant_idx`` (B, K), in positional order."""
     batch = dominant_idx.shape[0]
-    rest = torch.ones(batch, total, dtype=torch.bool, device=dominant_idx.device)
-    rest.scatter_(1, dominant_idx, False)
-    positions = torch.arange(total, device=dominant_idx.device).expand(batch, total)
-    return positions[rest].view(batch, total - dominant_idx.shape[1])
+    rest = torch.ones(batch, total, dtype=torch.int8, device=dominant_idx.device)
+    rest.scatter_(1, dominant_idx, 0)
+    return true_positions(rest, total - dominant_idx.shape[1])
+
+
+def true_positions(flags: torch.Tensor, count: int) -> torch.Tensor:
+    """Positions of the ``count`` non-zero entries of each row of ``flags`` (..., N), ascending.
+
+    A stable sort instead of boolean indexing: no device-to-host sync, so GPU work stays queued.
+    """
+    return flags.sort(dim=-1, descending=True, stable=True).indices[..., :count]
 
 
 def uniform_targets(num_remaining: int, contextual: int, device: torch.device | None = None) -> torch.Tensor:
@@ -93,9 +100,9 @@ def merge_contextual(
     """
     batch, num_remaining, _ = hidden.shape
     targets = uniform_targets(num_remaining, contextual, hidden.device)
-    is_target = torch.zeros(num_remaining, dtype=torch.bool, device=hidden.device)
-    is_target[targets] = True
-    members = (~is_target).nonzero().squeeze(1)
+    is_member = torch.ones(num_remaining, dtype=torch.int8, device=hidden.device)
+    is_member[targets] = 0
+    members = true_positions(is_member, num_remaining - contextual)
 
     k = keys.float()
     k = k / k.norm(dim=-1, keepdim=True)
