@@ -6,7 +6,7 @@
     vlmzip.decompress(model)
 """
 
-from .api import compress, compressed, decompress, is_compressed, list_methods, state_of
+from .api import compress, compressed, decompress, is_compressed, list_methods, plan, state_of
 
-__all__ = ["compress", "compressed", "decompress", "is_compressed", "list_methods", "state_of"]
+__all__ = ["compress", "compressed", "decompress", "is_compressed", "list_methods", "plan", "state_of"]
 __version__ = "0.1.0"

@@ -87,6 +87,19 @@ def state_of(model: nn.Module) -> CompressionState:
     return state
 
 
+def plan(model: nn.Module, method: str, **knobs: Any) -> tuple[MethodSpec, Adapter, dict[str, Any], int]:
+    """Validate ``method`` and ``knobs`` for this model without changing it.
+
+    Returns (method spec, adapter, resolved knobs, visual tokens per image sent to the LLM). Raises
+    ``ValueError`` for an unknown method or knob, a bad budget, or an unsupported model.
+    """
+    spec = get_method(method)
+    check_knobs(spec, knobs)
+    adapter = adapter_for(model)
+    resolved = spec.resolve(dict(knobs), adapter.layout)
+    return spec, adapter, resolved, spec.budget(resolved, adapter.layout)
+
+
 def compress(model: nn.Module, method: str, **knobs: Any) -> nn.Module:
     """Compress this model instance in place with a registered method and return it.
 
@@ -101,11 +114,7 @@ def compress(model: nn.Module, method: str, **knobs: Any) -> nn.Module:
             f"this model is already compressed with {current.method.name!r} {current.knobs}; "
             "call vlmzip.decompress(model) first (or use the vlmzip.compressed(...) context manager)"
         )
-    spec = get_method(method)
-    check_knobs(spec, knobs)
-    adapter = adapter_for(model)
-    resolved = spec.resolve(dict(knobs), adapter.layout)
-    budget = spec.budget(resolved, adapter.layout)
+    spec, adapter, resolved, budget = plan(model, method, **knobs)
     state = CompressionState(method=spec, knobs=resolved, budget=budget, adapter=adapter)
 
     def select(tokens: VisionTokens) -> Selection:

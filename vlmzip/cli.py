@@ -2,12 +2,14 @@
 
     vlmzip list                      registered methods and their knobs
     vlmzip run [--model DIR] [--image FILE] [--prompt TEXT] [--method visionzip] [--tokens 64]
+    vlmzip eval --data DIR|lab-test --methods vanilla,visionzip --tokens 192,128,64 --out DIR
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -66,16 +68,12 @@ def default_image():
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .io import load_model, read_image
+    from .io import batch_inputs, load_model, read_image
 
     image = read_image(args.image) if args.image else default_image()
     knobs = parse_knobs(args)
     model, processor = load_model(args.model, device=args.device, dtype=args.dtype)
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": args.prompt}]}]
-    text = processor.apply_chat_template(messages, add_generation_prompt=True)
-    inputs = processor(images=[image], text=[text], return_tensors="pt").to(args.device)
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(getattr(torch, args.dtype))
+    inputs = batch_inputs(processor, [image], [args.prompt], model)
     prompt_len = inputs["input_ids"].shape[1]
 
     def answer() -> str:
@@ -105,6 +103,30 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _csv(cast: type) -> Any:
+    def parse(text: str) -> list:
+        try:
+            return [cast(part) for part in text.split(",") if part.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}") from None
+
+    return parse
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .eval.runner import EvalConfig, evaluate
+
+    cfg = EvalConfig(
+        data=args.data, out=args.out, model=args.model, methods=args.methods, tokens=args.tokens,
+        limit=args.limit, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, match=args.match,
+        device=args.device, dtype=args.dtype,
+    )
+    evaluate(cfg)
+    print((Path(args.out) / "table.md").read_text())
+    print(f"wrote {args.out}/results.json, table.md, plot.png and predictions/*.jsonl")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vlmzip", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -126,6 +148,20 @@ def build_parser() -> argparse.ArgumentParser:
     p_run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p_run.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p_run.set_defaults(func=cmd_run)
+
+    p_eval = sub.add_parser("eval", help="accuracy of methods x budgets vs vanilla on a dataset")
+    p_eval.add_argument("--model", help="checkpoint folder (default: as for `vlmzip run`)")
+    p_eval.add_argument("--data", default="lab-test", help="dataset folder or lab-test / lab-val / lab-test-small")
+    p_eval.add_argument("--methods", type=_csv(str), default=["vanilla", "visionzip"], help="e.g. vanilla,visionzip")
+    p_eval.add_argument("--tokens", type=_csv(int), default=[192, 128, 64], help="budgets, e.g. 192,128,64")
+    p_eval.add_argument("--limit", type=int, help="evaluate only the first N questions")
+    p_eval.add_argument("--batch-size", type=int, default=8)
+    p_eval.add_argument("--max-new-tokens", type=int, default=8)
+    p_eval.add_argument("--match", default="exact", choices=["exact", "relaxed"])
+    p_eval.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
+    p_eval.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p_eval.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p_eval.set_defaults(func=cmd_eval)
     return parser
 
 

@@ -68,3 +68,24 @@ def read_image(path: str | Path) -> Image.Image:
             return img.convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise ValueError(f"cannot read image {p}: {err}; pass a valid PNG or JPEG file") from None
+
+
+def chat_prompt(processor: object, question: str) -> str:
+    """The model's own chat format for one image + question (LLaVA-1.5 format if it has no template)."""
+    if getattr(processor, "chat_template", None):
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        return processor.apply_chat_template(messages, add_generation_prompt=True)
+    return f"USER: <image>\n{question} ASSISTANT:"
+
+
+def batch_inputs(
+    processor: object, images: list[Image.Image], questions: list[str], model: nn.Module
+) -> dict[str, torch.Tensor]:
+    """Processor outputs for a batch of (image, question), left padded, on the model's device and dtype."""
+    texts = [chat_prompt(processor, q) for q in questions]
+    inputs = processor(images=images, text=texts, return_tensors="pt", padding=True)
+    param = next(model.parameters())
+    inputs = inputs.to(param.device)
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(param.dtype)
+    return inputs

@@ -1,0 +1,115 @@
+"""`vlmzip eval` end to end on a small random LLaVA: outputs, resumability, batching, errors, table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from vlmzip.cli import main
+from vlmzip.eval.report import retention_table
+from vlmzip.lab.scenes import write_split
+
+ARGS = ["--methods", "vanilla,visionzip,random", "--tokens", "16,8", "--limit", "6", "--max-new-tokens", "3"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "val4"
+    write_split("val", out, n_images=4)
+    return out
+
+
+def evaluate(llava_dir, data_dir, out, *extra):
+    return main(["eval", "--model", str(llava_dir), "--data", str(data_dir), "--out", str(out), *ARGS, *extra])
+
+
+def lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_eval_writes_predictions_results_table_and_plot(llava_dir, data_dir, tmp_path, capsys):
+    out = tmp_path / "ev"
+    assert evaluate(llava_dir, data_dir, out, "--batch-size", "4") == 0
+    keys = ["vanilla", "visionzip@16", "visionzip@8", "random@16", "random@8"]
+    for key in keys:
+        rows = lines(out / "predictions" / f"{key}.jsonl")
+        assert len(rows) == 6 and {"id", "prediction", "answers", "type"} <= set(rows[0])
+    results = json.loads((out / "results.json").read_text())
+    assert [r["key"] for r in results["runs"]] == keys
+    assert results["vanilla_tokens"] == 64 and results["n_questions"] == 6
+    assert all(r["scores"]["n"] == 6 for r in results["runs"])
+    table = (out / "table.md").read_text()
+    assert "**Retain 16 tokens (25.0%)**" in table and "| visionzip | 8 |" in table
+    assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| vanilla | 64 |" in capsys.readouterr().out
+
+
+def test_eval_resumes_and_batching_does_not_change_answers(llava_dir, data_dir, tmp_path):
+    out = tmp_path / "ev"
+    assert evaluate(llava_dir, data_dir, out, "--batch-size", "4") == 0
+    path = out / "predictions" / "visionzip@8.jsonl"
+    full = lines(path)
+    path.write_text("".join(json.dumps(r) + "\n" for r in full[:2]) + '{"id": "torn')  # interrupted mid-write
+    untouched = (out / "predictions" / "vanilla.jsonl").read_text()
+    assert evaluate(llava_dir, data_dir, out, "--batch-size", "4") == 0
+    assert (out / "predictions" / "vanilla.jsonl").read_text() == untouched, "finished runs are skipped"
+    resumed = {r["id"]: r["prediction"] for r in lines(path) if "prediction" in r}
+    assert resumed == {r["id"]: r["prediction"] for r in full}
+
+    single = tmp_path / "single"
+    assert evaluate(llava_dir, data_dir, single, "--batch-size", "1") == 0
+    for key in ("vanilla", "visionzip@8"):
+        a = {r["id"]: r["prediction"] for r in lines(out / "predictions" / f"{key}.jsonl") if "prediction" in r}
+        b = {r["id"]: r["prediction"] for r in lines(single / "predictions" / f"{key}.jsonl")}
+        assert a == b, f"batched and unbatched answers differ for {key}"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (["--methods", "vanilla,nosuch"], "unknown method 'nosuch'"),
+        (["--tokens", "16,100"], "larger than the 64"),
+        (["--batch-size", "0"], "--batch-size must be >= 1"),
+    ],
+)
+def test_eval_bad_arguments(llava_dir, data_dir, tmp_path, capsys, override, message):
+    argv = ["eval", "--model", str(llava_dir), "--data", str(data_dir), "--out", str(tmp_path / "x"), *ARGS, *override]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x" / "predictions").exists(), "nothing runs before every run is validated"
+
+
+def test_eval_rejects_a_malformed_data_folder(llava_dir, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    (bad / "images").mkdir(parents=True)
+    (bad / "data.jsonl").write_text('{"id": "a", "image": "images/a.png", "question": "q?", "type": "count"}\n')
+    assert main(["eval", "--model", str(llava_dir), "--data", str(bad), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "line 1" in err and "answers" in err
+
+
+def test_eval_refuses_to_mix_different_evaluations(llava_dir, data_dir, tmp_path, capsys):
+    out = tmp_path / "ev"
+    assert evaluate(llava_dir, data_dir, out, "--methods", "vanilla") == 0
+    assert evaluate(llava_dir, data_dir, out, "--max-new-tokens", "5") == 2
+    assert "different evaluation" in capsys.readouterr().err
+
+
+def test_retention_table_percentages():
+    def scores(p, c, f1):
+        return {"per_type": {"presence": {"accuracy": p}, "count": {"accuracy": c}}, "macro_accuracy": (p + c) / 2,
+                "pope": {"all": {"f1": f1}}}
+
+    results = {
+        "config": {"data": "d", "match": "exact"}, "identity": {"model": "m"}, "n_questions": 4,
+        "runs": [
+            {"method": "vanilla", "knobs": {}, "tokens": 576, "scores": scores(0.8, 0.5, 0.8)},
+            {"method": "visionzip", "knobs": {"tokens": 64}, "tokens": 64, "scores": scores(0.4, 0.5, 0.6)},
+        ],
+    }
+    table = retention_table(results)
+    assert "| presence | count | POPE F1 | Avg |" in table
+    assert "| visionzip | 64 | 40.0 (50.0%) | 50.0 (100.0%) | 60.0 (75.0%) | 45.0 (75.0%) |" in table
+    assert "**Retain 64 tokens (11.1%)**" in table

@@ -1,0 +1,96 @@
+"""Turning results into the papers' kind of table (raw score and % of vanilla per column, average
+last) and an accuracy-vs-tokens plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+TYPE_ORDER = ("presence", "count", "color", "shape", "spatial", "text", "detail")
+
+
+def columns(vanilla_scores: dict[str, Any]) -> list[str]:
+    """Question-type columns in the benchmark's order (unknown types after, sorted)."""
+    types = list(vanilla_scores["per_type"])
+    return [t for t in TYPE_ORDER if t in types] + sorted(t for t in types if t not in TYPE_ORDER)
+
+
+def _cell(value: float, reference: float) -> str:
+    pct = f"{100 * value / reference:.1f}%" if reference > 0 else "n/a"
+    return f"{100 * value:.1f} ({pct})"
+
+
+def column_values(scores: dict[str, Any], cols: list[str]) -> list[float]:
+    """Accuracy per column, then POPE F1 when present."""
+    values = [scores["per_type"].get(c, {}).get("accuracy", 0.0) for c in cols]
+    if "pope" in scores:
+        values.append(scores["pope"]["all"]["f1"])
+    return values
+
+
+def retention_table(results: dict[str, Any]) -> str:
+    """Markdown: one row per run, grouped by budget; each cell 'raw (% of vanilla)'; Avg last.
+
+    Avg is the mean over question types of accuracy, and the mean of the per-type retentions.
+    """
+    runs = results["runs"]
+    vanilla = runs[0]
+    cols = columns(vanilla["scores"])
+    has_pope = "pope" in vanilla["scores"]
+    ref = column_values(vanilla["scores"], cols)
+    header = ["Method", "Tokens", *cols, *(["POPE F1"] if has_pope else []), "Avg"]
+    lines = [
+        f"Data: {results['config']['data']} ({results['n_questions']} questions); "
+        f"model: {results['identity']['model']}; scorer: {results['config']['match']} match.",
+        "Cells: accuracy (% of vanilla). Avg: mean over question types.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+
+    def row(run: dict[str, Any]) -> str:
+        values = column_values(run["scores"], cols)
+        per_type = values[: len(cols)]
+        avg = sum(per_type) / len(per_type) if per_type else 0.0
+        retained = [v / r for v, r in zip(per_type, ref[: len(cols)], strict=True) if r > 0]
+        avg_pct = f"{100 * sum(retained) / len(retained):.1f}%" if retained else "n/a"
+        cells = [_cell(v, r) for v, r in zip(values, ref, strict=True)]
+        name = run["method"] + (f" {run['knobs']}" if run["knobs"] and "tokens" not in run["knobs"] else "")
+        return "| " + " | ".join([name, str(run["tokens"]), *cells, f"{100 * avg:.1f} ({avg_pct})"]) + " |"
+
+    total = vanilla["tokens"]
+    lines.append(row(vanilla))
+    for budget in sorted({r["tokens"] for r in runs[1:]}, reverse=True):
+        kept = f"{100 * budget / total:.1f}%"
+        lines.append(f"| **Retain {budget} tokens ({kept})** |" + " |" * (len(header) - 1))
+        lines.extend(row(r) for r in runs[1:] if r["tokens"] == budget)
+    return "\n".join(lines) + "\n"
+
+
+def plot_accuracy(results: dict[str, Any], path: str | Path) -> None:
+    """PNG: mean accuracy over question types vs visual tokens per image, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = results["runs"]
+    vanilla = runs[0]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    by_method: dict[str, list[tuple[int, float]]] = {}
+    for run in runs[1:]:
+        by_method.setdefault(run["method"], []).append((run["tokens"], run["scores"]["macro_accuracy"]))
+    for method, points in sorted(by_method.items()):
+        points.sort()
+        ax.plot([p[0] for p in points], [100 * p[1] for p in points], marker="o", label=method)
+    ax.axhline(100 * vanilla["scores"]["macro_accuracy"], color="gray", linestyle="--",
+               label=f"vanilla ({vanilla['tokens']} tokens)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("visual tokens per image")
+    ax.set_ylabel("accuracy, mean over question types (%)")
+    ax.set_title(f"{results['config']['data']} ({results['n_questions']} questions)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

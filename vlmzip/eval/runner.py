@@ -1,0 +1,198 @@
+"""The evaluation runner: model + methods x budgets -> raw predictions, scores, retention table, plot.
+
+Vanilla (the unmodified model) is evaluated once and reused as the reference for every method and
+budget. Predictions are appended to ``OUT/predictions/<run>.jsonl`` batch by batch, so rerunning the
+same command skips every question already answered (resumable).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..api import compressed, plan
+from ..io import batch_inputs, load_model
+from ..methods import get_method
+from .data import LAB_DATASETS, Record, ensure_lab_dataset, load_folder, load_image
+from .report import plot_accuracy, retention_table
+from .scorers import score_records
+
+VANILLA = "vanilla"
+
+
+@dataclass
+class EvalConfig:
+    """Everything that defines an evaluation (what ``vlmzip eval`` takes)."""
+
+    data: str
+    out: str
+    model: str | None = None
+    methods: list[str] = field(default_factory=lambda: [VANILLA, "visionzip"])
+    tokens: list[int] = field(default_factory=lambda: [192, 128, 64])
+    limit: int | None = None
+    batch_size: int = 8
+    max_new_tokens: int = 8
+    match: str = "exact"
+    device: str = "cpu"
+    dtype: str = "float32"
+
+
+@dataclass
+class Run:
+    """One column of results: a method at one budget (or vanilla)."""
+
+    key: str
+    method: str
+    knobs: dict[str, Any]
+    tokens: int
+
+
+def plan_runs(model: nn.Module, methods: list[str], tokens: list[int]) -> list[Run]:
+    """Vanilla first, then every method at every budget; validates all of them before any work.
+
+    A method with a ``tokens`` knob is swept over ``tokens``; one without is run once with defaults.
+    """
+    _, adapter, _, vanilla_tokens = plan(model, VANILLA)
+    runs = [Run(VANILLA, VANILLA, {}, vanilla_tokens)]
+    for name in methods:
+        if name == VANILLA:
+            continue
+        spec = get_method(name)
+        sweep = [{"tokens": t} for t in tokens] if any(k.name == "tokens" for k in spec.knobs) else [{}]
+        for knobs in sweep:
+            _, _, _, budget = plan(model, name, **knobs)
+            key = f"{name}@{knobs['tokens']}" if knobs else name
+            runs.append(Run(key, name, knobs, budget))
+    return runs
+
+
+def data_folder(data: str) -> Path:
+    """The folder behind ``data``: an existing folder, or a lab split name generated on first use."""
+    if Path(data).is_dir():
+        return Path(data)
+    if data in LAB_DATASETS:
+        return ensure_lab_dataset(data)
+    known = ", ".join(sorted(LAB_DATASETS))
+    raise ValueError(f"--data {data!r} is neither a dataset folder nor a lab dataset ({known})")
+
+
+def read_predictions(path: Path, repair: bool = False) -> dict[str, dict[str, Any]]:
+    """Predictions already written to a run's JSONL file, by question id.
+
+    A line torn by an interruption is skipped; with ``repair`` the file is rewritten without it, so
+    that appending can go on.
+    """
+    done: dict[str, dict[str, Any]] = {}
+    if not path.exists():
+        return done
+    text = path.read_text()
+    for line in text.splitlines():
+        with contextlib.suppress(json.JSONDecodeError, KeyError, TypeError):
+            row = json.loads(line)
+            done[row["id"]] = row
+    if repair and (len(done) != len(text.splitlines()) or (text and not text.endswith("\n"))):
+        path.write_text("".join(json.dumps(row) + "\n" for row in done.values()))
+    return done
+
+
+def batches(records: list[Record], size: int) -> Iterator[list[Record]]:
+    """Consecutive chunks of ``size`` records."""
+    for i in range(0, len(records), size):
+        yield records[i : i + size]
+
+
+@torch.no_grad()
+def answer_batch(model: nn.Module, processor: Any, records: list[Record], max_new_tokens: int) -> list[str]:
+    """Greedy answers to a batch of questions (one image each), decoded without special tokens."""
+    images = [load_image(r) for r in records]
+    inputs = batch_inputs(processor, images, [r.question for r in records], model)
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    new = out[:, inputs["input_ids"].shape[1] :]
+    return [t.strip() for t in processor.batch_decode(new, skip_special_tokens=True)]
+
+
+def run_predictions(
+    model: nn.Module, processor: Any, run: Run, records: list[Record], path: Path, cfg: EvalConfig, bar: tqdm
+) -> dict[str, dict[str, Any]]:
+    """Answer every record not yet in ``path`` (appending as it goes); return all predictions by id."""
+    done = read_predictions(path, repair=True)
+    todo = [r for r in records if r.id not in done]
+    if not todo:
+        return done
+    context = contextlib.nullcontext() if run.method == VANILLA else compressed(model, run.method, **run.knobs)
+    bar.set_postfix_str(run.key)
+    with context, path.open("a") as sink:
+        for chunk in batches(todo, cfg.batch_size):
+            answers = answer_batch(model, processor, chunk, cfg.max_new_tokens)
+            for record, prediction in zip(chunk, answers, strict=True):
+                row = {"id": record.id, "prediction": prediction, "answers": record.answers,
+                       "type": record.type, "subtype": record.subtype, "run": run.key}
+                done[record.id] = row
+                sink.write(json.dumps(row) + "\n")
+            sink.flush()
+            bar.update(len(chunk))
+    return done
+
+
+def identity(cfg: EvalConfig, folder: Path) -> dict[str, Any]:
+    """What must match for an output folder to be resumed: model, data content, generation settings."""
+    digest = hashlib.sha256((folder / "data.jsonl").read_bytes()).hexdigest()
+    return {"model": cfg.model or "default", "data": str(cfg.data), "data_sha256": digest,
+            "max_new_tokens": cfg.max_new_tokens, "dtype": cfg.dtype}
+
+
+def check_resumable(out: Path, ident: dict[str, Any]) -> None:
+    """Write ``OUT/identity.json``, or refuse to mix results of a different model/data into ``OUT``."""
+    path = out / "identity.json"
+    if path.exists():
+        previous = json.loads(path.read_text())
+        if previous != ident:
+            diff = {k: (previous.get(k), v) for k, v in ident.items() if previous.get(k) != v}
+            raise ValueError(f"{out} holds results of a different evaluation {diff}; pass a new --out folder")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(ident, indent=2) + "\n")
+
+
+def evaluate(cfg: EvalConfig) -> dict[str, Any]:
+    """Run the evaluation described by ``cfg``; write predictions, results.json, table.md and plot.png."""
+    if cfg.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {cfg.batch_size}")
+    if cfg.limit is not None and cfg.limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {cfg.limit}")
+    folder = data_folder(cfg.data)
+    records = load_folder(folder)[: cfg.limit]
+    model, processor = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    runs = plan_runs(model, cfg.methods, cfg.tokens)
+    out = Path(cfg.out)
+    check_resumable(out, identity(cfg, folder))
+    (out / "predictions").mkdir(exist_ok=True)
+
+    paths = {run.key: out / "predictions" / f"{run.key}.jsonl" for run in runs}
+    remaining = sum(len([r for r in records if r.id not in read_predictions(paths[run.key])]) for run in runs)
+    scores: dict[str, dict[str, Any]] = {}
+    with tqdm(total=remaining, unit="q", desc="vlmzip eval", dynamic_ncols=True) as bar:
+        for run in runs:
+            predictions = run_predictions(model, processor, run, records, paths[run.key], cfg, bar)
+            scores[run.key] = score_records([predictions[r.id] for r in records], match=cfg.match)
+
+    results = {
+        "config": asdict(cfg),
+        "identity": identity(cfg, folder),
+        "n_questions": len(records),
+        "vanilla_tokens": runs[0].tokens,
+        "runs": [{**asdict(run), "scores": scores[run.key]} for run in runs],
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "table.md").write_text(retention_table(results))
+    plot_accuracy(results, out / "plot.png")
+    return results
