@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .api import compressed, list_methods
+from .api import compressed, list_methods, plan
 from .bench import compare_ttft
 
 
@@ -127,6 +127,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import bench_prefill, format_rows
+    from .io import batch_inputs, load_model
+
+    model, processor = load_model(args.model, device=args.device, dtype=args.dtype)
+    image = default_image()
+    runs = [(m, {"tokens": t}) for m in args.methods for t in args.tokens]
+
+    def make_inputs(batch_size: int) -> dict:
+        return batch_inputs(processor, [image] * batch_size, [args.prompt] * batch_size, model)
+
+    rows = bench_prefill(model, make_inputs, runs, args.batch_sizes, repeats=args.repeats)
+    if args.device.startswith("cuda"):
+        device = torch.cuda.get_device_name()
+    else:
+        device = f"cpu ({torch.get_num_threads()} threads)"
+    print(f"model: {args.model or 'built-in small LLaVA'} ({args.dtype})")
+    print(format_rows(rows, plan(model, "vanilla")[3], args.repeats, device))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vlmzip", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -162,6 +183,17 @@ def build_parser() -> argparse.ArgumentParser:
     p_eval.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p_eval.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p_eval.set_defaults(func=cmd_eval)
+
+    p_bench = sub.add_parser("bench", help="prefill / time-to-first-token speedups vs vanilla, with the ideal")
+    p_bench.add_argument("--model", help="checkpoint folder or arch:llava-1.5-7b (default: as for `vlmzip run`)")
+    p_bench.add_argument("--methods", type=_csv(str), default=["visionzip"])
+    p_bench.add_argument("--tokens", type=_csv(int), default=[192, 128, 64])
+    p_bench.add_argument("--batch-sizes", type=_csv(int), default=[1, 8])
+    p_bench.add_argument("--repeats", type=int, default=10)
+    p_bench.add_argument("--prompt", default="What color is the small object?")
+    p_bench.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p_bench.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p_bench.set_defaults(func=cmd_bench)
     return parser
 
 
