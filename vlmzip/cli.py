@@ -14,8 +14,7 @@ from typing import Any
 
 import torch
 
-from .api import compressed, list_methods, plan
-from .bench import compare_ttft
+from .api import list_methods, plan
 
 
 def parse_knobs(args: argparse.Namespace) -> dict[str, Any]:
@@ -68,38 +67,45 @@ def default_image():
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .io import batch_inputs, load_model, read_image
+    from .compare import compare_answers, describe
+    from .io import load_model, read_image
 
     image = read_image(args.image) if args.image else default_image()
-    knobs = parse_knobs(args)
     model, processor = load_model(args.model, device=args.device, dtype=args.dtype)
-    inputs = batch_inputs(processor, [image], [args.prompt], model)
-    prompt_len = inputs["input_ids"].shape[1]
-
-    def answer() -> str:
-        with torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
-        return processor.batch_decode(out[:, prompt_len:], skip_special_tokens=True)[0].strip()
-
-    vanilla_answer = answer()
-    with compressed(model, args.method, **knobs) as squeezed:
-        state = squeezed._vlmzip
-        before, after, resolved = state.tokens_before, state.budget, state.knobs
-        method_answer = answer()
-    timing = compare_ttft(model, inputs, args.method, knobs, repeats=args.repeats)
-
+    result = compare_answers(model, processor, image, args.prompt, args.method, parse_knobs(args),
+                             repeats=args.repeats, max_new_tokens=args.max_new_tokens)
     print(f"model:   {args.model or 'built-in small LLaVA (random weights, 336 px)'}  [{type(model).__name__}]")
     print(f"image:   {args.image or 'lab scene (seed 0, index 0)'}")
     print(f"prompt:  {args.prompt}")
-    print(f"method:  {args.method} {resolved}")
-    print(f"visual tokens per image: {before} -> {after}")
-    print(f"answer (vanilla):      {vanilla_answer!r}")
-    print(f"answer ({args.method}): {method_answer!r}")
-    print(
-        f"time to first token, median of {args.repeats} interleaved runs: "
-        f"vanilla {timing.vanilla_median * 1e3:.1f} ms, {args.method} {timing.compressed_median * 1e3:.1f} ms "
-        f"-> speedup {timing.speedup:.2f}x (vanilla / compressed)"
-    )
+    print(describe(result, args.method, args.repeats))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .adapters import adapter_for
+    from .compare import compare_answers, describe
+    from .io import load_model
+    from .lab import scenes
+    from .viz import model_view, side_by_side, token_overlay
+
+    image, _, qas = scenes.sample(scenes.SPLITS["test"].seed, args.index)
+    wanted = [q for q in qas if q.type == args.type] if args.type else qas
+    if not wanted:
+        raise ValueError(f"test scene {args.index} has no {args.type!r} question; try another --index")
+    qa = wanted[0]
+    model, processor = load_model(args.model, device=args.device, dtype=args.dtype)
+    result = compare_answers(model, processor, image, qa.question, args.method, parse_knobs(args),
+                             repeats=args.repeats, max_new_tokens=args.max_new_tokens)
+    print(f"model:   {args.model or 'built-in default'}  [{type(model).__name__}]")
+    print(f"scene:   lab test image {args.index}; question type {qa.type}")
+    print(f"question: {qa.question}   (correct answer: {qa.answer!r})")
+    print(describe(result, args.method, args.repeats))
+
+    view = model_view(image, processor.image_processor.crop_size["height"])
+    layout = adapter_for(model).layout
+    overlay = token_overlay(view, layout, result.selection, num_dominant=result.knobs.get("dominant"))
+    side_by_side(view, overlay).save(args.out)
+    print(f"kept tokens drawn over the image: {args.out}")
     return 0
 
 
@@ -170,6 +176,18 @@ def build_parser() -> argparse.ArgumentParser:
     p_run.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p_run.set_defaults(func=cmd_run)
 
+    p_demo = sub.add_parser("demo", help="one lab scene: vanilla vs compressed answers, speedup, kept-token picture")
+    p_demo.add_argument("--model", help="checkpoint folder (default: the built-in default model)")
+    p_demo.add_argument("--index", type=int, default=3, help="which test-split scene")
+    p_demo.add_argument("--type", choices=["presence", "count", "color", "shape", "spatial", "text", "detail"])
+    add_method_args(p_demo)
+    p_demo.add_argument("--max-new-tokens", type=int, default=8)
+    p_demo.add_argument("--repeats", type=int, default=5)
+    p_demo.add_argument("--out", default="vlmzip-demo.png", help="where to write the kept-token picture")
+    p_demo.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p_demo.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p_demo.set_defaults(func=cmd_demo)
+
     p_eval = sub.add_parser("eval", help="accuracy of methods x budgets vs vanilla on a dataset")
     p_eval.add_argument("--model", help="checkpoint folder (default: as for `vlmzip run`)")
     p_eval.add_argument("--data", default="lab-test", help="dataset folder or lab-test / lab-val / lab-test-small")
@@ -200,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``vlmzip`` command; returns the exit code (2 with a message on bad input)."""
     args = build_parser().parse_args(argv)
-    if args.command == "run" and args.method != "vanilla" and not parse_knobs(args):
+    if args.command in ("run", "demo") and args.method != "vanilla" and not parse_knobs(args):
         args.tokens = 64
     try:
         return args.func(args)

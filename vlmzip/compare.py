@@ -1,0 +1,72 @@
+"""One question, answered by the vanilla model and by a compressed one, timed in the same run
+(what ``vlmzip run`` and ``vlmzip demo`` print)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+
+from .api import compressed
+from .bench import TTFTComparison, compare_ttft
+from .io import batch_inputs
+from .methods import Selection
+
+
+@dataclass
+class Comparison:
+    """Both answers, the token counts, the resolved knobs, the kept tokens and the TTFT timing."""
+
+    vanilla_answer: str
+    method_answer: str
+    tokens_before: int
+    tokens_after: int
+    knobs: dict[str, Any]
+    selection: Selection
+    timing: TTFTComparison
+
+
+@torch.no_grad()
+def compare_answers(
+    model: nn.Module,
+    processor: Any,
+    image: Image.Image,
+    question: str,
+    method: str,
+    knobs: dict[str, Any],
+    repeats: int = 5,
+    max_new_tokens: int = 16,
+) -> Comparison:
+    """Greedy answers of the vanilla and the compressed model, then interleaved TTFT timing."""
+    inputs = batch_inputs(processor, [image], [question], model)
+    prompt_len = inputs["input_ids"].shape[1]
+
+    def answer() -> str:
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        return processor.batch_decode(out[:, prompt_len:], skip_special_tokens=True)[0].strip()
+
+    vanilla_answer = answer()
+    with compressed(model, method, **knobs) as squeezed:
+        state = squeezed._vlmzip
+        method_answer = answer()
+        selection = state.last_selection
+        before, after, resolved = state.tokens_before, state.budget, state.knobs
+    timing = compare_ttft(model, inputs, method, knobs, repeats=repeats)
+    return Comparison(vanilla_answer, method_answer, before, after, resolved, selection, timing)
+
+
+def describe(c: Comparison, method: str, repeats: int) -> str:
+    """The lines ``vlmzip run`` / ``demo`` print about a comparison."""
+    t = c.timing
+    return "\n".join([
+        f"method:  {method} {c.knobs}",
+        f"visual tokens per image: {c.tokens_before} -> {c.tokens_after}",
+        f"answer (vanilla):      {c.vanilla_answer!r}",
+        f"answer ({method}): {c.method_answer!r}",
+        f"time to first token, median of {repeats} interleaved runs: "
+        f"vanilla {t.vanilla_median * 1e3:.1f} ms, {method} {t.compressed_median * 1e3:.1f} ms "
+        f"-> speedup {t.speedup:.2f}x (vanilla / compressed)",
+    ])
