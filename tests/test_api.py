@@ -141,3 +141,12 @@ def test_labels_are_shrunk_with_the_sequence(model, batch_inputs):
         out = model(**inputs, labels=labels)
     assert torch.isfinite(out.loss)
     assert out.logits.shape[1] == labels.shape[1] - 48
+
+
+def test_inner_llava_model_is_compressed_too(model, batch_inputs):
+    inputs, _, _ = batch_inputs
+    with vlmzip.compressed(model, "visionzip", tokens=16), torch.no_grad():
+        hidden = model.model(**inputs).last_hidden_state
+        outer = model(**inputs, output_hidden_states=True).hidden_states[-1]
+    assert hidden.shape[1] == inputs["input_ids"].shape[1] - 48
+    torch.testing.assert_close(hidden, outer)

@@ -21,10 +21,15 @@ def cache_dir() -> Path:
 
 
 def default_model_dir() -> Path:
-    """A small LLaVA-1.5-layout model (336 px, 576 patches + CLS, random weights) built from config on
-    first use and cached. It answers nonsense; it exists so every path runs without a download."""
+    """The default model: the shipped lab mini-VLM when this install carries it; otherwise a small
+    LLaVA-1.5-layout model (336 px, 576 patches + CLS, random weights) built from config on first use
+    and cached, which answers nonsense and exists so that every path runs without a download."""
+    from .lab import checkpoint_dir
     from .lab.tiny import TinyLlavaConfig, build_llava
 
+    shipped = checkpoint_dir()
+    if shipped is not None:
+        return shipped
     out = cache_dir() / "models" / DEFAULT_MODEL_NAME
     if not (out / "config.json").exists():
         tmp = out.with_name(out.name + ".partial")
