@@ -3,6 +3,9 @@
     vlmzip list                      registered methods and their knobs
     vlmzip run [--model DIR] [--image FILE] [--prompt TEXT] [--method visionzip] [--tokens 64]
     vlmzip eval --data DIR|lab-test --methods vanilla,visionzip --tokens 192,128,64 --out DIR
+    vlmzip bench --model arch:llava-1.5-7b --device cuda --dtype float16
+    vlmzip demo                      one lab scene, vanilla vs VisionZip, kept-token picture
+    vlmzip lab train --out DIR       train the lab mini-VLM (resumable)
 """
 
 from __future__ import annotations
@@ -187,6 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
     p_demo.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p_demo.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p_demo.set_defaults(func=cmd_demo)
+
+    from .lab import train as lab_train
+
+    p_lab = sub.add_parser("lab", help="the offline lab: train the mini-VLM")
+    lab_train.add_parser(p_lab.add_subparsers(dest="lab_command", required=True))
 
     p_eval = sub.add_parser("eval", help="accuracy of methods x budgets vs vanilla on a dataset")
     p_eval.add_argument("--model", help="checkpoint folder (default: as for `vlmzip run`)")

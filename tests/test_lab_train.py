@@ -1,0 +1,140 @@
+"""The lab training loop: data encoding, learning, exact resume, export, CLI flags."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from vlmzip.lab import scenes
+from vlmzip.lab import train as T
+
+# 112 px / patch 14 -> 64 patch tokens; a model small enough for dozens of updates in a few seconds.
+TINY = T.TrainConfig(
+    steps=6, batch_size=2, lr=3e-3, warmup_steps=2, image_size=112, patch_size=14,
+    vision_hidden=32, vision_layers=2, vision_heads=2, vision_intermediate=64,
+    text_hidden=32, text_layers=1, text_heads=2, text_kv_heads=1, text_intermediate=64,
+    threads=1, checkpoint_every=2, log_every=1, eval_limit=0, progress=False,
+)  # fmt: skip
+
+
+def conversation(qas: list[scenes.QA]) -> list[dict]:
+    messages = []
+    for k, qa in enumerate(qas):
+        content = [{"type": "image"}, {"type": "text", "text": qa.question}] if k == 0 else qa.question
+        messages += [{"role": "user", "content": content}, {"role": "assistant", "content": qa.answer}]
+    return messages
+
+
+def test_conversation_ids_equal_processor_and_labels_cover_answers() -> None:
+    cfg = T.TrainConfig()
+    _, processor = T.build_llava(None, T.model_config(replace(cfg, vision_layers=1, text_layers=1)))
+    image, _, qas = T.image_sample(cfg, 3)
+    assert len(qas) == cfg.questions_per_image[3]
+    ids, labels = T.encode_conversation(qas, processor.tokenizer, T.image_tokens(cfg))
+    text = processor.apply_chat_template(conversation(qas))
+    reference = processor(images=[image], text=[text], return_tensors="pt")
+    assert reference["input_ids"][0].tolist() == ids
+    assert processor.tokenizer.unk_token_id not in ids
+    answers = processor.tokenizer.convert_ids_to_tokens([t for t, lab in zip(ids, labels, strict=True) if lab != -100])
+    assert answers == [tok for qa in qas for tok in (qa.answer.lower(), "</s>")]
+    # fast pixel path == the processor's CLIP preprocessing
+    batch_pixels = torch.from_numpy(T.to_uint8(image, cfg.image_size))[None]
+    assert torch.allclose(T.pixel_values(batch_pixels, processor), reference["pixel_values"], atol=1e-5)
+
+
+def test_batches_are_deterministic_and_question_order_varies() -> None:
+    a, b = T.make_batch(TINY, 5), T.make_batch(TINY, 5)
+    assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.pixels, b.pixels)
+    assert a.pixels.shape == (2, 3, 112, 112) and a.pixels.dtype == torch.uint8
+    first_types = {T.image_sample(TINY, i)[2][0].type for i in range(0, 40, 4)}  # 7-question images
+    assert len(first_types) >= 3
+
+
+def test_patch_targets_name_what_each_patch_shows() -> None:
+    tok = T._tokenizer(T.lab_words())
+    square = scenes.SceneObject("square", "red", "large", (0, 0, 56, 56))  # exactly patches (0..3, 0..3)
+    scene = scenes.Scene(336, 336, (220, 220, 220), (square,), None)
+    targets = T.patch_targets(scenes.render(scene), scene, 24, tok, 0.1).reshape(24, 24, 2)
+    red, sq = tok.convert_tokens_to_ids(["red", "square"])
+    assert (targets[:4, :4] == [red, sq]).all()
+    assert (targets[4:, :, 0] == tok.pad_token_id).all() and (targets[:, 4:, 0] == tok.pad_token_id).all()
+    assert (targets[4:, :, 1] == -100).all()
+    image, scene, _ = T.image_sample(T.TrainConfig(), 7)
+    targets = T.patch_targets(image, scene, 24, tok, 0.1)
+    named = set(tok.convert_ids_to_tokens([int(t) for t in targets.reshape(-1) if t >= 0]))
+    assert {o.color for o in scene.objects} <= named and {o.shape for o in scene.objects} <= named
+
+
+def test_curriculum_scale_decays_to_the_benchmark() -> None:
+    cfg = T.TrainConfig(steps=100, batch_size=4, easy_scale=3.0, easy_until=0.5)
+    early = [T.scene_scale(cfg, i) for i in range(40)]  # updates 0-9
+    assert max(early) > 2.0 and min(early) >= 1.0
+    assert all(T.scene_scale(cfg, i) == 1.0 for i in range(200, 260))  # updates 50-64
+    assert T.scene_config(cfg, 0, 1.0) == scenes.SceneConfig(questions_per_image=cfg.questions_per_image[0])
+
+
+def test_lr_schedule() -> None:
+    cfg = T.TrainConfig(steps=100, warmup_steps=10, lr=1e-3, min_lr=1e-4)
+    assert T.lr_at(0, cfg) == pytest.approx(1e-4)
+    assert T.lr_at(9, cfg) == pytest.approx(1e-3)
+    assert T.lr_at(99, cfg) == pytest.approx(1e-4, rel=1e-2)
+    assert all(T.lr_at(s, cfg) >= T.lr_at(s + 1, cfg) for s in range(10, 99))
+
+
+def test_loss_goes_down(tmp_path: Path) -> None:
+    T.train(tmp_path, replace(TINY, steps=80, warmup_steps=5), resume=False)
+    losses = [r["loss"] for r in map(json.loads, (tmp_path / "log.jsonl").read_text().splitlines()) if "loss" in r]
+    assert len(losses) == 80
+    assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:3]) / 3
+    assert (tmp_path / "loss.png").stat().st_size > 1000
+
+
+def test_resume_is_bit_identical(tmp_path: Path) -> None:
+    T.train(tmp_path / "straight", TINY, resume=False)
+    T.train(tmp_path / "resumed", TINY, resume=False, stop_after=3)  # "interrupted" after update 3
+    assert not (tmp_path / "resumed" / "model").exists()
+    T.train(tmp_path / "resumed", TINY, resume=True)
+    a = load_file(tmp_path / "straight" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    log = [json.loads(line) for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 7))
+    with pytest.raises(ValueError, match="lr"):
+        T.train(tmp_path / "resumed", replace(TINY, lr=1e-2), resume=True)
+
+
+def test_export_loads_offline_and_generates(tmp_path: Path) -> None:
+    model_dir = T.train(tmp_path, replace(TINY, steps=2, eval_limit=1), resume=False)
+    model = LlavaForConditionalGeneration.from_pretrained(model_dir).eval()
+    processor = AutoProcessor.from_pretrained(model_dir)
+    image, _, qas = scenes.sample(scenes.SPLITS["val"].seed, 0)
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": qas[0].question}]}],
+        add_generation_prompt=True,
+    )
+    inputs = processor(images=[image], text=[prompt], return_tensors="pt")
+    assert (inputs["input_ids"] == model.config.image_token_id).sum() == 64
+    out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] > inputs["input_ids"].shape[1]
+    result = T.evaluate(model, processor, "val", limit=2, batch_size=4)
+    assert result["n"] == 6 and set(result["per_type"]) <= set(scenes.QUESTION_TYPES)
+    assert any("eval" in json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines())
+
+
+def test_cli_flags_map_to_config() -> None:
+    parser = argparse.ArgumentParser()
+    T.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(
+        ["train", "--out", "x", "--steps", "5", "--lr", "0.01", "--questions-per-image", "7,3", "--progress", "false"]
+    )
+    cfg = T.config_from_args(args)
+    assert (cfg.steps, cfg.lr, cfg.questions_per_image, cfg.progress) == (5, 0.01, (7, 3), False)
+    assert cfg.batch_size == T.TrainConfig().batch_size and args.func is T.cmd_train and args.out == "x"
