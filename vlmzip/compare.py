@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .api import compressed
+from .api import compressed, state_of
 from .bench import TTFTComparison, compare_ttft
-from .io import batch_inputs
+from .io import batch_inputs, generate_answers
 from .methods import Selection
 
 
@@ -41,19 +41,16 @@ def compare_answers(
     max_new_tokens: int = 16,
 ) -> Comparison:
     """Greedy answers of the vanilla and the compressed model, then interleaved TTFT timing."""
-    inputs = batch_inputs(processor, [image], [question], model)
-    prompt_len = inputs["input_ids"].shape[1]
-
     def answer() -> str:
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        return processor.batch_decode(out[:, prompt_len:], skip_special_tokens=True)[0].strip()
+        return generate_answers(model, processor, [image], [question], max_new_tokens)[0]
 
     vanilla_answer = answer()
-    with compressed(model, method, **knobs) as squeezed:
-        state = squeezed._vlmzip
+    with compressed(model, method, **knobs):
+        state = state_of(model)
         method_answer = answer()
         selection = state.last_selection
         before, after, resolved = state.tokens_before, state.budget, state.knobs
+    inputs = batch_inputs(processor, [image], [question], model)
     timing = compare_ttft(model, inputs, method, knobs, repeats=repeats)
     return Comparison(vanilla_answer, method_answer, before, after, resolved, selection, timing)
 

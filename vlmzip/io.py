@@ -94,3 +94,14 @@ def batch_inputs(
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(param.dtype)
     return inputs
+
+
+@torch.no_grad()
+def generate_answers(
+    model: nn.Module, processor: object, images: list[Image.Image], questions: list[str], max_new_tokens: int
+) -> list[str]:
+    """Greedy answers to a batch of (image, question), decoded without special tokens and stripped."""
+    inputs = batch_inputs(processor, images, questions, model)
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    new = out[:, inputs["input_ids"].shape[1] :]
+    return [t.strip() for t in processor.batch_decode(new, skip_special_tokens=True)]

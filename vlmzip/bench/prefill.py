@@ -5,7 +5,6 @@ plus the ideal speedup from counting the LLM's multiply-adds at the real shapes.
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -14,6 +13,7 @@ import torch
 from torch import nn
 
 from ..api import compressed, plan
+from .timing import timed
 
 
 def llm_prefill_macs(seq_len: int, text_config: Any) -> float:
@@ -29,16 +29,6 @@ def llm_prefill_macs(seq_len: int, text_config: Any) -> float:
     m = text_config.intermediate_size
     per_layer = 2 * n * d * d + 2 * n * d * d_kv + 2 * n * n * d + 3 * n * d * m
     return float(text_config.num_hidden_layers * per_layer)
-
-
-def _timed(fn: Callable[[], Any], device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
 
 
 @dataclass
@@ -84,9 +74,9 @@ def bench_prefill(
             _, adapter, _, budget = plan(model, method, **knobs)
             times: dict[str, list[float]] = {"vf": [], "mf": [], "vt": [], "mt": []}
             for i in range(repeats + 1):
-                vf, vt = _timed(forward, device), _timed(ttft, device)
+                vf, vt = timed(forward, device), timed(ttft, device)
                 with compressed(model, method, **knobs):
-                    mf, mt = _timed(forward, device), _timed(ttft, device)
+                    mf, mt = timed(forward, device), timed(ttft, device)
                 if i:
                     for key, value in zip(("vf", "vt", "mf", "mt"), (vf, vt, mf, mt), strict=True):
                         times[key].append(value)

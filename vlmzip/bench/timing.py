@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,20 +18,22 @@ from torch import nn
 from ..api import compressed
 
 
-def _sync(device: torch.device) -> None:
+def timed(fn: Callable[[], Any], device: torch.device) -> float:
+    """Wall seconds of ``fn()``, with the GPU synchronised before and after on a CUDA device."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
 
 
 @torch.no_grad()
 def time_to_first_token(model: nn.Module, inputs: dict[str, torch.Tensor]) -> float:
     """Seconds for ``model.generate(**inputs, max_new_tokens=1)`` (greedy), synchronised on GPU."""
     device = next(model.parameters()).device
-    _sync(device)
-    start = time.perf_counter()
-    model.generate(**inputs, max_new_tokens=1, do_sample=False)
-    _sync(device)
-    return time.perf_counter() - start
+    return timed(lambda: model.generate(**inputs, max_new_tokens=1, do_sample=False), device)
 
 
 @dataclass

@@ -15,12 +15,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 from tqdm import tqdm
 
 from ..api import compressed, plan
-from ..io import batch_inputs, load_model
+from ..io import generate_answers, load_model
 from ..methods import get_method
 from .data import LAB_DATASETS, Record, ensure_lab_dataset, load_folder, load_image
 from .report import plot_accuracy, retention_table
@@ -110,14 +109,10 @@ def batches(records: list[Record], size: int) -> Iterator[list[Record]]:
         yield records[i : i + size]
 
 
-@torch.no_grad()
 def answer_batch(model: nn.Module, processor: Any, records: list[Record], max_new_tokens: int) -> list[str]:
     """Greedy answers to a batch of questions (one image each), decoded without special tokens."""
     images = [load_image(r) for r in records]
-    inputs = batch_inputs(processor, images, [r.question for r in records], model)
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    new = out[:, inputs["input_ids"].shape[1] :]
-    return [t.strip() for t in processor.batch_decode(new, skip_special_tokens=True)]
+    return generate_answers(model, processor, images, [r.question for r in records], max_new_tokens)
 
 
 def run_predictions(

@@ -53,6 +53,7 @@ from PIL import Image
 from transformers import LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast
 
 from vlmzip.eval.scorers import score_records
+from vlmzip.io import generate_answers
 from vlmzip.lab import scenes
 from vlmzip.lab.tiny import BASE_WORDS, TinyLlavaConfig, build_llava, build_tokenizer
 
@@ -506,17 +507,8 @@ def evaluate(
     records = []
     try:
         for chunk in _chunks(_split_items(split, limit), batch_size):
-            prompts = [
-                processor.apply_chat_template(
-                    [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": qa.question}]}],
-                    add_generation_prompt=True,
-                )
-                for _, qa in chunk
-            ]
-            inputs = processor(images=[im for im, _ in chunk], text=prompts, return_tensors="pt", padding=True)
-            inputs = inputs.to(model.device)
-            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-            texts = processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+            images, questions = [im for im, _ in chunk], [qa.question for _, qa in chunk]
+            texts = generate_answers(model, processor, images, questions, max_new_tokens)
             for (_, qa), text in zip(chunk, texts, strict=True):
                 records.append({"prediction": text, "answers": [qa.answer], "type": qa.type, "subtype": qa.subtype})
     finally:
