@@ -52,6 +52,11 @@ def add_method_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--knob", action="append", metavar="KEY=VALUE", help="any other method knob")
 
 
+def add_device_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     for method in list_methods():
         print(f"{method['name']:<12} {method['description']}")
@@ -175,8 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_method_args(p_run)
     p_run.add_argument("--max-new-tokens", type=int, default=16)
     p_run.add_argument("--repeats", type=int, default=5, help="timed repeats per side (median reported)")
-    p_run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p_run.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    add_device_args(p_run)
     p_run.set_defaults(func=cmd_run)
 
     p_demo = sub.add_parser("demo", help="one lab scene: vanilla vs compressed answers, speedup, kept-token picture")
@@ -187,8 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_demo.add_argument("--max-new-tokens", type=int, default=8)
     p_demo.add_argument("--repeats", type=int, default=5)
     p_demo.add_argument("--out", default="vlmzip-demo.png", help="where to write the kept-token picture")
-    p_demo.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p_demo.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    add_device_args(p_demo)
     p_demo.set_defaults(func=cmd_demo)
 
     from .lab import train as lab_train
@@ -206,8 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_eval.add_argument("--max-new-tokens", type=int, default=8)
     p_eval.add_argument("--match", default="exact", choices=["exact", "relaxed"])
     p_eval.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
-    p_eval.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p_eval.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    add_device_args(p_eval)
     p_eval.set_defaults(func=cmd_eval)
 
     p_bench = sub.add_parser("bench", help="prefill / time-to-first-token speedups vs vanilla, with the ideal")
@@ -217,8 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_bench.add_argument("--batch-sizes", type=_csv(int), default=[1, 8])
     p_bench.add_argument("--repeats", type=int, default=10)
     p_bench.add_argument("--prompt", default="What color is the small object?")
-    p_bench.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p_bench.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    add_device_args(p_bench)
     p_bench.set_defaults(func=cmd_bench)
     return parser
 
