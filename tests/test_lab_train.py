@@ -20,7 +20,7 @@ TINY = T.TrainConfig(
     steps=6, batch_size=2, lr=3e-3, warmup_steps=2, image_size=112, patch_size=14,
     vision_hidden=32, vision_layers=2, vision_heads=2, vision_intermediate=64,
     text_hidden=32, text_layers=1, text_heads=2, text_kv_heads=1, text_intermediate=64,
-    threads=1, checkpoint_every=2, log_every=1, eval_limit=0, progress=False,
+    threads=1, checkpoint_every=2, log_every=1, eval_limit=0, progress=False, attn_weight=1.0, attn_layer=0,
 )  # fmt: skip
 
 
@@ -34,7 +34,7 @@ def conversation(qas: list[scenes.QA]) -> list[dict]:
 
 def test_conversation_ids_equal_processor_and_labels_cover_answers() -> None:
     cfg = T.TrainConfig()
-    _, processor = T.build_llava(None, T.model_config(replace(cfg, vision_layers=1, text_layers=1)))
+    _, processor = T.build_llava(None, T.model_config(replace(cfg, vision_layers=1, text_layers=1, attn_layer=0)))
     image, _, qas = T.image_sample(cfg, 3)
     assert len(qas) == cfg.questions_per_image[3]
     ids, labels = T.encode_conversation(qas, processor.tokenizer, T.image_tokens(cfg))
@@ -70,6 +70,72 @@ def test_patch_targets_name_what_each_patch_shows() -> None:
     targets = T.patch_targets(image, scene, 24, tok, 0.1)
     named = set(tok.convert_ids_to_tokens([int(t) for t in targets.reshape(-1) if t >= 0]))
     assert {o.color for o in scene.objects} <= named and {o.shape for o in scene.objects} <= named
+
+
+def test_named_objects_follow_the_question_words() -> None:
+    objs = (
+        scenes.SceneObject("circle", "red", "large", (0, 0, 60, 60)),
+        scenes.SceneObject("square", "blue", "small", (100, 100, 116, 116)),
+        scenes.SceneObject("square", "red", "small", (200, 200, 216, 216)),
+        scenes.SceneObject("square", "blue", "large", (100, 200, 160, 260)),
+    )
+    text = scenes.TextItem("cat", "word", 20, (250, 20), (250, 20, 280, 35))
+    scene = scenes.Scene(336, 336, (220, 220, 220), objs, text)
+
+    def named(question: str) -> set[int]:
+        return T.named_objects(scenes.QA(question, "", "", ""), scene)
+
+    assert named("Is there a red circle?") == {0}
+    assert named("Is there a green star?") == set()
+    assert named("How many red objects are there?") == {0, 2}
+    assert named("How many squares are there?") == {1, 2, 3}
+    assert named("How many objects are there?") == {0, 1, 2, 3}
+    assert named("What color is the small square?") == {1, 2}
+    assert named("What shape is the small red object?") == {2}
+    assert named("Is the red circle to the left of the blue square?") == {0, 1, 3}
+    assert named("What word is written in the image?") == {4}
+
+
+def test_attention_targets_point_at_answers_and_named_patches() -> None:
+    batch = T.make_batch(TINY, 3)
+    assert len(batch.attn_rows) > 0 and batch.attn_patches.shape[1] == T.image_tokens(TINY)
+    assert batch.attn_patches.any(1).all()
+    for row, pos in zip(batch.attn_rows.tolist(), batch.attn_positions.tolist(), strict=True):
+        assert batch.labels[row, pos] == -100 and batch.labels[row, pos + 1] != -100  # predicts an answer
+    square = scenes.SceneObject("square", "red", "large", (0, 0, 56, 56))  # exactly patches (0..3, 0..3)
+    scene = scenes.Scene(336, 336, (220, 220, 220), (square,), None)
+    owners = T.patch_owners(scenes.render(scene), scene, 24, 0.1).reshape(24, 24)
+    assert (owners[:4, :4] == 0).all() and (owners[4:] == -1).all() and (owners[:, 4:] == -1).all()
+
+
+def test_attention_layer_must_exist() -> None:
+    with pytest.raises(ValueError, match="attn_layer=4 is not a layer of the 4-layer LM"):
+        T.TrainConfig(attn_layer=4, attn_weight=1.0)
+    T.TrainConfig(attn_layer=4, attn_weight=0.0)
+
+
+def test_attention_loss_reads_the_causal_weights_of_its_layer() -> None:
+    cfg = replace(TINY, text_layers=2, attn_layer=1)
+    model, processor = T.build_llava(None, T.model_config(cfg))
+    batch = T.make_batch(cfg, 3)
+    restore = T.eager_attention(model)
+    _, _, loss = T.losses(model, processor, batch, torch.device("cpu"), attn_layer=1)
+    out = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        pixel_values=T.pixel_values(batch.pixels, processor),
+        output_attentions=True,
+    )
+    weights = out.attentions[1]
+    assert torch.triu(weights, diagonal=1).abs().max() == 0  # causal
+    first = int((batch.input_ids[0] == model.config.image_token_id).nonzero()[0, 0])
+    rows = weights[batch.attn_rows, :, batch.attn_positions].mean(1)[:, first : first + batch.attn_patches.shape[1]]
+    expected = -torch.log((rows * batch.attn_patches).sum(-1) + 1e-6).mean()
+    assert torch.allclose(loss, expected, atol=1e-6)
+    restore()
+    assert model.model.language_model.config._attn_implementation == "sdpa"
+    with pytest.raises(RuntimeError, match="eager"):
+        T.losses(model, processor, batch, torch.device("cpu"), attn_layer=1)
 
 
 def test_curriculum_scale_decays_to_the_benchmark() -> None:

@@ -14,14 +14,17 @@ so that the image (the expensive part: 577 vision tokens, 576 of them in the LM)
 several answers; the loss covers only answer tokens and their ``</s>``. The turn order is shuffled per
 image so that every question type also appears in the first turn (the evaluation format).
 
-Two training-only aids, both knobs of ``TrainConfig`` (the exported model is a plain LLaVA either way):
-a size curriculum (big objects first, the benchmark's scenes from half-way on) and a dense auxiliary loss
+Three training-only aids, all knobs of ``TrainConfig`` (the exported model is a plain LLaVA either way):
+a size curriculum (big objects first, the benchmark's scenes from half-way on), a dense auxiliary loss
 (the LM head names what every image-token position shows: colour + shape word, the written word, or
-background). Without them the model stays blind to the image (answer priors only, about 30 % on val).
+background) and attention supervision (at every answer, one LM layer is trained to look at the patches
+of what the question names, read off the scene graph: ``named_objects``, ``patch_owners``).
 
-Status (see BENCHMARKS.md): this recipe does not yet reach the quality bar; with both aids it plateaus
-near 40 % on val, even at 4x the CPU budget. It is the groundwork (data, packing, resumable loop, export)
-for the recipe that will.
+Status (see BENCHMARKS.md): this recipe does not yet reach the quality bar. Without attention
+supervision it plateaus near 40 % on val even at 4x the CPU budget; the probes there show why (a
+from-scratch LM does not learn to look things up, even from perfect inputs) and that attention
+supervision is what moves it. It is the groundwork (data, packing, resumable loop, export) for the
+recipe that will.
 
 Outputs in ``out_dir``: ``checkpoint/state.pt`` (model, optimizer, RNG, step; written every
 ``checkpoint_every`` updates and on Ctrl-C), ``log.jsonl`` (loss, lr, grad norm, throughput, evals),
@@ -41,7 +44,7 @@ import random
 import sys
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -97,6 +100,14 @@ class TrainConfig:
     # exported model is a plain LLaVA. 0 = off.
     aux_weight: float = 0.5
     aux_min_cover: float = 0.1  # a patch is labelled with an object/text covering >= this share of it
+    # attention supervision: at every answer, the LM's layer attn_layer (heads averaged) is trained to put
+    # its attention on the image patches of what the question names (``named_objects``): the loss is
+    # -log(attention mass on those patches). Why: trained from scratch, the LM does not learn to look the
+    # named object up (the associative-recall plateau; BENCHMARKS.md). Training-only; 0 = off. Off by
+    # default for now: it needs eager attention in the LM, 1.8x the update time at 576 tokens, which the
+    # 60-minute CPU recipe cannot afford at these step counts (BENCHMARKS.md has its measured effect).
+    attn_weight: float = 0.0
+    attn_layer: int = 1
     # model (see TinyLlavaConfig)
     image_size: int = 336
     patch_size: int = 14
@@ -127,6 +138,11 @@ class TrainConfig:
             raise ValueError(f"questions_per_image must be 1..{len(scenes.QUESTION_TYPES)}")
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("steps and batch_size must be >= 1")
+        if self.attn_weight > 0 and not 0 <= self.attn_layer < self.text_layers:
+            raise ValueError(
+                f"attn_layer={self.attn_layer} is not a layer of the {self.text_layers}-layer LM;"
+                f" use 0..{self.text_layers - 1}, or attn_weight=0 to turn attention supervision off"
+            )
 
 
 def lab_words() -> tuple[str, ...]:
@@ -175,6 +191,10 @@ class Batch:
     labels: torch.Tensor
     patch_targets: torch.Tensor  # (B, n_patches, 2) token ids per patch, IGNORE_INDEX where none
     n_answers: int
+    # attention supervision, one row per answer whose question names something visible:
+    attn_rows: torch.Tensor  # (Q,) batch row
+    attn_positions: torch.Tensor  # (Q,) sequence position that predicts the answer's first token
+    attn_patches: torch.Tensor  # (Q, n_patches) bool: the patches of what the question names
 
 
 def image_tokens(cfg: TrainConfig) -> int:
@@ -256,46 +276,89 @@ def image_sample(cfg: TrainConfig, index: int) -> tuple[Image.Image, scenes.Scen
     return image, scene, shuffled(qas, random.Random(f"vlmzip-train:{cfg.seed}:{index}"))
 
 
+def patch_owners(image: Image.Image, scene: scenes.Scene, grid: int, min_cover: float) -> np.ndarray:
+    """(grid * grid,) what each patch (row-major) of the rendered scene shows: ``i`` for
+    ``scene.objects[i]``, ``len(scene.objects)`` for the text, -1 for background.
+
+    A patch belongs to the object or text covering the largest share of its pixels if that share is
+    >= ``min_cover``. Objects are filled with their exact palette colour and never overlap, so "pixel of
+    the object's colour inside its bbox" is the object's mask; text ink is any pixel inside the text
+    bbox that differs clearly from the background.
+    """
+    pixels = np.asarray(image.convert("RGB")).astype(np.int16)
+    height, width = pixels.shape[:2]
+    masks: list[np.ndarray] = []
+    for obj in scene.objects:
+        x0, y0, x1, y1 = obj.bbox
+        mask = np.zeros((height, width), dtype=bool)
+        mask[y0:y1, x0:x1] = (pixels[y0:y1, x0:x1] == np.array(scenes.COLORS[obj.color])).all(-1)
+        masks.append(mask)
+    if scene.text is not None:
+        x0, y0, x1, y1 = scene.text.bbox
+        mask = np.zeros((height, width), dtype=bool)
+        mask[y0:y1, x0:x1] = np.abs(pixels[y0:y1, x0:x1] - np.array(scene.background)).max(-1) > 40
+        masks.append(mask)
+    owners = np.full(grid * grid, -1, dtype=np.int64)
+    if not masks:
+        return owners
+    ys = np.linspace(0, height, grid + 1).round().astype(int)
+    xs = np.linspace(0, width, grid + 1).round().astype(int)
+    stack = np.stack(masks).astype(np.float32)  # (n, H, W)
+    # per-patch coverage of every mask: sum over the patch's pixels / patch area
+    rows = np.add.reduceat(stack, ys[:-1], axis=1)
+    cover = (np.add.reduceat(rows, xs[:-1], axis=2) / np.outer(np.diff(ys), np.diff(xs))[None]).reshape(len(masks), -1)
+    labelled = cover.max(0) >= min_cover
+    owners[labelled] = cover.argmax(0)[labelled]
+    return owners
+
+
 def patch_targets(
     image: Image.Image, scene: scenes.Scene, grid: int, tokenizer: PreTrainedTokenizerFast, min_cover: float
 ) -> np.ndarray:
     """(grid * grid, 2) token ids naming what each patch (row-major) of the rendered scene shows.
 
     Object patches: [colour word, shape word]; text patches: [the word/number, ignore]; background:
-    [<pad>, ignore]. A patch belongs to the object or text covering the largest share of its pixels if
-    that share is >= ``min_cover``. Objects are filled with their exact palette colour and never overlap,
-    so "pixel of the object's colour inside its bbox" is the object's mask; text ink is any pixel inside
-    the text bbox that differs clearly from the background.
+    [<pad>, ignore]. Which patch shows what: ``patch_owners``.
     """
-    pixels = np.asarray(image.convert("RGB")).astype(np.int16)
-    height, width = pixels.shape[:2]
-    masks: list[tuple[np.ndarray, list[int]]] = []
-    for obj in scene.objects:
-        x0, y0, x1, y1 = obj.bbox
-        mask = np.zeros((height, width), dtype=bool)
-        mask[y0:y1, x0:x1] = (pixels[y0:y1, x0:x1] == np.array(scenes.COLORS[obj.color])).all(-1)
-        masks.append((mask, [tokenizer.convert_tokens_to_ids(obj.color), tokenizer.convert_tokens_to_ids(obj.shape)]))
+    ids = tokenizer.convert_tokens_to_ids
+    words = [[ids(o.color), ids(o.shape)] for o in scene.objects]
     if scene.text is not None:
-        x0, y0, x1, y1 = scene.text.bbox
-        mask = np.zeros((height, width), dtype=bool)
-        diff = np.abs(pixels[y0:y1, x0:x1] - np.array(scene.background)).max(-1)
-        mask[y0:y1, x0:x1] = diff > 40
-        masks.append((mask, [tokenizer.convert_tokens_to_ids(scene.text.text.lower()), IGNORE_INDEX]))
+        words.append([ids(scene.text.text.lower()), IGNORE_INDEX])
     targets = np.full((grid * grid, 2), IGNORE_INDEX, dtype=np.int64)
     targets[:, 0] = tokenizer.pad_token_id
-    if not masks:
-        return targets
-    ys = np.linspace(0, height, grid + 1).round().astype(int)
-    xs = np.linspace(0, width, grid + 1).round().astype(int)
-    stack = np.stack([m for m, _ in masks]).astype(np.float32)  # (n, H, W)
-    # per-patch coverage of every mask: sum over the patch's pixels / patch area
-    rows = np.add.reduceat(stack, ys[:-1], axis=1)
-    cover = np.add.reduceat(rows, xs[:-1], axis=2) / np.outer(np.diff(ys), np.diff(xs))[None]
-    best = cover.reshape(len(masks), -1).argmax(0)
-    best_cover = cover.reshape(len(masks), -1).max(0)
-    for patch in np.nonzero(best_cover >= min_cover)[0]:
-        targets[patch] = masks[best[patch]][1]
+    owners = patch_owners(image, scene, grid, min_cover)
+    for patch in np.nonzero(owners >= 0)[0]:
+        targets[patch] = words[owners[patch]]
     return targets
+
+
+_SINGULAR = {plural: shape for shape, plural in scenes.SHAPE_PLURALS.items()}
+
+
+def named_objects(qa: scenes.QA, scene: scenes.Scene) -> set[int]:
+    """What a question refers to, as ``patch_owners`` indices (``len(scene.objects)`` = the text).
+
+    Read off the question's words: "written" -> the text; colour-shape pairs ("the red circle ... the
+    blue square") -> the objects with one of those pairs; otherwise every object matching all the
+    colour, shape and "small" words (none: "How many objects" -> all objects). Empty when nothing
+    matches (a "no" presence question, a count of 0).
+    """
+    words = [_SINGULAR.get(w, w) for w in scenes.tokenize(qa.question)]
+    if "written" in words:
+        return {len(scene.objects)} if scene.text is not None else set()
+    small = "small" in words
+    pairs = {(a, b) for a, b in zip(words, words[1:], strict=False) if a in scenes.COLORS and b in scenes.SHAPES}
+    colors = {w for w in words if w in scenes.COLORS}
+    shapes = {w for w in words if w in scenes.SHAPES}
+
+    def named(o: scenes.SceneObject) -> bool:
+        if small and o.size != "small":
+            return False
+        if pairs:
+            return (o.color, o.shape) in pairs
+        return (not colors or o.color in colors) and (not shapes or o.shape in shapes)
+
+    return {i for i, o in enumerate(scene.objects) if named(o)}
 
 
 def to_uint8(image: Image.Image, size: int) -> np.ndarray:
@@ -311,13 +374,25 @@ def make_batch(cfg: TrainConfig, step: int) -> Batch:
     n_img = image_tokens(cfg)
     grid = cfg.image_size // cfg.patch_size
     pixels, seqs, targets = [], [], []
-    for index in range(step * cfg.batch_size, (step + 1) * cfg.batch_size):
+    attn_rows: list[int] = []
+    attn_positions: list[int] = []
+    attn_patches: list[np.ndarray] = []
+    for row, index in enumerate(range(step * cfg.batch_size, (step + 1) * cfg.batch_size)):
         image, scene, qas = image_sample(cfg, index)
         targets.append(patch_targets(image, scene, grid, tokenizer, cfg.aux_min_cover))
+        owners = patch_owners(image, scene, grid, cfg.aux_min_cover)
         if image.size != (cfg.image_size, cfg.image_size):
             image = image.resize((cfg.image_size, cfg.image_size), Image.Resampling.BICUBIC)
         pixels.append(to_uint8(image, cfg.image_size))
-        seqs.append(encode_conversation(qas, tokenizer, n_img))
+        ids, labels = encode_conversation(qas, tokenizer, n_img)
+        seqs.append((ids, labels))
+        starts = [j for j in range(1, len(labels)) if labels[j] != IGNORE_INDEX and labels[j - 1] == IGNORE_INDEX]
+        for qa, start in zip(qas, starts, strict=True):
+            patches = np.isin(owners, sorted(named_objects(qa, scene)))
+            if patches.any():
+                attn_rows.append(row)
+                attn_positions.append(start - 1)
+                attn_patches.append(patches)
     length = max(len(ids) for ids, _ in seqs)
     input_ids = torch.full((len(seqs), length), tokenizer.pad_token_id, dtype=torch.long)
     labels = torch.full((len(seqs), length), IGNORE_INDEX, dtype=torch.long)
@@ -328,7 +403,15 @@ def make_batch(cfg: TrainConfig, step: int) -> Batch:
         mask[row, : len(ids)] = 1
     n_answers = int((labels == tokenizer.eos_token_id).sum().item())
     return Batch(
-        torch.from_numpy(np.stack(pixels)), input_ids, mask, labels, torch.from_numpy(np.stack(targets)), n_answers
+        torch.from_numpy(np.stack(pixels)),
+        input_ids,
+        mask,
+        labels,
+        torch.from_numpy(np.stack(targets)),
+        n_answers,
+        torch.tensor(attn_rows, dtype=torch.long),
+        torch.tensor(attn_positions, dtype=torch.long),
+        torch.from_numpy(np.stack(attn_patches)) if attn_patches else torch.zeros((0, n_img), dtype=torch.bool),
     )
 
 
@@ -413,6 +496,23 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     if state["rng"]["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     return int(state["step"])
+
+
+def eager_attention(model: LlavaForConditionalGeneration) -> Callable[[], None]:
+    """Switch the LM to eager attention, the only kind that returns its weights (which attention
+    supervision reads); returns the function that switches it back.
+
+    All layers switch together: the causal mask is built once per forward for the model's kind, so one
+    eager layer among sdpa layers would get a mask it misreads (measured: non-causal weights).
+    """
+    config = model.model.language_model.config
+    before = config._attn_implementation
+    config._attn_implementation = "eager"
+
+    def restore() -> None:
+        config._attn_implementation = before
+
+    return restore
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -527,20 +627,37 @@ def format_eval(result: dict[str, Any]) -> str:
 
 
 def losses(
-    model: LlavaForConditionalGeneration, processor: LlavaProcessor, batch: Batch, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(answer loss, dense auxiliary loss) of one batch.
+    model: LlavaForConditionalGeneration,
+    processor: LlavaProcessor,
+    batch: Batch,
+    device: torch.device,
+    attn_layer: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(answer loss, dense auxiliary loss, attention loss) of one batch.
 
     Answer loss: next-token cross-entropy on answer tokens and their ``</s>`` (mean over those tokens).
     Auxiliary loss: at each image-placeholder position, cross-entropy of the LM head's logits (unshifted:
     the position's own output) against the patch's target words; mean over labelled (patch, word) pairs.
+    Attention loss (``attn_layer`` given; the LM must run eager attention): mean over supervised answers
+    of -log(attention mass, heads averaged, from the answer-predicting position onto the named patches).
     """
     input_ids = batch.input_ids.to(device)
-    logits = model(
-        input_ids=input_ids,
-        attention_mask=batch.attention_mask.to(device),
-        pixel_values=pixel_values(batch.pixels.to(device), processor),
-    ).logits.float()
+    supervise = attn_layer is not None and len(batch.attn_rows) > 0
+    captured: list[torch.Tensor] = []
+    hook = None
+    if supervise:  # eager attention returns (output, weights (B, H, T, T)); keep only this layer's weights
+        layer = model.model.language_model.layers[attn_layer].self_attn
+        hook = layer.register_forward_hook(lambda _m, _i, out: captured.append(out[1]))
+    try:
+        out = model(
+            input_ids=input_ids,
+            attention_mask=batch.attention_mask.to(device),
+            pixel_values=pixel_values(batch.pixels.to(device), processor),
+        )
+    finally:
+        if hook is not None:
+            hook.remove()
+    logits = out.logits.float()
     vocab = logits.shape[-1]
     labels = batch.labels.to(device)
     answer = torch.nn.functional.cross_entropy(
@@ -551,7 +668,17 @@ def losses(
     aux = torch.nn.functional.cross_entropy(
         image_logits.repeat_interleave(2, dim=0), targets, ignore_index=IGNORE_INDEX
     )
-    return answer, aux
+    attn = torch.zeros((), device=device)
+    if supervise:
+        n_img = batch.attn_patches.shape[1]
+        first = int((batch.input_ids[0] == model.config.image_token_id).nonzero()[0, 0])  # same prefix in every row
+        rows, positions = batch.attn_rows.to(device), batch.attn_positions.to(device)
+        if not captured or captured[0] is None:
+            raise RuntimeError("attention supervision needs the LM on eager attention: see eager_attention()")
+        weights = captured[0][rows, :, positions].float().mean(1)  # (Q, T): heads averaged
+        mass = (weights[:, first : first + n_img] * batch.attn_patches.to(device)).sum(-1)
+        attn = -torch.log(mass + 1e-6).mean()
+    return answer, aux, attn
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -578,6 +705,7 @@ def train(
     # Built on the CPU then moved, so that every device starts from the same weights.
     model, processor = build_llava(None, model_config(cfg))
     model.to(device).train()
+    restore_attention = eager_attention(model) if cfg.attn_weight > 0 else None
     optimizer = make_optimizer(model, cfg)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -598,6 +726,7 @@ def train(
     step = start
     window: list[float] = []
     aux_window: list[float] = []
+    attn_window: list[float] = []
     t_window = time.perf_counter()
     bar = None
     if cfg.progress:
@@ -611,8 +740,10 @@ def train(
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            answer_loss, aux_loss = losses(model, processor, batch, device)
-            loss = answer_loss + cfg.aux_weight * aux_loss
+            answer_loss, aux_loss, attn_loss = losses(
+                model, processor, batch, device, cfg.attn_layer if cfg.attn_weight > 0 else None
+            )
+            loss = answer_loss + cfg.aux_weight * aux_loss + cfg.attn_weight * attn_loss
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
@@ -620,6 +751,7 @@ def train(
             step += 1
             window.append(answer_loss.item())
             aux_window.append(aux_loss.item())
+            attn_window.append(attn_loss.item())
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{window[-1]:.3f}", lr=f"{lr:.1e}")
@@ -630,13 +762,14 @@ def train(
                         "step": step,
                         "loss": sum(window) / len(window),
                         "aux_loss": sum(aux_window) / len(aux_window),
+                        "attn_loss": sum(attn_window) / len(attn_window),
                         "lr": lr,
                         "grad_norm": float(grad_norm),
                         "images_per_s": len(window) * cfg.batch_size / elapsed,
                         "s_per_step": elapsed / len(window),
                     }
                 )
-                window, aux_window, t_window = [], [], time.perf_counter()
+                window, aux_window, attn_window, t_window = [], [], [], time.perf_counter()
             if step % cfg.checkpoint_every == 0 or step == end:
                 save_checkpoint(ckpt_path, step, model, optimizer, cfg)
             if cfg.eval_every and cfg.eval_limit and step % cfg.eval_every == 0 and step < cfg.steps:
@@ -654,6 +787,8 @@ def train(
     if step < cfg.steps:
         return out / "model"
 
+    if restore_attention is not None:
+        restore_attention()
     model_dir = export(model, processor, out / "model")
     if cfg.eval_limit:
         result = evaluate(model, processor, "val", limit=cfg.eval_limit)
