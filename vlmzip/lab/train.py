@@ -152,21 +152,8 @@ def lab_words() -> tuple[str, ...]:
 
 def model_config(cfg: TrainConfig) -> TinyLlavaConfig:
     """The TinyLlavaConfig (architecture + tokenizer words) a TrainConfig trains."""
-    return TinyLlavaConfig(
-        image_size=cfg.image_size,
-        patch_size=cfg.patch_size,
-        vision_hidden=cfg.vision_hidden,
-        vision_layers=cfg.vision_layers,
-        vision_heads=cfg.vision_heads,
-        vision_intermediate=cfg.vision_intermediate,
-        text_hidden=cfg.text_hidden,
-        text_layers=cfg.text_layers,
-        text_heads=cfg.text_heads,
-        text_kv_heads=cfg.text_kv_heads,
-        text_intermediate=cfg.text_intermediate,
-        words=lab_words(),
-        seed=cfg.seed,
-    )
+    shared = {f.name for f in dataclasses.fields(TinyLlavaConfig)} & {f.name for f in dataclasses.fields(TrainConfig)}
+    return TinyLlavaConfig(**{name: getattr(cfg, name) for name in shared}, words=lab_words())
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -312,24 +299,29 @@ def patch_owners(image: Image.Image, scene: scenes.Scene, grid: int, min_cover: 
     return owners
 
 
-def patch_targets(
-    image: Image.Image, scene: scenes.Scene, grid: int, tokenizer: PreTrainedTokenizerFast, min_cover: float
-) -> np.ndarray:
-    """(grid * grid, 2) token ids naming what each patch (row-major) of the rendered scene shows.
+def owner_words(scene: scenes.Scene, owners: np.ndarray, tokenizer: PreTrainedTokenizerFast) -> np.ndarray:
+    """(n_patches, 2) token ids naming what each patch shows, given its ``patch_owners`` entry.
 
     Object patches: [colour word, shape word]; text patches: [the word/number, ignore]; background:
-    [<pad>, ignore]. Which patch shows what: ``patch_owners``.
+    [<pad>, ignore].
     """
     ids = tokenizer.convert_tokens_to_ids
     words = [[ids(o.color), ids(o.shape)] for o in scene.objects]
     if scene.text is not None:
         words.append([ids(scene.text.text.lower()), IGNORE_INDEX])
-    targets = np.full((grid * grid, 2), IGNORE_INDEX, dtype=np.int64)
+    targets = np.full((len(owners), 2), IGNORE_INDEX, dtype=np.int64)
     targets[:, 0] = tokenizer.pad_token_id
-    owners = patch_owners(image, scene, grid, min_cover)
     for patch in np.nonzero(owners >= 0)[0]:
         targets[patch] = words[owners[patch]]
     return targets
+
+
+def patch_targets(
+    image: Image.Image, scene: scenes.Scene, grid: int, tokenizer: PreTrainedTokenizerFast, min_cover: float
+) -> np.ndarray:
+    """(grid * grid, 2) token ids naming what each patch (row-major) of the rendered scene shows:
+    ``owner_words`` of ``patch_owners``."""
+    return owner_words(scene, patch_owners(image, scene, grid, min_cover), tokenizer)
 
 
 _SINGULAR = {plural: shape for shape, plural in scenes.SHAPE_PLURALS.items()}
@@ -379,8 +371,8 @@ def make_batch(cfg: TrainConfig, step: int) -> Batch:
     attn_patches: list[np.ndarray] = []
     for row, index in enumerate(range(step * cfg.batch_size, (step + 1) * cfg.batch_size)):
         image, scene, qas = image_sample(cfg, index)
-        targets.append(patch_targets(image, scene, grid, tokenizer, cfg.aux_min_cover))
         owners = patch_owners(image, scene, grid, cfg.aux_min_cover)
+        targets.append(owner_words(scene, owners, tokenizer))
         if image.size != (cfg.image_size, cfg.image_size):
             image = image.resize((cfg.image_size, cfg.image_size), Image.Resampling.BICUBIC)
         pixels.append(to_uint8(image, cfg.image_size))
