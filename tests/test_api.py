@@ -150,3 +150,11 @@ def test_inner_llava_model_is_compressed_too(model, batch_inputs):
         outer = model(**inputs, output_hidden_states=True).hidden_states[-1]
     assert hidden.shape[1] == inputs["input_ids"].shape[1] - 48
     torch.testing.assert_close(hidden, outer)
+
+
+def test_paper_budget_keeps_the_same_share_of_the_patches(model):
+    # 64 patches here: 576 * k patches would give back k times the papers' budgets
+    assert [vlmzip.paper_budget(model, t) for t in vlmzip.PAPER_BUDGETS] == [21, 14, 7]
+    assert vlmzip.paper_budget(model, 576) == 64 and vlmzip.paper_budget(model, 1) == 1
+    with pytest.raises(ValueError, match="must be >= 1"):
+        vlmzip.paper_budget(model, 0)

@@ -21,6 +21,15 @@ def test_demo_prints_answers_and_writes_the_overlay(llava_dir, tmp_path, capsys)
     assert picture.size == (112 * 2 + 8, 112)
 
 
+def test_demo_default_budget_is_64_of_576_scaled_to_the_model(llava_dir, tmp_path, capsys):
+    # the test model has 64 patches, so the papers' 64 of 576 becomes 7 (the same share of the image)
+    code = main(["demo", "--model", str(llava_dir), "--repeats", "1", "--max-new-tokens", "2",
+                 "--out", str(tmp_path / "demo.png")])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "budget:  7 tokens = the papers' 64 of 576" in text and "visual tokens per image: 64 -> 7" in text
+
+
 def test_overlay_darkens_dropped_patches_and_frames_kept_ones():
     layout = TokenLayout(num_prefix=1, grid=(2, 2), send_prefix=False)
     image = Image.new("RGB", (40, 40), (200, 200, 200))

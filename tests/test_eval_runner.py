@@ -113,3 +113,14 @@ def test_retention_table_percentages():
     assert "| presence | count | POPE F1 | Avg |" in table
     assert "| visionzip | 64 | 40.0 (50.0%) | 50.0 (100.0%) | 60.0 (75.0%) | 45.0 (75.0%) |" in table
     assert "**Retain 64 tokens (11.1%)**" in table
+
+
+def test_eval_default_budgets_are_the_papers_scaled_to_the_model(llava_dir, data_dir, tmp_path):
+    # the test model has 64 patches: 192/128/64 of 576 -> 21/14/7 of 64 (the same share of the image)
+    out = tmp_path / "ev"
+    code = main(["eval", "--model", str(llava_dir), "--data", str(data_dir), "--out", str(out),
+                 "--methods", "visionzip", "--limit", "2", "--max-new-tokens", "2"])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert [r["key"] for r in results["runs"]] == ["vanilla", "visionzip@21", "visionzip@14", "visionzip@7"]
+    assert [r["tokens"] for r in results["runs"]] == [64, 21, 14, 7]

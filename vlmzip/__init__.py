@@ -6,7 +6,27 @@
     vlmzip.decompress(model)
 """
 
-from .api import compress, compressed, decompress, is_compressed, list_methods, plan, state_of
+from .api import (
+    PAPER_BUDGETS,
+    compress,
+    compressed,
+    decompress,
+    is_compressed,
+    list_methods,
+    paper_budget,
+    plan,
+    state_of,
+)
 
-__all__ = ["compress", "compressed", "decompress", "is_compressed", "list_methods", "plan", "state_of"]
+__all__ = [
+    "PAPER_BUDGETS",
+    "compress",
+    "compressed",
+    "decompress",
+    "is_compressed",
+    "list_methods",
+    "paper_budget",
+    "plan",
+    "state_of",
+]
 __version__ = "0.1.0"

@@ -27,6 +27,10 @@ from .methods.base import check_knobs
 
 STATE_ATTR = "_vlmzip"
 
+# The papers' budgets (VisionZip, SparseVLM, ...) count tokens kept of LLaVA-1.5's 576 patches per image.
+PAPER_PATCHES = 576
+PAPER_BUDGETS = (192, 128, 64)
+
 
 @dataclass
 class CompressionState:
@@ -98,6 +102,18 @@ def plan(model: nn.Module, method: str, **knobs: Any) -> tuple[MethodSpec, Adapt
     adapter = adapter_for(model)
     resolved = spec.resolve(dict(knobs), adapter.layout)
     return spec, adapter, resolved, spec.budget(resolved, adapter.layout)
+
+
+def paper_budget(model: nn.Module, tokens: int) -> int:
+    """``tokens`` of LLaVA-1.5's 576 patches, as the same fraction of this model's patches per image.
+
+    Rounded, at least 1. A 576-patch model gets ``tokens`` back; the 256-patch lab model gets 85 / 57 / 28
+    for the papers' 192 / 128 / 64, so that a budget keeps the same share of the image on both.
+    """
+    if tokens < 1:
+        raise ValueError(f"a budget must be >= 1 token, got {tokens}")
+    patches = adapter_for(model).layout.num_patches
+    return max(1, round(tokens * patches / PAPER_PATCHES))
 
 
 def compress(model: nn.Module, method: str, **knobs: Any) -> nn.Module:

@@ -17,7 +17,13 @@ from typing import Any
 
 import torch
 
-from .api import list_methods, plan
+from .adapters import adapter_for
+from .api import PAPER_BUDGETS, list_methods, paper_budget, plan
+
+PAPER_BUDGETS_HELP = (
+    "budgets, e.g. 192,128,64 (default: the papers' 192,128,64 of LLaVA-1.5's 576 patches, scaled to the "
+    "model's patch count: 85,57,28 for the 256-patch lab model)"
+)
 
 
 def parse_knobs(args: argparse.Namespace) -> dict[str, Any]:
@@ -35,6 +41,17 @@ def parse_knobs(args: argparse.Namespace) -> dict[str, Any]:
     return knobs
 
 
+def method_knobs(args: argparse.Namespace, model: torch.nn.Module) -> dict[str, Any]:
+    """The knobs of ``vlmzip run`` / ``demo``: as given, or else the papers' 64-of-576 budget scaled to the model."""
+    knobs = parse_knobs(args)
+    if not knobs and args.method != "vanilla":
+        knobs = {"tokens": paper_budget(model, 64)}
+        if knobs["tokens"] != 64:
+            patches = adapter_for(model).layout.num_patches
+            print(f"budget:  {knobs['tokens']} tokens = the papers' 64 of 576, as the same share of {patches} patches")
+    return knobs
+
+
 def _parse_value(raw: str) -> Any:
     for cast in (int, float):
         try:
@@ -46,7 +63,9 @@ def _parse_value(raw: str) -> Any:
 
 def add_method_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", default="visionzip", help="a registered method (see `vlmzip list`)")
-    parser.add_argument("--tokens", type=int, help="visual tokens per image sent to the LLM")
+    parser.add_argument(
+        "--tokens", type=int, help="visual tokens per image sent to the LLM (default: 64 of 576, scaled to the model)"
+    )
     parser.add_argument("--dominant", type=int, help="VisionZip: dominant tokens (CLS included)")
     parser.add_argument("--contextual", type=int, help="VisionZip: contextual tokens")
     parser.add_argument("--knob", action="append", metavar="KEY=VALUE", help="any other method knob")
@@ -80,7 +99,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     image = read_image(args.image) if args.image else default_image()
     model, processor = load_model(args.model, device=args.device, dtype=args.dtype)
-    result = compare_answers(model, processor, image, args.prompt, args.method, parse_knobs(args),
+    result = compare_answers(model, processor, image, args.prompt, args.method, method_knobs(args, model),
                              repeats=args.repeats, max_new_tokens=args.max_new_tokens)
     print(f"model:   {args.model or 'built-in small LLaVA (random weights, 336 px)'}  [{type(model).__name__}]")
     print(f"image:   {args.image or 'lab scene (seed 0, index 0)'}")
@@ -90,7 +109,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .adapters import adapter_for
     from .compare import compare_answers, describe
     from .io import load_model
     from .lab import scenes
@@ -102,7 +120,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise ValueError(f"test scene {args.index} has no {args.type!r} question; try another --index")
     qa = wanted[0]
     model, processor = load_model(args.model, device=args.device, dtype=args.dtype)
-    result = compare_answers(model, processor, image, qa.question, args.method, parse_knobs(args),
+    result = compare_answers(model, processor, image, qa.question, args.method, method_knobs(args, model),
                              repeats=args.repeats, max_new_tokens=args.max_new_tokens)
     print(f"model:   {args.model or 'built-in default'}  [{type(model).__name__}]")
     print(f"scene:   lab test image {args.index}; question type {qa.type}")
@@ -147,7 +165,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     model, processor = load_model(args.model, device=args.device, dtype=args.dtype)
     image = default_image()
-    runs = [(m, {"tokens": t}) for m in args.methods for t in args.tokens]
+    tokens = args.tokens or [paper_budget(model, t) for t in PAPER_BUDGETS]
+    runs = [(m, {"tokens": t}) for m in args.methods for t in tokens]
 
     def make_inputs(batch_size: int) -> dict:
         return batch_inputs(processor, [image] * batch_size, [args.prompt] * batch_size, model)
@@ -203,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_eval.add_argument("--model", help="checkpoint folder (default: as for `vlmzip run`)")
     p_eval.add_argument("--data", default="lab-test", help="dataset folder or lab-test / lab-val / lab-test-small")
     p_eval.add_argument("--methods", type=_csv(str), default=["vanilla", "visionzip"], help="e.g. vanilla,visionzip")
-    p_eval.add_argument("--tokens", type=_csv(int), default=[192, 128, 64], help="budgets, e.g. 192,128,64")
+    p_eval.add_argument("--tokens", type=_csv(int), help=PAPER_BUDGETS_HELP)
     p_eval.add_argument("--limit", type=int, help="evaluate only the first N questions")
     p_eval.add_argument("--batch-size", type=int, default=8)
     p_eval.add_argument("--max-new-tokens", type=int, default=8)
@@ -215,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_bench = sub.add_parser("bench", help="prefill / time-to-first-token speedups vs vanilla, with the ideal")
     p_bench.add_argument("--model", help="checkpoint folder or arch:llava-1.5-7b (default: as for `vlmzip run`)")
     p_bench.add_argument("--methods", type=_csv(str), default=["visionzip"])
-    p_bench.add_argument("--tokens", type=_csv(int), default=[192, 128, 64])
+    p_bench.add_argument("--tokens", type=_csv(int), help=PAPER_BUDGETS_HELP)
     p_bench.add_argument("--batch-sizes", type=_csv(int), default=[1, 8])
     p_bench.add_argument("--repeats", type=int, default=10)
     p_bench.add_argument("--prompt", default="What color is the small object?")
@@ -227,8 +246,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``vlmzip`` command; returns the exit code (2 with a message on bad input)."""
     args = build_parser().parse_args(argv)
-    if args.command in ("run", "demo") and args.method != "vanilla" and not parse_knobs(args):
-        args.tokens = 64
     try:
         return args.func(args)
     except ValueError as err:

@@ -18,7 +18,7 @@ from typing import Any
 from torch import nn
 from tqdm import tqdm
 
-from ..api import compressed, plan
+from ..api import PAPER_BUDGETS, compressed, paper_budget, plan
 from ..io import generate_answers, load_model
 from ..methods import get_method
 from .data import LAB_DATASETS, Record, ensure_lab_dataset, load_folder, load_image
@@ -36,7 +36,7 @@ class EvalConfig:
     out: str
     model: str | None = None
     methods: list[str] = field(default_factory=lambda: [VANILLA, "visionzip"])
-    tokens: list[int] = field(default_factory=lambda: [192, 128, 64])
+    tokens: list[int] | None = None  # None: the papers' 192/128/64 of 576, scaled to the model (paper_budget)
     limit: int | None = None
     batch_size: int = 8
     max_new_tokens: int = 8
@@ -167,6 +167,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     folder = data_folder(cfg.data)
     records = load_folder(folder)[: cfg.limit]
     model, processor = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    if cfg.tokens is None:
+        cfg.tokens = [paper_budget(model, t) for t in PAPER_BUDGETS]
     runs = plan_runs(model, cfg.methods, cfg.tokens)
     out = Path(cfg.out)
     check_resumable(out, identity(cfg, folder))
