@@ -40,6 +40,7 @@ def test_list_shows_methods(capsys):
     [
         (["--image", "CORRUPT"], "cannot read image"),
         (["--image", "/nonexistent.png"], "does not exist"),
+        (["--image", "GOOD"], "--prompt is required with --image"),
         (["--tokens", "65"], "larger than the 64"),
         (["--tokens", "0"], "must be >= 1"),
         (["--method", "nosuch"], "unknown method 'nosuch'"),
@@ -49,7 +50,9 @@ def test_list_shows_methods(capsys):
 def test_bad_input_exits_2_with_a_message(llava_dir, tmp_path, capsys, args, message):
     corrupt = tmp_path / "corrupt.png"
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
-    args = [str(corrupt) if a == "CORRUPT" else a for a in args]
+    good = tmp_path / "good.png"
+    random_image(3).save(good)
+    args = [{"CORRUPT": str(corrupt), "GOOD": str(good)}.get(a, a) for a in args]
     code = main(["run", "--model", str(llava_dir), "--repeats", "1", "--max-new-tokens", "1", *args])
     assert code == 2
     assert message in capsys.readouterr().err
@@ -58,3 +61,13 @@ def test_bad_input_exits_2_with_a_message(llava_dir, tmp_path, capsys, args, mes
 def test_model_folder_must_exist(tmp_path, capsys):
     assert main(["run", "--model", str(tmp_path), "--repeats", "1"]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_run_without_image_asks_a_lab_test_scene_its_own_question(llava_dir, capsys):
+    from vlmzip.lab import scenes
+
+    question = scenes.sample(scenes.SPLITS["test"].seed, 0)[2][0].question
+    assert main(["run", "--model", str(llava_dir), "--repeats", "1", "--max-new-tokens", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "image:   lab test scene 0" in out and f"prompt:  {question}" in out
+    assert "visual tokens per image: 64 -> 7" in out  # 64 of 576 at the same share of 64 patches

@@ -86,24 +86,43 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def default_image():
-    """The image ``vlmzip run`` uses when none is given: a procedural scene from the lab benchmark."""
+    """The image ``vlmzip bench`` times: a procedural scene from the lab benchmark."""
     from .lab import scenes
 
     image, _, _ = scenes.sample(0, 0, scenes.SceneConfig())
     return image
 
 
+def model_name(args: argparse.Namespace) -> str:
+    """How the CLI names the model it loaded: the folder given, or the built-in default."""
+    if args.model:
+        return args.model
+    from .lab import checkpoint_dir
+
+    if checkpoint_dir() is not None:
+        return "built-in lab mini-VLM (vlmzip.lab.load())"
+    return "built-in small LLaVA (random weights: no lab checkpoint in this install)"
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .compare import compare_answers, describe
     from .io import load_model, read_image
+    from .lab import scenes
 
-    image = read_image(args.image) if args.image else default_image()
+    if args.image:
+        image = read_image(args.image)
+        if args.prompt is None:
+            raise ValueError("--prompt is required with --image (the question to ask about your image)")
+        prompt, source = args.prompt, args.image
+    else:  # a test scene of the lab benchmark, with its own first question unless --prompt is given
+        image, _, qas = scenes.sample(scenes.SPLITS["test"].seed, 0)
+        prompt, source = args.prompt or qas[0].question, "lab test scene 0"
     model, processor = load_model(args.model, device=args.device, dtype=args.dtype)
-    result = compare_answers(model, processor, image, args.prompt, args.method, method_knobs(args, model),
+    result = compare_answers(model, processor, image, prompt, args.method, method_knobs(args, model),
                              repeats=args.repeats, max_new_tokens=args.max_new_tokens)
-    print(f"model:   {args.model or 'built-in small LLaVA (random weights, 336 px)'}  [{type(model).__name__}]")
-    print(f"image:   {args.image or 'lab scene (seed 0, index 0)'}")
-    print(f"prompt:  {args.prompt}")
+    print(f"model:   {model_name(args)}  [{type(model).__name__}]")
+    print(f"image:   {source}")
+    print(f"prompt:  {prompt}")
     print(describe(result, args.method, args.repeats))
     return 0
 
@@ -122,7 +141,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     model, processor = load_model(args.model, device=args.device, dtype=args.dtype)
     result = compare_answers(model, processor, image, qa.question, args.method, method_knobs(args, model),
                              repeats=args.repeats, max_new_tokens=args.max_new_tokens)
-    print(f"model:   {args.model or 'built-in default'}  [{type(model).__name__}]")
+    print(f"model:   {model_name(args)}  [{type(model).__name__}]")
     print(f"scene:   lab test image {args.index}; question type {qa.type}")
     print(f"question: {qa.question}   (correct answer: {qa.answer!r})")
     print(describe(result, args.method, args.repeats))
@@ -176,7 +195,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         device = torch.cuda.get_device_name()
     else:
         device = f"cpu ({torch.get_num_threads()} threads)"
-    print(f"model: {args.model or 'built-in small LLaVA'} ({args.dtype})")
+    print(f"model: {model_name(args)} ({args.dtype})")
     print(format_rows(rows, plan(model, "vanilla")[3], args.repeats, device))
     return 0
 
@@ -192,10 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_run = sub.add_parser("run", help="answer one question vanilla and compressed; compare time to first token")
     p_run.add_argument(
-        "--model", help="checkpoint folder, or arch:llava-1.5-7b (random weights; default: a small LLaVA)"
+        "--model", help="checkpoint folder, or arch:llava-1.5-7b (random weights); default: the lab mini-VLM"
     )
     p_run.add_argument("--image", help="image file (default: a procedural lab scene)")
-    p_run.add_argument("--prompt", default="What color is the small object?", help="the question")
+    p_run.add_argument("--prompt", help="the question (default: the lab scene's own question; needed with --image)")
     add_method_args(p_run)
     p_run.add_argument("--max-new-tokens", type=int, default=16)
     p_run.add_argument("--repeats", type=int, default=5, help="timed repeats per side (median reported)")
