@@ -7,6 +7,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -204,3 +205,45 @@ def test_cli_flags_map_to_config() -> None:
     cfg = T.config_from_args(args)
     assert (cfg.steps, cfg.lr, cfg.questions_per_image, cfg.progress) == (5, 0.01, (7, 3), False)
     assert cfg.batch_size == T.TrainConfig().batch_size and args.func is T.cmd_train and args.out == "x"
+
+
+def test_token_count_augmentation_drops_patches_deterministically() -> None:
+    n = T.image_tokens(TINY)
+    assert T.kept_patches(TINY, 5, n).all()  # drop_prob 0: every patch
+    cfg = replace(TINY, drop_prob=1.0, drop_min_keep=0.25)
+    keeps = [T.kept_patches(cfg, i, n) for i in range(20)]
+    assert all(np.array_equal(k, T.kept_patches(cfg, i, n)) for i, k in enumerate(keeps))
+    assert all(round(0.25 * n) <= k.sum() < n for k in keeps) and len({int(k.sum()) for k in keeps}) > 5
+    half = replace(TINY, drop_prob=0.5)
+    assert 5 <= sum(T.kept_patches(half, i, n).all() for i in range(40)) <= 35
+    with pytest.raises(ValueError, match="drop_prob"):
+        T.TrainConfig(drop_prob=1.5)
+
+
+def test_a_dropped_batch_sends_only_kept_patches_and_supervises_only_them() -> None:
+    cfg = replace(TINY, drop_prob=1.0, drop_min_keep=0.3, batch_size=4)
+    batch = T.make_batch(cfg, 2)
+    image_id = T._tokenizer(T.lab_words()).convert_tokens_to_ids("<image>")
+    assert ((batch.input_ids == image_id).sum(1) == batch.keep.sum(1)).all()
+    assert not (batch.attn_patches & ~batch.keep[batch.attn_rows]).any()
+    model, processor = T.build_llava(None, T.model_config(cfg))
+    restore = T.eager_attention(model)
+    answer, aux, attn = T.losses(model, processor, batch, torch.device("cpu"), attn_layer=0)
+    restore()
+    assert all(torch.isfinite(x) and x > 0 for x in (answer, aux, attn))
+    answer.backward()
+    patch_embedding = model.model.vision_tower.get_input_embeddings()
+    assert patch_embedding.weight.grad is not None and patch_embedding.weight.grad.abs().sum() > 0
+
+
+def test_losses_with_every_patch_kept_equal_the_stock_forward() -> None:
+    cfg = replace(TINY, text_layers=2)
+    model, processor = T.build_llava(None, T.model_config(cfg))
+    batch = T.make_batch(cfg, 4)
+    answer, _, _ = T.losses(model, processor, batch, torch.device("cpu"))
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                pixel_values=T.pixel_values(batch.pixels, processor))
+    vocab = out.logits.shape[-1]
+    expected = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, vocab),
+                                                 batch.labels[:, 1:].reshape(-1), ignore_index=-100)
+    assert torch.allclose(answer, expected, atol=1e-5)
