@@ -106,10 +106,12 @@ def test_retention_table_percentages():
         "config": {"data": "d", "match": "exact"}, "identity": {"model": "m"}, "n_questions": 4,
         "runs": [
             {"method": "vanilla", "knobs": {}, "tokens": 576, "scores": scores(0.8, 0.5, 0.8)},
-            {"method": "visionzip", "knobs": {"tokens": 64}, "tokens": 64, "scores": scores(0.4, 0.5, 0.6)},
+            {"method": "visionzip", "knobs": {"tokens": 64}, "tokens": 64,
+             "scores": {**scores(0.4, 0.5, 0.6), "off_vocabulary": 0.25}},
         ],
     }
     table = retention_table(results)
+    assert "| Avg | Off-vocab |" in table and "| 45.0 (75.0%) | 25.0 |" in table
     assert "| presence | count | POPE F1 | Avg |" in table
     assert "| visionzip | 64 | 40.0 (50.0%) | 50.0 (100.0%) | 60.0 (75.0%) | 45.0 (75.0%) |" in table
     assert "**Retain 64 tokens (11.1%)**" in table

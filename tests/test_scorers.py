@@ -131,6 +131,7 @@ def test_score_records() -> None:
         "presence": {"n": 4, "accuracy": 0.75},
     }
     assert result["macro_accuracy"] == pytest.approx((1.0 + 0.5 + 0.75) / 3)
+    assert result["off_vocabulary"] == pytest.approx(1 / 7)  # "4" is no count answer here; "two" -> "2" is
     assert result["per_subtype"]["presence/random"] == {"n": 2, "accuracy": 0.5}
     pope = result["pope"]
     assert set(pope) == {"all", "random", "adversarial"}
@@ -147,6 +148,10 @@ def test_score_records_mappings_relaxed_and_empty() -> None:
     relaxed = score_records(rows, match="relaxed")
     assert relaxed["accuracy"] == 1.0 and relaxed["pope"]["popular"]["tp"] == 1
     empty = score_records([])
-    assert empty == {"n": 0, "accuracy": 0.0, "macro_accuracy": 0.0, "per_type": {}, "per_subtype": {}}
+    assert empty == {"n": 0, "accuracy": 0.0, "macro_accuracy": 0.0, "per_type": {}, "per_subtype": {},
+                     "off_vocabulary": 0.0}
+    shape = [{"prediction": p, "answers": [a], "type": "shape"} for p, a in [("yes", "circle"), ("star", "circle"),
+                                                                              ("Circle.", "star")]]
+    assert score_records(shape)["off_vocabulary"] == pytest.approx(1 / 3)  # wrong "star" is still in format
     with pytest.raises(ValueError, match="unknown match"):
         score_records(rows, match="fuzzy")

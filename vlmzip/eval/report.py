@@ -38,11 +38,12 @@ def retention_table(results: dict[str, Any]) -> str:
     cols = columns(vanilla["scores"])
     has_pope = "pope" in vanilla["scores"]
     ref = column_values(vanilla["scores"], cols)
-    header = ["Method", "Tokens", *cols, *(["POPE F1"] if has_pope else []), "Avg"]
+    header = ["Method", "Tokens", *cols, *(["POPE F1"] if has_pope else []), "Avg", "Off-vocab"]
     lines = [
         f"Data: {results['config']['data']} ({results['n_questions']} questions); "
         f"model: {results['identity']['model']}; scorer: {results['config']['match']} match.",
-        "Cells: accuracy (% of vanilla). Avg: mean over question types.",
+        "Cells: accuracy (% of vanilla). Avg: mean over question types. Off-vocab: % of answers that are no "
+        "gold answer of their type (out of format, not just wrong).",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
@@ -56,7 +57,8 @@ def retention_table(results: dict[str, Any]) -> str:
         avg_pct = f"{100 * sum(retained) / len(retained):.1f}%" if retained else "n/a"
         cells = [_cell(v, r) for v, r in zip(values, ref, strict=True)]
         name = run["method"] + (f" {run['knobs']}" if run["knobs"] and "tokens" not in run["knobs"] else "")
-        return "| " + " | ".join([name, str(run["tokens"]), *cells, f"{100 * avg:.1f} ({avg_pct})"]) + " |"
+        off = f"{100 * run['scores'].get('off_vocabulary', 0.0):.1f}"
+        return "| " + " | ".join([name, str(run["tokens"]), *cells, f"{100 * avg:.1f} ({avg_pct})", off]) + " |"
 
     total = vanilla["tokens"]
     lines.append(row(vanilla))

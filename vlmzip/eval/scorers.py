@@ -147,7 +147,13 @@ def score_records(items: Iterable[Any], match: str = "exact") -> dict[str, Any]:
 
         {"n": int, "accuracy": mean over questions, "macro_accuracy": mean of per-type accuracies,
          "per_type": {type: {"n", "accuracy"}}, "per_subtype": {"type/subtype": {"n", "accuracy"}},
+         "off_vocabulary": share of predictions that are no gold answer of their type in ``items``,
          "pope": {"all": pope_metrics, "random": ..., "popular": ..., "adversarial": ...}}
+
+    ``off_vocabulary`` tells a wrong answer from an answer out of format (a shape question answered
+    "yes"): a model that breaks under compression shows it there before it shows in accuracy. The
+    vocabulary is every normalised gold answer of the type among ``items``, so with few items a valid
+    but never-gold answer also counts.
 
     ``pope`` (POPE metrics over presence questions whose answer is yes/no, overall and per subtype) is
     present only when there are such questions. Empty input gives n = 0 and accuracies 0.0.
@@ -159,8 +165,12 @@ def score_records(items: Iterable[Any], match: str = "exact") -> dict[str, Any]:
     sub_scores: dict[str, list[float]] = {}
     pope_items: dict[str, tuple[list[str], list[str]]] = {}
     all_scores: list[float] = []
-    for item in items:
-        prediction, answers, qtype, subtype = _unpack(item)
+    unpacked = [_unpack(item) for item in items]
+    vocabulary: dict[str, set[str]] = {}
+    for _, answers, qtype, _ in unpacked:
+        vocabulary.setdefault(qtype, set()).update(normalize_answer(a) for a in answers)
+    off = sum(normalize_answer(p) not in vocabulary[t] for p, _, t, _ in unpacked)
+    for prediction, answers, qtype, subtype in unpacked:
         score = matcher(prediction, answers)
         all_scores.append(score)
         scores.setdefault(qtype, []).append(score)
@@ -182,6 +192,7 @@ def score_records(items: Iterable[Any], match: str = "exact") -> dict[str, Any]:
         "macro_accuracy": _ratio(sum(s["accuracy"] for s in per_type.values()), len(per_type)),
         "per_type": per_type,
         "per_subtype": {k: summary(v) for k, v in sorted(sub_scores.items())},
+        "off_vocabulary": _ratio(off, len(unpacked)),
     }
     if pope_items:
         result["pope"] = {k: pope_metrics(*v) for k, v in pope_items.items()}
