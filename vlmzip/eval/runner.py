@@ -175,7 +175,10 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     (out / "predictions").mkdir(exist_ok=True)
 
     paths = {run.key: out / "predictions" / f"{run.key}.jsonl" for run in runs}
-    remaining = sum(len([r for r in records if r.id not in read_predictions(paths[run.key])]) for run in runs)
+    remaining = 0
+    for run in runs:  # read each predictions file once (per record it made resuming quadratic: minutes)
+        done = read_predictions(paths[run.key])
+        remaining += sum(r.id not in done for r in records)
     scores: dict[str, dict[str, Any]] = {}
     with tqdm(total=remaining, unit="q", desc="vlmzip eval", dynamic_ncols=True) as bar:
         for run in runs:
