@@ -13,7 +13,7 @@ from transformers import LlamaModel, LlavaForConditionalGeneration
 import vlmzip
 from vlmzip.adapters import adapter_for
 from vlmzip.cli import main
-from vlmzip.eval.scorers import normalize_answer
+from vlmzip.eval.scorers import score_records
 from vlmzip.io import default_model_dir, generate_answers
 from vlmzip.lab import CHECKPOINT_DIR, checkpoint_dir, load, scenes
 
@@ -58,8 +58,9 @@ def test_shipped_model_reads_the_image(shipped):
         for start in range(0, len(qas), 20):
             chunk = qas[start : start + 20]
             answers += generate_answers(model, processor, [im for im, _ in chunk], [qa.question for _, qa in chunk], 4)
-    correct = [normalize_answer(a) == normalize_answer(qa.answer) for a, (_, qa) in zip(answers, qas, strict=True)]
-    accuracy = sum(correct) / len(correct)
+    accuracy = score_records(
+        [{"prediction": a, "answers": [qa.answer], "type": qa.type} for a, (_, qa) in zip(answers, qas, strict=True)]
+    )["accuracy"]
     prior = sum(Counter(qa.answer for _, qa in qas if qa.type == t).most_common(1)[0][1]
                 for t in {qa.type for _, qa in qas}) / len(qas)
     assert accuracy >= prior + 0.10, f"shipped model {accuracy:.1%} vs best per-type prior {prior:.1%}"

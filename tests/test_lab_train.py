@@ -62,13 +62,13 @@ def test_patch_targets_name_what_each_patch_shows() -> None:
     tok = T._tokenizer(T.lab_words())
     square = scenes.SceneObject("square", "red", "large", (0, 0, 56, 56))  # exactly patches (0..3, 0..3)
     scene = scenes.Scene(336, 336, (220, 220, 220), (square,), None)
-    targets = T.patch_targets(scenes.render(scene), scene, 24, tok, 0.1).reshape(24, 24, 2)
+    targets = T.owner_words(scene, T.patch_owners(scenes.render(scene), scene, 24, 0.1), tok).reshape(24, 24, 2)
     red, sq = tok.convert_tokens_to_ids(["red", "square"])
     assert (targets[:4, :4] == [red, sq]).all()
     assert (targets[4:, :, 0] == tok.pad_token_id).all() and (targets[:, 4:, 0] == tok.pad_token_id).all()
     assert (targets[4:, :, 1] == -100).all()
     image, scene, _ = T.image_sample(T.TrainConfig(), 7)
-    targets = T.patch_targets(image, scene, 24, tok, 0.1)
+    targets = T.owner_words(scene, T.patch_owners(image, scene, 24, 0.1), tok)
     named = set(tok.convert_ids_to_tokens([int(t) for t in targets.reshape(-1) if t >= 0]))
     assert {o.color for o in scene.objects} <= named and {o.shape for o in scene.objects} <= named
 

@@ -331,14 +331,6 @@ def owner_words(scene: scenes.Scene, owners: np.ndarray, tokenizer: PreTrainedTo
     return targets
 
 
-def patch_targets(
-    image: Image.Image, scene: scenes.Scene, grid: int, tokenizer: PreTrainedTokenizerFast, min_cover: float
-) -> np.ndarray:
-    """(grid * grid, 2) token ids naming what each patch (row-major) of the rendered scene shows:
-    ``owner_words`` of ``patch_owners``."""
-    return owner_words(scene, patch_owners(image, scene, grid, min_cover), tokenizer)
-
-
 _SINGULAR = {plural: shape for shape, plural in scenes.SHAPE_PLURALS.items()}
 
 
