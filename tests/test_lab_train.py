@@ -22,6 +22,7 @@ TINY = T.TrainConfig(
     vision_hidden=32, vision_layers=2, vision_heads=2, vision_intermediate=64,
     text_hidden=32, text_layers=1, text_heads=2, text_kv_heads=1, text_intermediate=64,
     threads=1, checkpoint_every=2, log_every=1, eval_limit=0, progress=False, attn_weight=1.0, attn_layer=0,
+    drop_prob=0.0, drop_from=0.0,
 )  # fmt: skip
 
 
@@ -210,11 +211,11 @@ def test_cli_flags_map_to_config() -> None:
 def test_token_count_augmentation_drops_patches_deterministically() -> None:
     n = T.image_tokens(TINY)
     assert T.kept_patches(TINY, 5, n).all()  # drop_prob 0: every patch
-    cfg = replace(TINY, drop_prob=1.0, drop_min_keep=0.25)
+    cfg = replace(TINY, drop_prob=1.0, drop_min_keep=0.25, steps=1000)
     keeps = [T.kept_patches(cfg, i, n) for i in range(20)]
     assert all(np.array_equal(k, T.kept_patches(cfg, i, n)) for i, k in enumerate(keeps))
     assert all(round(0.25 * n) <= k.sum() < n for k in keeps) and len({int(k.sum()) for k in keeps}) > 5
-    half = replace(TINY, drop_prob=0.5)
+    half = replace(TINY, drop_prob=0.5, steps=1000)
     assert 5 <= sum(T.kept_patches(half, i, n).all() for i in range(40)) <= 35
     with pytest.raises(ValueError, match="drop_prob"):
         T.TrainConfig(drop_prob=1.5)
@@ -247,3 +248,45 @@ def test_losses_with_every_patch_kept_equal_the_stock_forward() -> None:
     expected = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, vocab),
                                                  batch.labels[:, 1:].reshape(-1), ignore_index=-100)
     assert torch.allclose(answer, expected, atol=1e-5)
+
+
+def test_token_count_augmentation_starts_at_drop_from() -> None:
+    cfg = replace(TINY, drop_prob=1.0, drop_from=0.75, steps=8, batch_size=2)  # updates 6 and 7 drop
+    n = T.image_tokens(cfg)
+    assert T.drop_start(cfg) == 6
+    assert all(T.kept_patches(cfg, i, n).all() for i in range(12))  # images of updates 0-5
+    assert not any(T.kept_patches(cfg, i, n).all() for i in range(12, 16))
+    assert T.make_batch(cfg, 5).keep.all() and not T.make_batch(cfg, 6).keep.all(1).any()
+    with pytest.raises(ValueError, match="drop_from"):
+        T.TrainConfig(drop_from=1.5)
+
+
+def test_shipped_recipe_drops_only_in_its_last_updates() -> None:
+    cfg = T.TrainConfig()
+    assert cfg.drop_prob > 0 and 0.85 <= cfg.drop_from < 1
+    n = T.image_tokens(cfg)
+    last_clean = (T.drop_start(cfg) - 1) * cfg.batch_size
+    assert all(T.kept_patches(cfg, i, n).all() for i in range(last_clean, last_clean + cfg.batch_size))
+    first_drop = T.drop_start(cfg) * cfg.batch_size
+    dropped = [not T.kept_patches(cfg, i, n).all() for i in range(first_drop, first_drop + 200)]
+    assert 0.35 < sum(dropped) / len(dropped) < 0.65
+
+
+def test_bf16_autocast_trains_and_fp32_is_plain() -> None:
+    cpu = torch.device("cpu")
+    assert not T.autocast(replace(TINY, precision="fp32"), cpu)._enabled
+    cfg = replace(TINY, precision="bf16")
+    model, processor = T.build_llava(None, T.model_config(cfg))
+    restore = T.eager_attention(model)
+    batch = T.make_batch(cfg, 1)
+    with T.autocast(cfg, cpu):
+        answer, aux, attn = T.losses(model, processor, batch, cpu, attn_layer=0)
+    restore()
+    assert all(x.dtype == torch.float32 and torch.isfinite(x) for x in (answer, aux, attn))
+    plain, _, _ = T.losses(model, processor, batch, cpu)
+    assert plain.item() != answer.item() and abs(plain.item() - answer.item()) < 0.05 * plain.item()
+    answer.backward()
+    assert all(p.grad is None or p.grad.dtype == torch.float32 for p in model.parameters())
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    with pytest.raises(ValueError, match="precision"):
+        T.TrainConfig(precision="fp16")
