@@ -274,8 +274,11 @@ def test_shipped_recipe_drops_only_in_its_last_updates() -> None:
 
 def test_bf16_autocast_trains_and_fp32_is_plain() -> None:
     cpu = torch.device("cpu")
-    assert not T.autocast(replace(TINY, precision="fp32"), cpu)._enabled
+    with T.autocast(replace(TINY, precision="fp32"), cpu):
+        assert not torch.is_autocast_enabled("cpu")
     cfg = replace(TINY, precision="bf16")
+    with T.autocast(cfg, cpu):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
     model, processor = T.build_llava(None, T.model_config(cfg))
     restore = T.eager_attention(model)
     batch = T.make_batch(cfg, 1)
