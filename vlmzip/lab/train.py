@@ -384,6 +384,11 @@ def to_uint8(image: Image.Image, size: int) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(image.convert("RGB")).transpose(2, 0, 1))
 
 
+def drop_start(cfg: TrainConfig) -> int:
+    """The first update whose images may lose patches to the token-count augmentation."""
+    return math.ceil(cfg.drop_from * cfg.steps)
+
+
 def kept_patches(cfg: TrainConfig, index: int, n_patches: int) -> np.ndarray:
     """(n_patches,) bool: the patches train image ``index`` sends to the LM (all, unless the token-count
     augmentation drops some: see ``TrainConfig.drop_prob`` and ``drop_from``). Deterministic per (seed, index)."""
@@ -398,11 +403,6 @@ def kept_patches(cfg: TrainConfig, index: int, n_patches: int) -> np.ndarray:
     keep[:] = False
     keep[chosen] = True
     return keep
-
-
-def drop_start(cfg: TrainConfig) -> int:
-    """The first update whose images may lose patches to the token-count augmentation."""
-    return math.ceil(cfg.drop_from * cfg.steps)
 
 
 def make_batch(cfg: TrainConfig, step: int) -> Batch:
