@@ -8,6 +8,7 @@
 
 from .api import (
     PAPER_BUDGETS,
+    Plan,
     compress,
     compressed,
     decompress,
@@ -15,11 +16,13 @@ from .api import (
     list_methods,
     paper_budget,
     plan,
+    recorded,
     state_of,
 )
 
 __all__ = [
     "PAPER_BUDGETS",
+    "Plan",
     "compress",
     "compressed",
     "decompress",
@@ -27,6 +30,7 @@ __all__ = [
     "list_methods",
     "paper_budget",
     "plan",
+    "recorded",
     "state_of",
 ]
 __version__ = "0.1.0"

@@ -71,7 +71,8 @@ def bench_prefill(
             return model.generate(**inputs, max_new_tokens=1, do_sample=False)
 
         for method, knobs in runs:
-            _, adapter, _, budget = plan(model, method, **knobs)
+            planned = plan(model, method, **knobs)
+            adapter, budget = planned.adapter, planned.tokens
             times: dict[str, list[float]] = {"vf": [], "mf": [], "vt": [], "mt": []}
             for i in range(repeats + 1):
                 vf, vt = timed(forward, device), timed(ttft, device)
@@ -81,7 +82,7 @@ def bench_prefill(
                     for key, value in zip(("vf", "vt", "mf", "mt"), (vf, vt, mf, mt), strict=True):
                         times[key].append(value)
             med = {k: statistics.median(v) for k, v in times.items()}
-            per_image = adapter.placeholders_per_image()
+            per_image = planned.vanilla_tokens
             n_images = int((inputs["input_ids"][0] == adapter.image_token_id).sum()) // per_image
             kept_len = prompt_len - n_images * (per_image - budget)
             text_cfg = model.config.text_config
