@@ -1,4 +1,4 @@
-"""Tests of the dataset folder format, loader, writer and lab cache (vlmzip.eval.data)."""
+"""Tests of the dataset folder format, loader, writer (vlmzip.eval.format) and lab cache (vlmzip.eval.data)."""
 
 from __future__ import annotations
 
