@@ -60,7 +60,7 @@ from transformers import LlavaForConditionalGeneration, LlavaProcessor, PreTrain
 from vlmzip.eval.scorers import score_records
 from vlmzip.io import generate_answers
 from vlmzip.lab import scenes
-from vlmzip.lab.tiny import BASE_WORDS, TinyLlavaConfig, build_llava, build_tokenizer
+from vlmzip.tiny import BASE_WORDS, TinyLlavaConfig, build_llava, build_tokenizer
 
 IGNORE_INDEX = -100
 PRECISIONS = {"bf16": torch.bfloat16, "fp32": torch.float32}
