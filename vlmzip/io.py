@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -11,15 +10,10 @@ from torch import nn
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from .adapters import adapter_for
-from .paths import checkpoint_dir
+from .paths import cache_dir, checkpoint_dir
 from .tiny import ARCHITECTURES, TinyLlavaConfig, build_llava
 
 DEFAULT_MODEL_NAME = "tiny-llava-336"
-
-
-def cache_dir() -> Path:
-    """vlmzip's cache folder: ``$VLMZIP_CACHE`` or ``~/.cache/vlmzip``."""
-    return Path(os.environ.get("VLMZIP_CACHE", Path.home() / ".cache" / "vlmzip"))
 
 
 def default_model_dir() -> Path:
