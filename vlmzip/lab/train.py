@@ -22,11 +22,8 @@ background) and attention supervision (at every answer, one LM layer is trained 
 of what the question names, read off the scene graph: ``named_objects``, ``patch_owners``), plus an
 optional token-count augmentation (random subsets of an image's patches reach the LM: ``kept_patches``).
 
-Status (see BENCHMARKS.md): the defaults are the recipe of the shipped checkpoint (4,400 updates, about
-55 min on 2 CPU cores): 47.9 % on the test split, below the issue's quality bar (>= 90 %); reading text is
-the furthest off. The token-count augmentation runs only in the last 7 % of the updates (``drop_from``):
-from the start it cost 9 points of vanilla accuracy; late, it keeps vanilla accuracy and makes the LM
-robust to the shorter image runs of a compressed image.
+The defaults are the recipe of the shipped checkpoint; its training time, accuracy and the runs that
+chose each knob are in BENCHMARKS.md ("The shipped lab mini-VLM" and the sections after it).
 
 Outputs in ``out_dir``: ``checkpoint/state.pt`` (model, optimizer, RNG, step; written every
 ``checkpoint_every`` updates and on Ctrl-C), ``log.jsonl`` (loss, lr, grad norm, throughput, evals),
@@ -74,11 +71,10 @@ RUNTIME_FIELDS = frozenset(
 
 @dataclass
 class TrainConfig:
-    """Every knob of a training run. Defaults: the recipe of the shipped checkpoint (about 57 min on 2 CPU
-    cores; see ``steps``)."""
+    """Every knob of a training run. Defaults: the recipe of the shipped checkpoint (BENCHMARKS.md)."""
 
     # optimisation
-    steps: int = 4400  # about 0.74 s per update on 2 free CPU cores at these sizes -> about 55 min + evals
+    steps: int = 4400  # as many as the 60-minute budget on 2 CPU cores allows at these sizes
     batch_size: int = 16  # images per update (each carries 3-7 questions)
     lr: float = 2e-3
     min_lr: float = 1e-4  # cosine decay from lr to min_lr after warm-up
@@ -108,27 +104,26 @@ class TrainConfig:
     # its attention on the image patches of what the question names (``named_objects``): the loss is
     # -log(attention mass on those patches). Why: trained from scratch, the LM does not learn to look the
     # named object up (the associative-recall plateau; BENCHMARKS.md). Training-only; 0 = off. It needs
-    # eager attention in the whole LM: free at 256 image tokens, 1.86x the update time at 576.
+    # eager attention in the whole LM (``eager_attention``), which costs little at 256 image tokens and
+    # much at 576 (BENCHMARKS.md).
     attn_weight: float = 1.0
     attn_layer: int = 1
     # token-count augmentation: with probability drop_prob an image reaches the LM as a random subset of its
     # patches (kept share uniform in [drop_min_keep, 1), positional order), so that the LM sees image runs of
     # every length. Why: trained only on full-length image runs, the LM is thrown by a shorter sequence (a
-    # compressed image): measured, at 57 of 256 tokens it answers yes/no to shape questions (BENCHMARKS.md).
+    # compressed image) and answers out of format (BENCHMARKS.md, "Session 3's model").
     # A pretrained LLM has seen text of every length; this gives the from-scratch lab LM that robustness, so
     # the benchmark measures what compression loses, not a length the LM never saw. Training-only; 0 = off.
     drop_prob: float = 0.5
     drop_min_keep: float = 0.1
-    # ... applied only from update drop_from * steps on. Why: measured, drop_prob 0.3 from the start cost the
-    # vanilla model 9 points at this budget (the LM learns less from fewer patches), while 300 updates with
-    # drop_prob 0.5 at the end of training (low lr) removed the length fragility and kept vanilla accuracy;
-    # the shipped run confirms it on the test split (vanilla 47.9 %; out of format under VisionZip at 85/57/28
-    # tokens 0.2/0.4/5.5 %, was 1.9/16.8/19.4 % without the augmentation).
+    # ... applied only from update drop_from * steps on. Why late: from the start it costs vanilla accuracy
+    # at this budget (the LM learns less from fewer patches), while at the end of training (low lr) it
+    # removes the length fragility and keeps vanilla accuracy (BENCHMARKS.md).
     drop_from: float = 0.93
     # model (see TinyLlavaConfig). 336 px / patch 21 = 256 patch tokens + CLS, not LLaVA-1.5's 576 (patch 14):
-    # the 60-minute CPU budget forbids 576 (1.7 s per update without attention supervision, 3.2 s with it,
-    # vs 0.7 s at 256; BENCHMARKS.md). 336 px keeps the benchmark's images unresampled; budgets are
-    # compared at the same share of the patches (vlmzip.paper_budget: 192/128/64 of 576 -> 85/57/28).
+    # an update at 576 costs too much for the 60-minute CPU budget, above all with attention supervision
+    # (BENCHMARKS.md). 336 px keeps the benchmark's images unresampled; budgets are compared at the same
+    # share of the patches (vlmzip.paper_budget: 192/128/64 of 576 -> 85/57/28).
     image_size: int = 336
     patch_size: int = 21
     vision_hidden: int = 128
@@ -141,11 +136,9 @@ class TrainConfig:
     text_kv_heads: int = 2
     text_intermediate: int = 512
     # numerics of the forward pass: "fp32" = plain float32; "bf16" = torch.autocast to bfloat16 (weights,
-    # optimizer state and the exported model stay float32; losses are computed in float32). bf16 is 1.3x
-    # faster per update on a CPU with AVX512-BF16/AMX (0.61 vs 0.74 s on this project's machines; slower on
-    # CPUs without native bf16), but measured, it learned worse: a bf16 run (5,400-update schedule) had at
-    # 2,600-3,500 updates twice the attention loss of the fp32 recipe (0.93-0.98 vs 0.44-0.54) and 37 % val
-    # accuracy at 2,700 (fp32: 43 % at 2,200, 50 % at 3,300); so fp32 is the recipe.
+    # optimizer state and the exported model stay float32; losses are computed in float32). bf16 is faster
+    # per update on a CPU with native bf16 (AVX512-BF16/AMX) and slower on one without; fp32 is the recipe
+    # because bf16 learned worse here (BENCHMARKS.md, "bf16 does not pay here").
     precision: str = "fp32"
     # runtime / bookkeeping
     device: str = "cpu"
@@ -544,7 +537,7 @@ def eager_attention(model: LlavaForConditionalGeneration) -> Callable[[], None]:
     supervision reads); returns the function that switches it back.
 
     All layers switch together: the causal mask is built once per forward for the model's kind, so one
-    eager layer among sdpa layers would get a mask it misreads (measured: non-causal weights).
+    eager layer among sdpa layers would get a mask it misreads and attend to future tokens.
     """
     config = model.model.language_model.config
     before = config._attn_implementation
