@@ -1,19 +1,17 @@
-"""Train the lab mini-VLM: ``vlmzip lab train [--out DIR]``.
+"""Train the lab mini-VLM: ``vlmzip lab train [--out DIR]``. This module: the loop, checkpoints, logs,
+the quick val monitor, export and the command line.
 
 The model is ``build_llava`` (CLIP ViT with CLS -> 2-layer GELU MLP -> Llama decoder, LLaVA-1.5 layout:
 features from vision layer -2, CLS dropped) trained from scratch on the procedural scenes of
 ``vlmzip.lab.scenes``. Default: 336 px, patch 21, 256 patch tokens + CLS (LLaVA-1.5's patch 14 / 576
 tokens does not fit the 60-minute CPU budget; ``TrainConfig`` says why).
 
-Data: update ``s`` sees train images ``s * batch_size ... (s + 1) * batch_size - 1`` of the unbounded
-train stream (``scenes.sample(TRAIN_SEED, i, ...)``, random access), so training resumes exactly where it
-stopped. All questions of one image are packed into ONE multi-turn LLaVA-1.5 conversation::
-
-    <s> USER: <image>x256 Q1 ASSISTANT: A1 </s> USER: Q2 ASSISTANT: A2 </s> ...
-
-so that the image (the expensive part: 257 vision tokens, 256 of them in the LM) is encoded once for
-several answers; the loss covers only answer tokens and their ``</s>``. The turn order is shuffled per
-image so that every question type also appears in the first turn (the evaluation format).
+The rest of the training code is in three modules, whose names this one re-exports (so that
+``vlmzip.lab.train`` stays the one namespace of training for the CLI and the tests):
+``train_config`` (``TrainConfig``, every knob, and what follows from it alone), ``train_data`` (the
+batch of every update, a pure function of config and step: packed multi-turn conversations, curriculum,
+patch targets, token-count augmentation) and ``train_losses`` (answer, dense auxiliary and attention
+losses).
 
 Four training-only aids, all knobs of ``TrainConfig`` (the exported model is a plain LLaVA either way):
 a size curriculum (big objects first, the benchmark's scenes from half-way on), a dense auxiliary loss
@@ -35,445 +33,55 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
-import math
 import os
 import random
 import sys
 import time
-from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
-from transformers import LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast
+from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 from vlmzip.eval.scorers import score_records
 from vlmzip.io import generate_answers
 from vlmzip.lab import scenes
-from vlmzip.tiny import BASE_WORDS, TinyLlavaConfig, build_llava, build_tokenizer
-
-IGNORE_INDEX = -100
-PRECISIONS = {"bf16": torch.bfloat16, "fp32": torch.float32}
-CHECKPOINT_VERSION = 1
-# Fields that only change bookkeeping or where the run happens, not what is computed: they may differ
-# between an interrupted run and its resumption. Every other field must match the checkpoint.
-RUNTIME_FIELDS = frozenset(
-    {"device", "threads", "workers", "checkpoint_every", "log_every", "eval_every", "eval_limit", "progress"}
+from vlmzip.lab.train_config import (
+    PRECISIONS,
+    RUNTIME_FIELDS,
+    TrainConfig,
+    image_tokens,
+    lab_words,
+    lr_at,
+    model_config,
 )
+from vlmzip.lab.train_data import (
+    IGNORE_INDEX,
+    Batch,
+    _tokenizer,  # noqa: F401  (the tests reach it here)
+    batches,
+    drop_start,
+    encode_conversation,
+    image_sample,
+    kept_patches,
+    make_batch,
+    named_objects,
+    owner_words,
+    patch_owners,
+    pixel_values,
+    scene_config,
+    scene_scale,
+    shuffled,
+    to_uint8,
+)
+from vlmzip.lab.train_losses import eager_attention, losses
+from vlmzip.tiny import build_llava
 
-
-@dataclass
-class TrainConfig:
-    """Every knob of a training run. Defaults: the recipe of the shipped checkpoint (BENCHMARKS.md)."""
-
-    # optimisation
-    steps: int = 4400  # as many as the 60-minute budget on 2 CPU cores allows at these sizes
-    batch_size: int = 16  # images per update (each carries 3-7 questions)
-    lr: float = 2e-3
-    min_lr: float = 1e-4  # cosine decay from lr to min_lr after warm-up
-    warmup_steps: int = 100
-    weight_decay: float = 0.05  # on matrices and embeddings only
-    beta1: float = 0.9
-    beta2: float = 0.98
-    grad_clip: float = 1.0
-    seed: int = 0
-    # data: image i of the train stream is sampled with questions_per_image[i % len(...)] questions;
-    # 7 = one of every type (best use of an encoded image), 3 = the benchmark's own scene distribution
-    # (1-object scenes and scenes without text only occur there).
-    questions_per_image: tuple[int, ...] = (7, 7, 7, 3)
-    # curriculum: objects and text drawn up to easy_scale times larger (and fewer objects) at the start; the
-    # largest scale decays linearly to 1 (the benchmark's own scenes) at easy_until * steps. Why: trained
-    # from scratch, the LM does not learn to find objects that cover a few % of the image tokens and settles
-    # on answer priors; big objects give the attention a signal to start from.
-    easy_scale: float = 3.0
-    easy_until: float = 0.5
-    # dense auxiliary loss: at every image-token position the LM head also predicts what that patch shows
-    # (its object's colour and shape word, the written word/number, or <pad> for background), read off the
-    # scene graph: 576 labels per image instead of 3-7 answers. Training-only (no extra weights): the
-    # exported model is a plain LLaVA. 0 = off.
-    aux_weight: float = 0.5
-    aux_min_cover: float = 0.1  # a patch is labelled with an object/text covering >= this share of it
-    # attention supervision: at every answer, the LM's layer attn_layer (heads averaged) is trained to put
-    # its attention on the image patches of what the question names (``named_objects``): the loss is
-    # -log(attention mass on those patches). Why: trained from scratch, the LM does not learn to look the
-    # named object up (the associative-recall plateau; BENCHMARKS.md). Training-only; 0 = off. It needs
-    # eager attention in the whole LM (``eager_attention``), which costs little at 256 image tokens and
-    # much at 576 (BENCHMARKS.md).
-    attn_weight: float = 1.0
-    attn_layer: int = 1
-    # token-count augmentation: with probability drop_prob an image reaches the LM as a random subset of its
-    # patches (kept share uniform in [drop_min_keep, 1), positional order), so that the LM sees image runs of
-    # every length. Why: trained only on full-length image runs, the LM is thrown by a shorter sequence (a
-    # compressed image) and answers out of format (BENCHMARKS.md, "Session 3's model").
-    # A pretrained LLM has seen text of every length; this gives the from-scratch lab LM that robustness, so
-    # the benchmark measures what compression loses, not a length the LM never saw. Training-only; 0 = off.
-    drop_prob: float = 0.5
-    drop_min_keep: float = 0.1
-    # ... applied only from update drop_from * steps on. Why late: from the start it costs vanilla accuracy
-    # at this budget (the LM learns less from fewer patches), while at the end of training (low lr) it
-    # removes the length fragility and keeps vanilla accuracy (BENCHMARKS.md).
-    drop_from: float = 0.93
-    # model (see TinyLlavaConfig). 336 px / patch 21 = 256 patch tokens + CLS, not LLaVA-1.5's 576 (patch 14):
-    # an update at 576 costs too much for the 60-minute CPU budget, above all with attention supervision
-    # (BENCHMARKS.md). 336 px keeps the benchmark's images unresampled; budgets are compared at the same
-    # share of the patches (vlmzip.paper_budget: 192/128/64 of 576 -> 85/57/28).
-    image_size: int = 336
-    patch_size: int = 21
-    vision_hidden: int = 128
-    vision_layers: int = 4
-    vision_heads: int = 4
-    vision_intermediate: int = 512
-    text_hidden: int = 128
-    text_layers: int = 4
-    text_heads: int = 4
-    text_kv_heads: int = 2
-    text_intermediate: int = 512
-    # numerics of the forward pass: "fp32" = plain float32; "bf16" = torch.autocast to bfloat16 (weights,
-    # optimizer state and the exported model stay float32; losses are computed in float32). bf16 is faster
-    # per update on a CPU with native bf16 (AVX512-BF16/AMX) and slower on one without; fp32 is the recipe
-    # because bf16 learned worse here (BENCHMARKS.md, "bf16 does not pay here").
-    precision: str = "fp32"
-    # runtime / bookkeeping
-    device: str = "cpu"
-    threads: int = 2  # torch CPU threads of the training process; 0 = torch's default
-    workers: int = 0  # data-rendering processes (1 thread each); 0 = render in the training process
-    checkpoint_every: int = 100
-    log_every: int = 10
-    eval_every: int = 0  # 0 = evaluate only at the end
-    eval_limit: int = 70  # val images per evaluation (3 questions each); 0 = no evaluation
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        self.questions_per_image = tuple(int(q) for q in self.questions_per_image)
-        if not self.questions_per_image or not all(
-            1 <= q <= len(scenes.QUESTION_TYPES) for q in self.questions_per_image
-        ):
-            raise ValueError(f"questions_per_image must be 1..{len(scenes.QUESTION_TYPES)}")
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError("steps and batch_size must be >= 1")
-        if not 0 <= self.drop_prob <= 1 or not 0 < self.drop_min_keep <= 1 or not 0 <= self.drop_from <= 1:
-            raise ValueError("need 0 <= drop_prob <= 1, 0 < drop_min_keep <= 1 and 0 <= drop_from <= 1")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {sorted(PRECISIONS)} (got {self.precision!r})")
-        if self.attn_weight > 0 and not 0 <= self.attn_layer < self.text_layers:
-            raise ValueError(
-                f"attn_layer={self.attn_layer} is not a layer of the {self.text_layers}-layer LM;"
-                f" use 0..{self.text_layers - 1}, or attn_weight=0 to turn attention supervision off"
-            )
-
-
-def lab_words() -> tuple[str, ...]:
-    """Tokenizer words of the lab model: the chat words plus every word of the benchmark."""
-    return tuple(dict.fromkeys([*BASE_WORDS, *scenes.vocabulary()]))
-
-
-def model_config(cfg: TrainConfig) -> TinyLlavaConfig:
-    """The TinyLlavaConfig (architecture + tokenizer words) a TrainConfig trains."""
-    shared = {f.name for f in dataclasses.fields(TinyLlavaConfig)} & {f.name for f in dataclasses.fields(TrainConfig)}
-    return TinyLlavaConfig(**{name: getattr(cfg, name) for name in shared}, words=lab_words())
-
-
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate of update ``step`` (0-based): linear warm-up, then cosine from lr to min_lr."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Data
-
-
-@dataclass
-class Batch:
-    """One update's inputs. ``pixels``: uint8 (B, 3, H, W), normalised on the device by ``pixel_values``."""
-
-    pixels: torch.Tensor
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    labels: torch.Tensor
-    patch_targets: torch.Tensor  # (B, n_patches, 2) token ids per patch, IGNORE_INDEX where none
-    n_answers: int
-    # attention supervision, one row per answer whose question names something visible:
-    attn_rows: torch.Tensor  # (Q,) batch row
-    attn_positions: torch.Tensor  # (Q,) sequence position that predicts the answer's first token
-    attn_patches: torch.Tensor  # (Q, n_patches) bool: the kept patches of what the question names
-    keep: torch.Tensor  # (B, n_patches) bool: the patches each image sends to the LM (kept_patches)
-
-
-def image_tokens(cfg: TrainConfig) -> int:
-    """Image placeholders per image in the LM sequence (LLaVA "default" strategy: patches, no CLS)."""
-    return (cfg.image_size // cfg.patch_size) ** 2
-
-
-def shuffled(items: Sequence[Any], rng: random.Random) -> list[Any]:
-    """Fisher-Yates shuffle using only ``rng.random()`` (stable across Python versions)."""
-    out = list(items)
-    for i in range(len(out) - 1, 0, -1):
-        j = int(rng.random() * (i + 1))
-        out[i], out[j] = out[j], out[i]
-    return out
-
-
-def encode_conversation(
-    qas: Sequence[scenes.QA], tokenizer: PreTrainedTokenizerFast, n_image_tokens: int
-) -> tuple[list[int], list[int]]:
-    """Token ids and labels of one image's multi-turn conversation (chat template, image run expanded).
-
-    Equal to the processor's ids for ``tokenizer.apply_chat_template(messages)``; labels are
-    ``IGNORE_INDEX`` except on each answer and its ``</s>``.
-    """
-    image_id = tokenizer.convert_tokens_to_ids("<image>")
-
-    def ids(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    input_ids = [tokenizer.bos_token_id]
-    labels = [IGNORE_INDEX]
-    for k, qa in enumerate(qas):
-        prompt = ids(f"USER: {qa.question} ASSISTANT:")
-        if k == 0:  # "USER: <image>\n{question} ASSISTANT:"
-            prompt = prompt[:2] + [image_id] * n_image_tokens + prompt[2:]
-        answer = ids(f"{qa.answer}</s>")
-        input_ids += prompt + answer
-        labels += [IGNORE_INDEX] * len(prompt) + answer
-    return input_ids, labels
-
-
-@functools.lru_cache(maxsize=4)
-def _tokenizer(words: tuple[str, ...]) -> PreTrainedTokenizerFast:
-    return build_tokenizer(words)
-
-
-def scene_scale(cfg: TrainConfig, index: int) -> float:
-    """Size multiplier of train image ``index``: uniform in [1, s_max], s_max decaying to 1 (curriculum)."""
-    step = index // cfg.batch_size
-    decay = max(0.0, 1.0 - step / max(1.0, cfg.easy_until * cfg.steps))
-    s_max = 1.0 + (cfg.easy_scale - 1.0) * decay
-    return 1.0 + (s_max - 1.0) * random.Random(f"vlmzip-scale:{cfg.seed}:{index}").random()
-
-
-def scene_config(cfg: TrainConfig, index: int, scale: float = 1.0) -> scenes.SceneConfig:
-    """SceneConfig of train image ``index``: its question count, objects/text ``scale`` x larger, fewer."""
-    base = scenes.SceneConfig(questions_per_image=cfg.questions_per_image[index % len(cfg.questions_per_image)])
-    if scale == 1.0:
-        return base
-
-    def grow(r: tuple[int, int]) -> tuple[int, int]:
-        return (round(r[0] * scale), round(r[1] * scale))
-
-    return dataclasses.replace(
-        base,
-        small_size=grow(base.small_size),
-        large_size=grow(base.large_size),
-        font_size=grow(base.font_size),
-        max_objects=max(2, min(base.max_objects, round(2 * base.max_objects / scale**2))),
-    )
-
-
-def image_sample(cfg: TrainConfig, index: int) -> tuple[Image.Image, scenes.Scene, list[scenes.QA]]:
-    """Train image ``index``, its scene graph and its questions in training order (deterministic)."""
-    try:
-        image, scene, qas = scenes.sample(scenes.TRAIN_SEED, index, scene_config(cfg, index, scene_scale(cfg, index)))
-    except RuntimeError:  # scaled-up objects did not fit: fall back to the benchmark's scene
-        image, scene, qas = scenes.sample(scenes.TRAIN_SEED, index, scene_config(cfg, index))
-    return image, scene, shuffled(qas, random.Random(f"vlmzip-train:{cfg.seed}:{index}"))
-
-
-def patch_owners(image: Image.Image, scene: scenes.Scene, grid: int, min_cover: float) -> np.ndarray:
-    """(grid * grid,) what each patch (row-major) of the rendered scene shows: ``i`` for
-    ``scene.objects[i]``, ``len(scene.objects)`` for the text, -1 for background.
-
-    A patch belongs to the object or text covering the largest share of its pixels if that share is
-    >= ``min_cover``. Objects are filled with their exact palette colour and never overlap, so "pixel of
-    the object's colour inside its bbox" is the object's mask; text ink is any pixel inside the text
-    bbox that differs clearly from the background.
-    """
-    pixels = np.asarray(image.convert("RGB")).astype(np.int16)
-    height, width = pixels.shape[:2]
-    masks: list[np.ndarray] = []
-    for obj in scene.objects:
-        x0, y0, x1, y1 = obj.bbox
-        mask = np.zeros((height, width), dtype=bool)
-        mask[y0:y1, x0:x1] = (pixels[y0:y1, x0:x1] == np.array(scenes.COLORS[obj.color])).all(-1)
-        masks.append(mask)
-    if scene.text is not None:
-        x0, y0, x1, y1 = scene.text.bbox
-        mask = np.zeros((height, width), dtype=bool)
-        mask[y0:y1, x0:x1] = np.abs(pixels[y0:y1, x0:x1] - np.array(scene.background)).max(-1) > 40
-        masks.append(mask)
-    owners = np.full(grid * grid, -1, dtype=np.int64)
-    if not masks:
-        return owners
-    ys = np.linspace(0, height, grid + 1).round().astype(int)
-    xs = np.linspace(0, width, grid + 1).round().astype(int)
-    stack = np.stack(masks).astype(np.float32)  # (n, H, W)
-    # per-patch coverage of every mask: sum over the patch's pixels / patch area
-    rows = np.add.reduceat(stack, ys[:-1], axis=1)
-    cover = (np.add.reduceat(rows, xs[:-1], axis=2) / np.outer(np.diff(ys), np.diff(xs))[None]).reshape(len(masks), -1)
-    labelled = cover.max(0) >= min_cover
-    owners[labelled] = cover.argmax(0)[labelled]
-    return owners
-
-
-def owner_words(scene: scenes.Scene, owners: np.ndarray, tokenizer: PreTrainedTokenizerFast) -> np.ndarray:
-    """(n_patches, 2) token ids naming what each patch shows, given its ``patch_owners`` entry.
-
-    Object patches: [colour word, shape word]; text patches: [the word/number, ignore]; background:
-    [<pad>, ignore].
-    """
-    ids = tokenizer.convert_tokens_to_ids
-    words = [[ids(o.color), ids(o.shape)] for o in scene.objects]
-    if scene.text is not None:
-        words.append([ids(scene.text.text.lower()), IGNORE_INDEX])
-    targets = np.full((len(owners), 2), IGNORE_INDEX, dtype=np.int64)
-    targets[:, 0] = tokenizer.pad_token_id
-    for patch in np.nonzero(owners >= 0)[0]:
-        targets[patch] = words[owners[patch]]
-    return targets
-
-
-_SINGULAR = {plural: shape for shape, plural in scenes.SHAPE_PLURALS.items()}
-
-
-def named_objects(qa: scenes.QA, scene: scenes.Scene) -> set[int]:
-    """What a question refers to, as ``patch_owners`` indices (``len(scene.objects)`` = the text).
-
-    Read off the question's words: "written" -> the text; colour-shape pairs ("the red circle ... the
-    blue square") -> the objects with one of those pairs; otherwise every object matching all the
-    colour, shape and "small" words (none: "How many objects" -> all objects). Empty when nothing
-    matches (a "no" presence question, a count of 0).
-    """
-    words = [_SINGULAR.get(w, w) for w in scenes.tokenize(qa.question)]
-    if "written" in words:
-        return {len(scene.objects)} if scene.text is not None else set()
-    small = "small" in words
-    pairs = {(a, b) for a, b in zip(words, words[1:], strict=False) if a in scenes.COLORS and b in scenes.SHAPES}
-    colors = {w for w in words if w in scenes.COLORS}
-    shapes = {w for w in words if w in scenes.SHAPES}
-
-    def named(o: scenes.SceneObject) -> bool:
-        if small and o.size != "small":
-            return False
-        if pairs:
-            return (o.color, o.shape) in pairs
-        return (not colors or o.color in colors) and (not shapes or o.shape in shapes)
-
-    return {i for i, o in enumerate(scene.objects) if named(o)}
-
-
-def to_uint8(image: Image.Image, size: int) -> np.ndarray:
-    """(3, size, size) uint8 array of an RGB image that already has the model's input size."""
-    if image.size != (size, size):
-        raise ValueError(f"train images must be {size} x {size} (got {image.size}); render scenes at image_size")
-    return np.ascontiguousarray(np.asarray(image.convert("RGB")).transpose(2, 0, 1))
-
-
-def drop_start(cfg: TrainConfig) -> int:
-    """The first update whose images may lose patches to the token-count augmentation."""
-    return math.ceil(cfg.drop_from * cfg.steps)
-
-
-def kept_patches(cfg: TrainConfig, index: int, n_patches: int) -> np.ndarray:
-    """(n_patches,) bool: the patches train image ``index`` sends to the LM (all, unless the token-count
-    augmentation drops some: see ``TrainConfig.drop_prob`` and ``drop_from``). Deterministic per (seed, index)."""
-    keep = np.ones(n_patches, dtype=bool)
-    if cfg.drop_prob <= 0 or index // cfg.batch_size < drop_start(cfg):
-        return keep
-    rng = random.Random(f"vlmzip-lab-drop:{cfg.seed}:{index}")
-    if rng.random() >= cfg.drop_prob:
-        return keep
-    share = cfg.drop_min_keep + (1 - cfg.drop_min_keep) * rng.random()
-    chosen = shuffled(range(n_patches), rng)[: max(1, round(share * n_patches))]
-    keep[:] = False
-    keep[chosen] = True
-    return keep
-
-
-def make_batch(cfg: TrainConfig, step: int) -> Batch:
-    """The inputs of update ``step`` (a pure function of ``cfg`` and ``step``); right-padded."""
-    tokenizer = _tokenizer(lab_words())
-    n_img = image_tokens(cfg)
-    grid = cfg.image_size // cfg.patch_size
-    pixels, seqs, targets = [], [], []
-    attn_rows: list[int] = []
-    attn_positions: list[int] = []
-    attn_patches: list[np.ndarray] = []
-    keeps: list[np.ndarray] = []
-    for row, index in enumerate(range(step * cfg.batch_size, (step + 1) * cfg.batch_size)):
-        image, scene, qas = image_sample(cfg, index)
-        owners = patch_owners(image, scene, grid, cfg.aux_min_cover)
-        targets.append(owner_words(scene, owners, tokenizer))
-        if image.size != (cfg.image_size, cfg.image_size):
-            image = image.resize((cfg.image_size, cfg.image_size), Image.Resampling.BICUBIC)
-        pixels.append(to_uint8(image, cfg.image_size))
-        keep = kept_patches(cfg, index, n_img)
-        keeps.append(keep)
-        ids, labels = encode_conversation(qas, tokenizer, int(keep.sum()))
-        seqs.append((ids, labels))
-        starts = [j for j in range(1, len(labels)) if labels[j] != IGNORE_INDEX and labels[j - 1] == IGNORE_INDEX]
-        for qa, start in zip(qas, starts, strict=True):
-            patches = np.isin(owners, sorted(named_objects(qa, scene))) & keep
-            if patches.any():
-                attn_rows.append(row)
-                attn_positions.append(start - 1)
-                attn_patches.append(patches)
-    length = max(len(ids) for ids, _ in seqs)
-    input_ids = torch.full((len(seqs), length), tokenizer.pad_token_id, dtype=torch.long)
-    labels = torch.full((len(seqs), length), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(seqs), length), dtype=torch.long)
-    for row, (ids, lab) in enumerate(seqs):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        labels[row, : len(lab)] = torch.tensor(lab)
-        mask[row, : len(ids)] = 1
-    n_answers = int((labels == tokenizer.eos_token_id).sum().item())
-    return Batch(
-        torch.from_numpy(np.stack(pixels)),
-        input_ids,
-        mask,
-        labels,
-        torch.from_numpy(np.stack(targets)),
-        n_answers,
-        torch.tensor(attn_rows, dtype=torch.long),
-        torch.tensor(attn_positions, dtype=torch.long),
-        torch.from_numpy(np.stack(attn_patches)) if attn_patches else torch.zeros((0, n_img), dtype=torch.bool),
-        torch.from_numpy(np.stack(keeps)),
-    )
-
-
-def pixel_values(pixels: torch.Tensor, processor: LlavaProcessor) -> torch.Tensor:
-    """CLIP normalisation of uint8 pixels, equal (to 1e-6) to the processor's for same-size images."""
-    ip = processor.image_processor
-    mean = torch.tensor(ip.image_mean, device=pixels.device).view(1, 3, 1, 1)
-    std = torch.tensor(ip.image_std, device=pixels.device).view(1, 3, 1, 1)
-    return (pixels.float() * ip.rescale_factor - mean) / std
-
-
-def batches(cfg: TrainConfig, start: int) -> Iterator[Batch]:
-    """``make_batch(cfg, s)`` for s = start .. steps-1, rendered ahead by ``cfg.workers`` processes."""
-    if cfg.workers <= 0:
-        for step in range(start, cfg.steps):
-            yield make_batch(cfg, step)
-        return
-    import multiprocessing
-
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(cfg.workers, mp_context=context, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-        pending: deque[Future[Batch]] = deque()
-        next_step = start
-        while next_step < cfg.steps or pending:
-            while next_step < cfg.steps and len(pending) < 2 * cfg.workers:
-                pending.append(pool.submit(make_batch, cfg, next_step))
-                next_step += 1
-            yield pending.popleft().result()
+CHECKPOINT_VERSION = 1
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -530,23 +138,6 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     if state["rng"]["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     return int(state["step"])
-
-
-def eager_attention(model: LlavaForConditionalGeneration) -> Callable[[], None]:
-    """Switch the LM to eager attention, the only kind that returns its weights (which attention
-    supervision reads); returns the function that switches it back.
-
-    All layers switch together: the causal mask is built once per forward for the model's kind, so one
-    eager layer among sdpa layers would get a mask it misreads and attend to future tokens.
-    """
-    config = model.model.language_model.config
-    before = config._attn_implementation
-    config._attn_implementation = "eager"
-
-    def restore() -> None:
-        config._attn_implementation = before
-
-    return restore
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -654,74 +245,6 @@ def format_eval(result: dict[str, Any]) -> str:
     """One line: overall and per-type accuracy in percent."""
     per_type = " ".join(f"{t} {v['accuracy'] * 100:.0f}" for t, v in result["per_type"].items())
     return f"acc {result['accuracy'] * 100:.1f} (n={result['n']}) | {per_type}"
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Losses
-
-
-def losses(
-    model: LlavaForConditionalGeneration,
-    processor: LlavaProcessor,
-    batch: Batch,
-    device: torch.device,
-    attn_layer: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(answer loss, dense auxiliary loss, attention loss) of one batch.
-
-    The LM gets, in each image's placeholder run, the projected features of that image's kept patches
-    (``batch.keep``; all of them: exactly the stock ``model(input_ids, pixel_values)`` forward).
-    Answer loss: next-token cross-entropy on answer tokens and their ``</s>`` (mean over those tokens).
-    Auxiliary loss: at each image-placeholder position, cross-entropy of the LM head's logits (unshifted:
-    the position's own output) against the patch's target words; mean over labelled (patch, word) pairs.
-    Attention loss (``attn_layer`` given; the LM must run eager attention): mean over supervised answers
-    of -log(attention mass, heads averaged, from the answer-predicting position onto the named patches).
-    """
-    input_ids = batch.input_ids.to(device)
-    keep = batch.keep.to(device)
-    slots = input_ids == model.config.image_token_id
-    features = model.model.get_image_features(
-        pixel_values(batch.pixels.to(device), processor),
-        vision_feature_layer=model.config.vision_feature_layer,
-        vision_feature_select_strategy=model.config.vision_feature_select_strategy,
-    ).pooler_output  # B x (n_patches, D)
-    kept = torch.stack(list(features))[keep]  # (kept patches of all rows, D), row-major like the slots
-    embeds = model.get_input_embeddings()(input_ids)
-    embeds = embeds.masked_scatter(slots.unsqueeze(-1).expand_as(embeds), kept.to(embeds.dtype))
-    supervise = attn_layer is not None and len(batch.attn_rows) > 0
-    captured: list[torch.Tensor] = []
-    hook = None
-    if supervise:  # eager attention returns (output, weights (B, H, T, T)); keep only this layer's weights
-        layer = model.model.language_model.layers[attn_layer].self_attn
-        hook = layer.register_forward_hook(lambda _m, _i, out: captured.append(out[1]))
-    try:
-        out = model(inputs_embeds=embeds, attention_mask=batch.attention_mask.to(device))
-    finally:
-        if hook is not None:
-            hook.remove()
-    logits = out.logits.float()
-    vocab = logits.shape[-1]
-    labels = batch.labels.to(device)
-    answer = torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, vocab), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX
-    )
-    image_logits = logits[slots].view(-1, vocab)  # row-major kept patches
-    targets = batch.patch_targets.to(device)[keep].reshape(-1)
-    aux = torch.nn.functional.cross_entropy(
-        image_logits.repeat_interleave(2, dim=0), targets, ignore_index=IGNORE_INDEX
-    )
-    attn = torch.zeros((), device=device)
-    if supervise:
-        first = int(slots[0].nonzero()[0, 0])  # the same prefix in every row
-        rows, positions = batch.attn_rows.to(device), batch.attn_positions.to(device)
-        if not captured or captured[0] is None:
-            raise RuntimeError("attention supervision needs the LM on eager attention: see eager_attention()")
-        weights = captured[0][rows, :, positions].float().mean(1)  # (Q, T): heads averaged
-        seq_pos = first + keep.long().cumsum(1) - 1  # (B, n_patches): where a kept patch sits in its row
-        on_patch = weights.gather(1, seq_pos[rows].clamp(0, weights.shape[1] - 1)) * keep[rows]
-        mass = (on_patch * batch.attn_patches.to(device)).sum(-1)
-        attn = -torch.log(mass + 1e-6).mean()
-    return answer, aux, attn
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -917,7 +440,9 @@ if __name__ == "__main__":
 
 
 __all__ = [
-    "Batch", "TrainConfig", "add_parser", "cmd_train", "config_from_args", "encode_conversation", "evaluate",
-    "export", "image_sample", "lab_words", "lr_at", "make_batch", "model_config", "pixel_values",
-    "plot_loss", "train",
+    "IGNORE_INDEX", "PRECISIONS", "RUNTIME_FIELDS", "Batch", "TrainConfig", "add_parser", "autocast", "batches",
+    "build_llava", "cmd_train", "config_from_args", "drop_start", "eager_attention", "encode_conversation",
+    "evaluate", "export", "format_eval", "image_sample", "image_tokens", "kept_patches", "lab_words", "losses",
+    "lr_at", "make_batch", "model_config", "named_objects", "owner_words", "patch_owners", "pixel_values",
+    "plot_loss", "scene_config", "scene_scale", "shuffled", "to_uint8", "train",
 ]  # fmt: skip
