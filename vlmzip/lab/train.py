@@ -38,8 +38,8 @@ import os
 import random
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import asdict
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -224,8 +224,12 @@ def evaluate(
 ) -> dict[str, Any]:
     """Greedy answers to the first ``limit`` images (all when None) of a benchmark split, exact match.
 
-    Uses the plain processor -> ``generate`` path (so a ``vlmzip.compress``-ed model is evaluated
-    compressed). Returns ``scorers.score_records``' summary: n, accuracy, per_type, per_subtype, pope.
+    The harness's own answer and score path (``vlmzip.io.generate_answers``, then
+    ``vlmzip.eval.scorers.score_records``, as in ``vlmzip eval``), fed with the split's images rendered in
+    memory: the runner's loop around it reads a dataset folder from disk and appends resumable
+    prediction files, which a monitor called every few hundred updates has no use for. A
+    ``vlmzip.compress``-ed model is evaluated compressed. Returns ``score_records``' summary: n,
+    accuracy, per_type, per_subtype, pope.
     """
     was_training = model.training
     model.eval()
@@ -257,6 +261,183 @@ def autocast(cfg: TrainConfig, device: torch.device) -> torch.autocast:
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
+@dataclass
+class TrainingRun:
+    """A run in progress: its folder, what it trains, and how many updates are done."""
+
+    cfg: TrainConfig
+    out: Path
+    device: torch.device
+    model: LlavaForConditionalGeneration
+    processor: LlavaProcessor
+    optimizer: torch.optim.AdamW
+    restore_attention: Callable[[], None] | None  # undoes eager_attention; None without attention supervision
+    step: int = 0
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out / "checkpoint" / "state.pt"
+
+    @property
+    def log_path(self) -> Path:
+        return self.out / "log.jsonl"
+
+    def log(self, row: dict[str, Any]) -> None:
+        """Append one row to ``log.jsonl``."""
+        with self.log_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def checkpoint(self) -> None:
+        save_checkpoint(self.checkpoint_path, self.step, self.model, self.optimizer, self.cfg)
+
+
+def start_run(out: Path, cfg: TrainConfig, resume: bool) -> TrainingRun:
+    """Model and optimizer from ``cfg.seed``, or from ``out``'s checkpoint with ``resume``; the log is cut
+    back to the checkpoint's update and the config written next to it."""
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.threads > 0:  # also on GPU: several runs on one machine otherwise oversubscribe its cores
+        torch.set_num_threads(cfg.threads)
+    device = torch.device(cfg.device)
+    # Built on the CPU then moved, so that every device starts from the same weights.
+    model, processor = build_llava(None, model_config(cfg))
+    model.to(device).train()
+    restore_attention = eager_attention(model) if cfg.attn_weight > 0 else None
+    optimizer = make_optimizer(model, cfg)
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    run = TrainingRun(cfg, out, device, model, processor, optimizer, restore_attention)
+    if resume and run.checkpoint_path.exists():
+        run.step = load_checkpoint(run.checkpoint_path, model, optimizer, cfg)
+        print(f"resumed from {run.checkpoint_path} at update {run.step}/{cfg.steps}", file=sys.stderr)
+    rows = _read_log(run.log_path, up_to_step=run.step)  # drop log lines written after the checkpoint
+    run.log_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    return run
+
+
+def update(run: TrainingRun, batch: Batch) -> dict[str, float]:
+    """One optimizer update on ``batch``; returns its three losses, learning rate and gradient norm."""
+    cfg = run.cfg
+    lr = lr_at(run.step, cfg)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    with autocast(cfg, run.device):
+        answer_loss, aux_loss, attn_loss = losses(
+            run.model, run.processor, batch, run.device, cfg.attn_layer if cfg.attn_weight > 0 else None
+        )
+        loss = answer_loss + cfg.aux_weight * aux_loss + cfg.attn_weight * attn_loss
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    return {
+        "loss": answer_loss.item(),
+        "aux_loss": aux_loss.item(),
+        "attn_loss": attn_loss.item(),
+        "lr": lr,
+        "grad_norm": float(grad_norm),
+    }
+
+
+class LossMeter:
+    """The updates since the last log row and their wall time (evaluations excluded)."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.updates: list[dict[str, float]] = []
+        self.restart_clock()
+
+    def restart_clock(self) -> None:
+        self.start = time.perf_counter()
+
+    def add(self, stats: dict[str, float]) -> None:
+        self.updates.append(stats)
+
+    def row(self, step: int, batch_size: int) -> dict[str, Any]:
+        """Log row: mean losses, the latest update's lr and gradient norm, throughput."""
+        elapsed = time.perf_counter() - self.start
+        n = len(self.updates)
+
+        def mean(key: str) -> float:
+            return sum(u[key] for u in self.updates) / n
+
+        return {
+            "step": step,
+            "loss": mean("loss"),
+            "aux_loss": mean("aux_loss"),
+            "attn_loss": mean("attn_loss"),
+            "lr": self.updates[-1]["lr"],
+            "grad_norm": self.updates[-1]["grad_norm"],
+            "images_per_s": n * batch_size / elapsed,
+            "s_per_step": elapsed / n,
+        }
+
+
+def log_eval(run: TrainingRun, label: str) -> None:
+    """Score the first ``eval_limit`` val images; log the result and print it after ``label``."""
+    result = evaluate(run.model, run.processor, "val", limit=run.cfg.eval_limit)
+    run.log({"step": run.step, "eval": {k: result[k] for k in ("n", "accuracy", "per_type")}})
+    print(f"{label} {format_eval(result)}", file=sys.stderr)
+
+
+def progress_bar(cfg: TrainConfig, start: int) -> Any:
+    """A tqdm bar over the run's updates, or None without ``cfg.progress``."""
+    if not cfg.progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=cfg.steps, initial=start, desc="train", unit="upd", dynamic_ncols=True)
+
+
+def run_updates(run: TrainingRun, end: int) -> None:
+    """Update until ``end`` updates are done, logging every ``log_every``, checkpointing every
+    ``checkpoint_every`` and at ``end``, scoring val every ``eval_every``. Ctrl-C: checkpoint, re-raise."""
+    cfg = run.cfg
+    meter = LossMeter()
+    bar = progress_bar(cfg, run.step)
+    try:
+        data = batches(cfg, run.step)
+        while run.step < end:
+            stats = update(run, next(data))
+            meter.add(stats)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{stats['loss']:.3f}", lr=f"{stats['lr']:.1e}")
+            if run.step % cfg.log_every == 0 or run.step == end:
+                run.log(meter.row(run.step, cfg.batch_size))
+                meter.reset()
+            if run.step % cfg.checkpoint_every == 0 or run.step == end:
+                run.checkpoint()
+            if cfg.eval_every and cfg.eval_limit and run.step % cfg.eval_every == 0 and run.step < cfg.steps:
+                log_eval(run, f"\nupdate {run.step}: val")
+                meter.restart_clock()
+    except KeyboardInterrupt:
+        run.checkpoint()
+        print(
+            f"\ninterrupted: checkpoint at update {run.step} in {run.checkpoint_path}; run again to resume",
+            file=sys.stderr,
+        )
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def finish(run: TrainingRun) -> Path:
+    """After the last update: the LM back on its own attention, export to ``out/model``, a final val
+    score (with ``eval_limit``) and the loss plot. Returns the model folder."""
+    if run.restore_attention is not None:
+        run.restore_attention()
+    model_dir = export(run.model, run.processor, run.out / "model")
+    if run.cfg.eval_limit:
+        log_eval(run, f"final val ({run.cfg.eval_limit} images):")
+    plot_loss(run.log_path, run.out / "loss.png")
+    return model_dir
+
+
 def train(
     out_dir: str | Path, cfg: TrainConfig | None = None, resume: bool = True, stop_after: int | None = None
 ) -> Path:
@@ -266,109 +447,11 @@ def train(
     simulate an interruption. Ctrl-C also writes a checkpoint before stopping.
     """
     cfg = cfg or TrainConfig()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out / "checkpoint" / "state.pt"
-    log_path = out / "log.jsonl"
-    if cfg.threads > 0:  # also on GPU: several runs on one machine otherwise oversubscribe its cores
-        torch.set_num_threads(cfg.threads)
-    device = torch.device(cfg.device)
-
-    # Built on the CPU then moved, so that every device starts from the same weights.
-    model, processor = build_llava(None, model_config(cfg))
-    model.to(device).train()
-    restore_attention = eager_attention(model) if cfg.attn_weight > 0 else None
-    optimizer = make_optimizer(model, cfg)
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-
-    start = 0
-    if resume and ckpt_path.exists():
-        start = load_checkpoint(ckpt_path, model, optimizer, cfg)
-        print(f"resumed from {ckpt_path} at update {start}/{cfg.steps}", file=sys.stderr)
-    rows = _read_log(log_path, up_to_step=start)  # drop log lines written after the checkpoint
-    log_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
-
-    def log(row: dict[str, Any]) -> None:
-        with log_path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-
-    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
-    step = start
-    window: list[float] = []
-    aux_window: list[float] = []
-    attn_window: list[float] = []
-    t_window = time.perf_counter()
-    bar = None
-    if cfg.progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="upd", dynamic_ncols=True)
-    try:
-        data = batches(cfg, start)
-        while step < end:
-            batch = next(data)
-            lr = lr_at(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            with autocast(cfg, device):
-                answer_loss, aux_loss, attn_loss = losses(
-                    model, processor, batch, device, cfg.attn_layer if cfg.attn_weight > 0 else None
-                )
-                loss = answer_loss + cfg.aux_weight * aux_loss + cfg.attn_weight * attn_loss
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            window.append(answer_loss.item())
-            aux_window.append(aux_loss.item())
-            attn_window.append(attn_loss.item())
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{window[-1]:.3f}", lr=f"{lr:.1e}")
-            if step % cfg.log_every == 0 or step == end:
-                elapsed = time.perf_counter() - t_window
-                log(
-                    {
-                        "step": step,
-                        "loss": sum(window) / len(window),
-                        "aux_loss": sum(aux_window) / len(aux_window),
-                        "attn_loss": sum(attn_window) / len(attn_window),
-                        "lr": lr,
-                        "grad_norm": float(grad_norm),
-                        "images_per_s": len(window) * cfg.batch_size / elapsed,
-                        "s_per_step": elapsed / len(window),
-                    }
-                )
-                window, aux_window, attn_window, t_window = [], [], [], time.perf_counter()
-            if step % cfg.checkpoint_every == 0 or step == end:
-                save_checkpoint(ckpt_path, step, model, optimizer, cfg)
-            if cfg.eval_every and cfg.eval_limit and step % cfg.eval_every == 0 and step < cfg.steps:
-                result = evaluate(model, processor, "val", limit=cfg.eval_limit)
-                log({"step": step, "eval": {k: result[k] for k in ("n", "accuracy", "per_type")}})
-                print(f"\nupdate {step}: val {format_eval(result)}", file=sys.stderr)
-                t_window = time.perf_counter()
-    except KeyboardInterrupt:
-        save_checkpoint(ckpt_path, step, model, optimizer, cfg)
-        print(f"\ninterrupted: checkpoint at update {step} in {ckpt_path}; run again to resume", file=sys.stderr)
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
-    if step < cfg.steps:
-        return out / "model"
-
-    if restore_attention is not None:
-        restore_attention()
-    model_dir = export(model, processor, out / "model")
-    if cfg.eval_limit:
-        result = evaluate(model, processor, "val", limit=cfg.eval_limit)
-        log({"step": step, "eval": {k: result[k] for k in ("n", "accuracy", "per_type")}})
-        print(f"final val ({cfg.eval_limit} images): {format_eval(result)}", file=sys.stderr)
-    plot_loss(log_path, out / "loss.png")
-    return model_dir
+    run = start_run(Path(out_dir), cfg, resume)
+    run_updates(run, cfg.steps if stop_after is None else min(cfg.steps, stop_after))
+    if run.step < cfg.steps:
+        return run.out / "model"
+    return finish(run)
 
 
 def export(model: LlavaForConditionalGeneration, processor: LlavaProcessor, out_dir: Path) -> Path:
@@ -440,7 +523,8 @@ if __name__ == "__main__":
 
 
 __all__ = [
-    "IGNORE_INDEX", "PRECISIONS", "RUNTIME_FIELDS", "Batch", "TrainConfig", "add_parser", "autocast", "batches",
+    "IGNORE_INDEX", "PRECISIONS", "RUNTIME_FIELDS", "Batch", "TrainConfig", "TrainingRun", "add_parser", "autocast",
+    "batches",
     "build_llava", "cmd_train", "config_from_args", "drop_start", "eager_attention", "encode_conversation",
     "evaluate", "export", "format_eval", "image_sample", "image_tokens", "kept_patches", "lab_words", "losses",
     "lr_at", "make_batch", "model_config", "named_objects", "owner_words", "patch_owners", "pixel_values",
