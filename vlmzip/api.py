@@ -104,7 +104,7 @@ def _stage(name: str, knobs: dict[str, Any]) -> Stage:
             f"({', '.join(k for k in knobs if k not in ('tokens', 'ratio'))}), not both"
         )
     if budget is None:
-        budget = own
+        budget = own if own is not None else spec.default_budget
     if budget is None and spec.takes_budget:
         raise ValueError(f"{name} needs a budget: pass tokens=N (visual tokens per image) or ratio=r (0 < r <= 1)")
     return Stage(method=name, knobs=resolved, budget=budget, given=dict(knobs))

@@ -195,7 +195,9 @@ class CompressionState:
         flags = _flags(self)
         adapter = self.adapter
         ids = call.get("input_ids")
-        has_pixels = adapter.has_images(call)
+        encoded = call.get("mm_encoder_outputs")
+        encoded = encoded.get("image") if isinstance(encoded, dict) else None
+        has_pixels = adapter.has_images(call) or encoded is not None  # generate() encodes images up front
         if call.get("mm_encoder_outputs") is not None and self.pre is not None and not flags["in_generate"]:
             raise ValueError(
                 "a compressed model computes its image features itself: pass pixel_values, not "
@@ -211,7 +213,12 @@ class CompressionState:
         cache = call.get("cache", call.get("past_key_values"))
         prefill = None
         if has_pixels:
-            counts = adapter.image_counts(call)
+            if flags["in_generate"] and flags.get("counts") is not None:
+                counts = flags["counts"]
+            elif adapter.has_images(call):
+                counts = adapter.image_counts(call)
+            else:  # the caller's own uncompressed features (allowed only without a pre-LLM stage)
+                counts = [int(t.shape[0]) for t in encoded.pooler_output]
             host_ids = ids.cpu()
             if not flags["in_generate"]:
                 original_ids = call["input_ids"]
@@ -309,6 +316,7 @@ class CompressedGenerate:
                 "a compressed model computes its image features itself: pass pixel_values, not "
                 "mm_encoder_outputs (precomputed features would not match the shrunk placeholders)"
             )
+        counts = None
         if state.adapter.has_images(kwargs):
             counts = state.adapter.image_counts(kwargs)
             shrunk = state.shrink_call(kwargs, ids.cpu(), counts)
@@ -322,17 +330,18 @@ class CompressedGenerate:
             return self._run(args, kwargs)
         removed = ids.shape[1] - kwargs["input_ids"].shape[1]
         _count_from_callers_prompt(self.model, kwargs, removed)
-        out = self._run(args, kwargs)
+        out = self._run(args, kwargs, counts)
         _remember_prompt(out, cache, ids.shape[1], columns)
         return _restore_prompt(out, ids, kwargs["input_ids"].shape[1])
 
-    def _run(self, args: tuple, kwargs: dict[str, Any]) -> Any:
+    def _run(self, args: tuple, kwargs: dict[str, Any], counts: list[int] | None = None) -> Any:
+        """Run the original generate; its forward calls know the prompt is shrunk and the images' counts."""
         flags = _flags(self.state)
-        flags["in_generate"] = True
+        flags["in_generate"], flags["counts"] = True, counts
         try:
             return self.original(*args, **kwargs)
         finally:
-            flags["in_generate"] = False
+            flags["in_generate"], flags["counts"] = False, None
 
 
 def _count_from_callers_prompt(model: nn.Module, kwargs: dict[str, Any], removed: int) -> None:

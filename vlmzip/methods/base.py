@@ -194,7 +194,8 @@ class MethodSpec:
       (True = the token stays; text tokens always stay; per row and image exactly ``keep`` visual tokens).
     - ``needs``: the signals (see ``SIGNALS``) the adapter must compute for a pre-LLM ``fn``.
     - ``budget(resolved)``: a budget fixed by the method's own knobs (VisionZip's dominant + contextual),
-      used when the user gave no ``tokens`` / ``ratio``; None if the method always needs one.
+      an alternative to ``tokens`` / ``ratio``; None when those knobs do not fix one.
+    - ``default_budget``: the budget when the user gives none (FastV: the paper's ratio 0.5); None = required.
     """
 
     name: str
@@ -205,6 +206,7 @@ class MethodSpec:
     resolve: Callable[[dict[str, Any]], dict[str, Any]] = lambda knobs: knobs
     needs: frozenset[str] = field(default_factory=frozenset)
     budget: Callable[[dict[str, Any]], Budget | None] = lambda resolved: None
+    default_budget: Budget | None = None
     takes_budget: bool = True
 
     def all_knobs(self) -> tuple[Knob, ...]:

@@ -66,6 +66,6 @@ SPEC = register(
         fn=fastv,
         stage="llm",
         resolve=resolve,
-        budget=lambda resolved: Budget(ratio=0.5),
+        default_budget=Budget(ratio=0.5),
     )
 )
