@@ -159,3 +159,32 @@ def test_paper_budget_keeps_the_same_share_of_the_patches(model):
     assert vlmzip.paper_budget(model, 576) == 64 and vlmzip.paper_budget(model, 1) == 1
     with pytest.raises(ValueError, match="must be >= 1"):
         vlmzip.paper_budget(model, 0)
+
+
+@pytest.mark.parametrize("method", ["visionzip", "random", "spatial", "fastv"])
+def test_ratio_one_keeps_every_token_and_reproduces_vanilla(model, batch_inputs, method):
+    inputs, _, _ = batch_inputs
+    before = logits(model, inputs)
+    knobs = {"ratio": 1.0, **({"layer": 1} if method == "fastv" else {})}
+    with vlmzip.compressed(model, method, **knobs):
+        assert vlmzip.plan(model, method, **knobs).final_tokens == 64
+        during = logits(model, inputs)
+    torch.testing.assert_close(during, before, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("ratio", "kept"), [(0.5, 32), (0.25, 16), (0.01, 1)])
+def test_ratio_keeps_that_share_of_each_image(model, batch_inputs, ratio, kept):
+    inputs, _, _ = batch_inputs
+    assert vlmzip.plan(model, "visionzip", ratio=ratio).tokens == kept
+    with vlmzip.compressed(model, "visionzip", ratio=ratio):
+        assert logits(model, inputs).shape[1] == inputs["input_ids"].shape[1] - (64 - kept)
+
+
+@pytest.mark.parametrize(("knobs", "match"), [
+    ({"ratio": 0}, r"ratio must be a number in \(0, 1\]"),
+    ({"ratio": 1.5}, r"ratio must be a number in \(0, 1\]"),
+    ({"ratio": 0.5, "tokens": 8}, "not both"),
+])
+def test_bad_ratios_get_clear_errors(model, knobs, match):
+    with pytest.raises(ValueError, match=match):
+        vlmzip.compress(model, "random", **knobs)

@@ -9,7 +9,8 @@ import pytest
 from conftest import random_image
 
 import vlmzip
-from vlmzip.bench import bench_prefill, compare_ttft, interleaved
+from vlmzip.bench import bench_prefill, compare_ttft, interleaved, llm_prefill_macs
+from vlmzip.bench.prefill import prefill_lengths
 from vlmzip.io import batch_inputs
 
 
@@ -51,3 +52,19 @@ def test_bench_prefill_and_compare_ttft_time_both_sides(model, processor) -> Non
     timing = compare_ttft(model, make_inputs(1), "visionzip", {"tokens": 16}, repeats=2)
     assert len(timing.vanilla_s) == len(timing.compressed_s) == 2 and timing.speedup > 0
     assert not vlmzip.is_compressed(model)  # every round's context was left
+
+
+def test_ideal_counts_each_layers_tokens_for_in_llm_methods(model, processor) -> None:
+    image = random_image(4)
+
+    def make_inputs(batch_size: int) -> dict:
+        return batch_inputs(processor, [image] * batch_size, ["what color ?"] * batch_size, model)
+
+    prompt = make_inputs(1)["input_ids"].shape[1]
+    (row,) = bench_prefill(model, make_inputs, [("fastv", {"tokens": 16, "layer": 1})], [1], repeats=1)
+    cfg = model.config.text_config
+    assert prefill_lengths(model, make_inputs(1)) == [prompt, prompt]
+    with vlmzip.compressed(model, "fastv", tokens=16, layer=1):
+        assert prefill_lengths(model, make_inputs(1)) == [prompt, prompt - 48], "layer 1 holds 16 of 64"
+    assert row.tokens == 16
+    assert row.ideal == pytest.approx(llm_prefill_macs(prompt, cfg) / llm_prefill_macs([prompt, prompt - 48], cfg))

@@ -118,7 +118,8 @@ def gather_mask(
     batch, q_len = q_cols.shape
     k_valid = k_cols >= 0
     q_valid = q_cols >= 0
-    if full is None and bool(k_valid.all()) and q_len == k_cols.shape[1] and torch.equal(q_cols, k_cols):
+    # (cheap shape tests first: a decode step never reaches the host-syncing value tests)
+    if full is None and q_len == k_cols.shape[1] and bool(k_valid.all()) and torch.equal(q_cols, k_cols):
         return None
     causal = k_cols.unsqueeze(1) <= q_cols.unsqueeze(2)  # (B, Q, S)
     allowed = causal & k_valid.unsqueeze(1)

@@ -17,19 +17,30 @@ from ..api import compressed, plan
 from .timing import interleaved, timed
 
 
-def llm_prefill_macs(seq_len: int, text_config: Any) -> float:
-    """Multiply-adds of a Llama-style decoder prefill over ``seq_len`` tokens (one sequence).
+def layer_macs(n: int, text_config: Any) -> float:
+    """Multiply-adds of one Llama-style decoder layer over ``n`` tokens (one sequence).
 
-    Per layer: q/o projections 2*n*d^2, k/v projections 2*n*d*d_kv, scores and weighted sum 2*n^2*d,
-    gated MLP 3*n*d*m. (VisionZip's formula T*(4nd^2 + 2n^2d + 2ndm) is the same with d_kv = d and a
-    2-matrix MLP.)
+    q/o projections 2*n*d^2, k/v projections 2*n*d*d_kv, scores and weighted sum 2*n^2*d, gated MLP
+    3*n*d*m. (VisionZip's formula T*(4nd^2 + 2n^2d + 2ndm) is the same with d_kv = d and a 2-matrix MLP.)
     """
-    n, d = seq_len, text_config.hidden_size
+    d = text_config.hidden_size
     heads = text_config.num_attention_heads
     d_kv = d * getattr(text_config, "num_key_value_heads", heads) // heads
     m = text_config.intermediate_size
-    per_layer = 2 * n * d * d + 2 * n * d * d_kv + 2 * n * n * d + 3 * n * d * m
-    return float(text_config.num_hidden_layers * per_layer)
+    return float(2 * n * d * d + 2 * n * d * d_kv + 2 * n * n * d + 3 * n * d * m)
+
+
+def llm_prefill_macs(seq_len: int | list[int], text_config: Any) -> float:
+    """Multiply-adds of the decoder prefill: ``seq_len`` tokens in every layer, or a list with each layer's
+    token count (in-LLM methods prune between layers)."""
+    lengths = seq_len if isinstance(seq_len, list) else [seq_len] * text_config.num_hidden_layers
+    return sum(layer_macs(n, text_config) for n in lengths)
+
+
+def prefill_lengths(model: nn.Module, inputs: dict[str, torch.Tensor]) -> list[int]:
+    """Each decoder layer's sequence length in one prefill of ``inputs`` (read off its KV cache)."""
+    out = model.generate(**inputs, max_new_tokens=1, do_sample=False, return_dict_in_generate=True)
+    return [int(layer.keys.shape[2]) for layer in out.cache.layers]
 
 
 @dataclass
@@ -37,11 +48,11 @@ class BenchRow:
     """Medians for one (method, budget, batch size) against vanilla timed in the same rounds."""
 
     method: str
-    tokens: int
+    tokens: int | None  # visual tokens per image the LLM ends with (None: varies per image)
     batch_size: int
     forward_ratio: float  # vanilla / method, model(...) (vision + compression + prefill)
     ttft_ratio: float  # vanilla / method, generate(max_new_tokens=1)
-    ideal: float  # LLM prefill MACs vanilla / method
+    ideal: float  # LLM prefill MACs vanilla / method (per layer: in-LLM methods prune between layers)
     vanilla_forward_ms: float
     method_forward_ms: float
 
@@ -63,7 +74,6 @@ def bench_prefill(
     rows = []
     for batch_size in batch_sizes:
         inputs = make_inputs(batch_size)
-        prompt_len = inputs["input_ids"].shape[1]
 
         def forward(inputs: dict[str, torch.Tensor] = inputs) -> Any:
             return model(**inputs)
@@ -72,28 +82,28 @@ def bench_prefill(
             return model.generate(**inputs, max_new_tokens=1, do_sample=False)
 
         measures = {"forward": partial(timed, forward, device), "ttft": partial(timed, ttft, device)}
+        full = prefill_lengths(model, inputs)
         for method, knobs in runs:
             planned = plan(model, method, **knobs)
-            adapter, budget = planned.adapter, planned.tokens
             vanilla, squeezed = interleaved(measures, partial(compressed, model, method, **knobs), repeats)
             v = {name: statistics.median(seconds) for name, seconds in vanilla.items()}
             m = {name: statistics.median(seconds) for name, seconds in squeezed.items()}
-            per_image = planned.vanilla_tokens
-            n_images = int((inputs["input_ids"][0] == adapter.image_token_id).sum()) // per_image
-            kept_len = prompt_len - n_images * (per_image - budget)
-            text_cfg = model.config.text_config
+            text_cfg = planned.adapter.language_model().config
+            with compressed(model, method, **knobs):
+                kept = prefill_lengths(model, inputs)
+            tokens = planned.final_tokens if planned.final_tokens is not None else knobs.get("tokens")
             rows.append(
                 BenchRow(
-                    method=method, tokens=budget, batch_size=batch_size,
+                    method=method, tokens=tokens, batch_size=batch_size,
                     forward_ratio=v["forward"] / m["forward"], ttft_ratio=v["ttft"] / m["ttft"],
-                    ideal=llm_prefill_macs(prompt_len, text_cfg) / llm_prefill_macs(kept_len, text_cfg),
+                    ideal=llm_prefill_macs(full, text_cfg) / llm_prefill_macs(kept, text_cfg),
                     vanilla_forward_ms=1e3 * v["forward"], method_forward_ms=1e3 * m["forward"],
                 )
             )
     return rows
 
 
-def format_rows(rows: list[BenchRow], vanilla_tokens: int, repeats: int, device: str) -> str:
+def format_rows(rows: list[BenchRow], vanilla_tokens: int | None, repeats: int, device: str) -> str:
     """A markdown table of the rows (ratios are vanilla / method: > 1 is faster)."""
     lines = [
         f"Device: {device}; medians of {repeats} interleaved rounds; ratios = vanilla / method (> 1 is faster).",
@@ -106,7 +116,7 @@ def format_rows(rows: list[BenchRow], vanilla_tokens: int, repeats: int, device:
     ]
     for r in rows:
         lines.append(
-            f"| {r.batch_size} | {r.method} | {vanilla_tokens} -> {r.tokens} | {r.forward_ratio:.2f}x | "
+            f"| {r.batch_size} | {r.method} | {vanilla_tokens or 'per image'} -> {r.tokens} | {r.forward_ratio:.2f}x | "
             f"{r.ttft_ratio:.2f}x | {r.ideal:.2f}x | {r.forward_ratio / r.ideal:.2f} | "
             f"{r.vanilla_forward_ms:.1f} | {r.method_forward_ms:.1f} |"
         )
