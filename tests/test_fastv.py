@@ -193,3 +193,25 @@ def test_fastv_on_eager_attention_equals_sdpa(deep_dir, batch_inputs):
     pads = (inputs["attention_mask"] == 0).sum(dim=1, keepdim=True)  # left padding, before the image
     real = torch.arange(a.shape[1]).unsqueeze(0) >= pads  # padding rows' logits are undefined in both
     torch.testing.assert_close(a[real], b[real], atol=1e-4, rtol=1e-4)
+
+
+def test_second_turn_reuses_the_pruned_cache(deep_dir, processor, batch_inputs):
+    """Turn 2 (text only) continues turn 1's cache: its logits equal the eager reference run on the whole
+    conversation with turn 1's selection held fixed."""
+    _, images, texts = batch_inputs
+    model = load(deep_dir)
+    first = processor(images=[images[0]], text=[texts[0]], return_tensors="pt")
+    with torch.no_grad():
+        _, top = fastv_reference(model, first, 2, 12)
+    vlmzip.compress(model, "fastv", layer=2, tokens=12)
+    turn1 = model.generate(**first, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    follow = processor.tokenizer(" USER: and the shape ? ASSISTANT:", add_special_tokens=False,
+                                 return_tensors="pt")["input_ids"]
+    ids = torch.cat([turn1.sequences, follow], dim=1)
+    turn2 = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), cache=turn1.cache, max_new_tokens=1,
+                           do_sample=False, return_dict_in_generate=True, output_logits=True)
+    assert torch.equal(turn2.sequences[:, : ids.shape[1]], ids)
+    assert turn1.cache.layers[2].keys.shape[2] == ids.shape[1] - (64 - 12)
+    with torch.no_grad():
+        expected, _ = fastv_reference(load(deep_dir), {**first, "input_ids": ids}, 2, 12, top=top)
+    torch.testing.assert_close(turn2.logits[0][0], expected[0, -1], atol=1e-4, rtol=1e-4)
