@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -34,17 +36,34 @@ def default_model_dir() -> Path:
 ARCH_PREFIX = "arch:"
 
 
-def load_model(path: str | Path | None, device: str = "cpu", dtype: str = "float32") -> tuple[nn.Module, object]:
+def arch_builders() -> dict[str, tuple[Any, Any]]:
+    """``arch:`` names -> (builder, config): real architectures with random weights, for speed."""
+    return {name: (build_llava, cfg) for name, cfg in ARCHITECTURES.items()}
+
+
+def load_model(
+    path: str | Path | None, device: str = "cpu", dtype: str = "float32", layers: int | None = None
+) -> tuple[nn.Module, object]:
     """Load (model, processor) from a checkpoint folder (default: the built-in small LLaVA), offline.
 
     ``arch:NAME`` (e.g. ``arch:llava-1.5-7b``) builds that real architecture with random weights in
-    memory, for speed measurements: prefill cost depends on the shapes, not on the weights.
+    memory, for speed measurements: prefill cost depends on the shapes, not on the weights. ``layers``
+    builds its LLM with that many decoder layers (every layer costs the same, so a reduced-depth
+    model's timings scale; say so wherever they are reported).
     """
     if isinstance(path, str) and path.startswith(ARCH_PREFIX):
         name = path[len(ARCH_PREFIX) :]
-        if name not in ARCHITECTURES:
-            raise ValueError(f"unknown architecture {name!r}; known: {', '.join(sorted(ARCHITECTURES))}")
-        return build_llava(cfg=ARCHITECTURES[name], device=device, dtype=getattr(torch, dtype))
+        builders = arch_builders()
+        if name not in builders:
+            raise ValueError(f"unknown architecture {name!r}; known: {', '.join(sorted(builders))}")
+        build, cfg = builders[name]
+        if layers is not None:
+            if layers < 1:
+                raise ValueError(f"--layers must be >= 1, got {layers}")
+            cfg = replace(cfg, text_layers=layers)
+        return build(cfg=cfg, device=device, dtype=getattr(torch, dtype))
+    if layers is not None:
+        raise ValueError("--layers applies to arch:NAME models built from config, not to a checkpoint folder")
     folder = Path(path) if path else default_model_dir()
     if not (folder / "config.json").exists():
         raise ValueError(f"{folder} is not a model folder (no config.json); pass --model DIR of a saved checkpoint")
