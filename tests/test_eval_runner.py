@@ -126,3 +126,31 @@ def test_eval_default_budgets_are_the_papers_scaled_to_the_model(llava_dir, data
     results = json.loads((out / "results.json").read_text())
     assert [r["key"] for r in results["runs"]] == ["vanilla", "visionzip@21", "visionzip@14", "visionzip@7"]
     assert [r["tokens"] for r in results["runs"]] == [64, 21, 14, 7]
+
+
+def test_eval_interrupted_says_how_to_resume(llava_dir, data_dir, tmp_path, capsys, monkeypatch):
+    from vlmzip.eval import runner
+
+    out = tmp_path / "ev"
+    real, calls = runner.answer_batch, []
+
+    def interrupted_on_second_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "answer_batch", interrupted_on_second_batch)
+    argv = ["eval", "--model", str(llava_dir), "--data", str(data_dir), "--out", str(out), *ARGS, "--batch-size", "4"]
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "vlmzip eval: interrupted" in err and "rerun the same command" in err
+    assert "vlmzip " + " ".join(argv) in err
+    kept = lines(out / "predictions" / "vanilla.jsonl")
+    assert len(kept) == 4, "the batch answered before Ctrl-C is kept"
+
+    monkeypatch.setattr(runner, "answer_batch", real)
+    assert main(argv) == 0
+    resumed = lines(out / "predictions" / "vanilla.jsonl")
+    assert resumed[:4] == kept and len(resumed) == 6
