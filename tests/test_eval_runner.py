@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from vlmzip.cli import main
+from vlmzip.eval.data import load_folder
 from vlmzip.eval.report import retention_table
 from vlmzip.lab.scenes import write_split
 
@@ -154,3 +155,26 @@ def test_eval_interrupted_says_how_to_resume(llava_dir, data_dir, tmp_path, caps
     assert main(argv) == 0
     resumed = lines(out / "predictions" / "vanilla.jsonl")
     assert resumed[:4] == kept and len(resumed) == 6
+
+
+def test_off_vocabulary_is_judged_against_the_whole_dataset(llava_dir, data_dir, tmp_path, monkeypatch):
+    from vlmzip.eval import runner
+
+    dataset = load_folder(data_dir)
+    subset = dataset[:6]  # --limit 6 (ARGS)
+    outside = {}  # per type, a gold answer of the dataset that no question of the subset has
+    for record in dataset[6:]:
+        if not any(record.answers[0] in r.answers for r in subset if r.type == record.type):
+            outside.setdefault(record.type, record.answers[0])
+    wrong = sum(r.type in outside for r in subset)
+    assert wrong >= 3
+
+    def valid_but_wrong(model, processor, records, max_new_tokens):
+        return [outside.get(r.type, r.answers[0]) for r in records]
+
+    monkeypatch.setattr(runner, "answer_batch", valid_but_wrong)
+    out = tmp_path / "ev"
+    assert evaluate(llava_dir, data_dir, out, "--methods", "vanilla") == 0
+    scores = json.loads((out / "results.json").read_text())["runs"][0]["scores"]
+    assert scores["off_vocabulary"] == 0.0, "answers in the dataset's vocabulary are in format"
+    assert scores["accuracy"] == pytest.approx(1 - wrong / 6)

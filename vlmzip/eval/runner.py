@@ -23,7 +23,7 @@ from ..io import generate_answers, load_model
 from ..methods import get_method
 from .data import LAB_DATASETS, Record, ensure_lab_dataset, load_folder, load_image
 from .report import plot_accuracy, retention_table
-from .scorers import score_records
+from .scorers import answer_vocabulary, score_records
 
 VANILLA = "vanilla"
 
@@ -165,7 +165,9 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     if cfg.limit is not None and cfg.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {cfg.limit}")
     folder = data_folder(cfg.data)
-    records = load_folder(folder)[: cfg.limit]
+    dataset = load_folder(folder)
+    records = dataset[: cfg.limit]
+    vocabulary = answer_vocabulary(dataset)  # off-vocabulary is judged against the whole dataset, not the subset
     model, processor = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
     if cfg.tokens is None:
         cfg.tokens = [paper_budget(model, t) for t in PAPER_BUDGETS]
@@ -183,7 +185,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     with tqdm(total=remaining, unit="q", desc="vlmzip eval", dynamic_ncols=True) as bar:
         for run in runs:
             predictions = run_predictions(model, processor, run, records, paths[run.key], cfg, bar)
-            scores[run.key] = score_records([predictions[r.id] for r in records], match=cfg.match)
+            rows = [predictions[r.id] for r in records]
+            scores[run.key] = score_records(rows, match=cfg.match, vocabulary=vocabulary)
 
     results = {
         "config": asdict(cfg),
