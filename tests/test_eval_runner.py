@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
+from transformers import LlavaForConditionalGeneration
 
 from vlmzip.cli import main
 from vlmzip.eval.data import load_folder
@@ -155,6 +158,69 @@ def test_eval_interrupted_says_how_to_resume(llava_dir, data_dir, tmp_path, caps
     assert main(argv) == 0
     resumed = lines(out / "predictions" / "vanilla.jsonl")
     assert resumed[:4] == kept and len(resumed) == 6
+
+
+def test_eval_refuses_a_folder_holding_other_files(llava_dir, data_dir, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("my notes")
+    assert evaluate(llava_dir, data_dir, out) == 2
+    assert "is not empty and holds no vlmzip evaluation (notes.txt)" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"] and (out / "notes.txt").read_text() == "my notes"
+    (tmp_path / "file").write_text("x")
+    assert evaluate(llava_dir, data_dir, tmp_path / "file") == 2
+    assert "is a file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "message"),
+    [
+        (["--limit", "6"], ["--limit", "4"], "limit: 6 there, 4 now"),
+        (["--batch-size", "4"], ["--batch-size", "2"], "batch_size: 4 there, 2 now"),
+        (["--match", "exact"], ["--match", "relaxed"], "match: exact there, relaxed now"),
+    ],
+)
+def test_eval_refuses_another_evaluation_into_the_same_folder(llava_dir, data_dir, tmp_path, capsys, first, second,
+                                                              message):
+    out = tmp_path / "ev"
+    assert evaluate(llava_dir, data_dir, out, *first) == 0
+    before = {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert evaluate(llava_dir, data_dir, out, *second) == 2
+    err = capsys.readouterr().err
+    assert "holds results of a different evaluation" in err and message in err and "new --out folder" in err
+    assert {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before, "nothing was overwritten"
+
+
+def test_eval_never_resumes_a_new_checkpoint_into_old_predictions(llava_dir, data_dir, tmp_path, capsys):
+    model_dir = tmp_path / "model"
+    shutil.copytree(llava_dir, model_dir)
+    out = tmp_path / "ev"
+    argv = ["eval", "--model", str(model_dir), "--data", str(data_dir), "--out", str(out), *ARGS]
+    assert main(argv) == 0
+    identity = json.loads((out / "identity.json").read_text())
+    assert len(identity["weights_sha256"]) == 64
+    model = LlavaForConditionalGeneration.from_pretrained(model_dir)
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] += 1.0  # a new checkpoint saved over the old one, same path
+    model.save_pretrained(model_dir)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "different evaluation (weights_sha256: " + identity["weights_sha256"][:12] in err
+    assert "model:" not in err, "only the weights differ"
+
+
+def test_eval_with_other_methods_keeps_the_earlier_columns(llava_dir, data_dir, tmp_path):
+    out = tmp_path / "ev"
+    base = ["eval", "--model", str(llava_dir), "--data", str(data_dir), "--out", str(out), "--limit", "4",
+            "--max-new-tokens", "2"]
+    assert main([*base, "--methods", "vanilla,visionzip", "--tokens", "16"]) == 0
+    vanilla = (out / "predictions" / "vanilla.jsonl").read_text()
+    assert main([*base, "--methods", "random", "--tokens", "8,16"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert [r["key"] for r in results["runs"]] == ["vanilla", "visionzip@16", "random@8", "random@16"]
+    assert (out / "predictions" / "vanilla.jsonl").read_text() == vanilla, "vanilla is not evaluated again"
+    table = (out / "table.md").read_text()
+    assert "| visionzip | 16 |" in table and "| random | 8 |" in table
 
 
 def test_off_vocabulary_is_judged_against_the_whole_dataset(llava_dir, data_dir, tmp_path, monkeypatch):
