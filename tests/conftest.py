@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from vlmzip.lab.tiny import TinyLlavaConfig, build_llava
+from vlmzip.tiny import TinyLlavaConfig, build_llava
 
 # 112 px / patch 14 -> an 8 x 8 grid: 64 patches + CLS, LLaVA-1.5's layout at a smaller scale.
 TEST_CFG = TinyLlavaConfig(image_size=112, patch_size=14, vision_layers=4, text_layers=2)

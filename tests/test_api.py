@@ -71,7 +71,7 @@ def test_list_methods_describes_knobs():
     methods = {m["name"]: m for m in vlmzip.list_methods()}
     assert {"vanilla", "visionzip", "random", "spatial"} <= set(methods)
     knobs = {k["name"] for k in methods["visionzip"]["knobs"]}
-    assert knobs == {"tokens", "dominant", "contextual"}
+    assert knobs == {"tokens", "ratio", "dominant", "contextual"}
     assert all(m["description"] for m in methods.values())
 
 
@@ -87,7 +87,7 @@ def test_list_methods_describes_knobs():
         ("visionzip", {}, r"needs a budget"),
         ("visionzip", {"tokens": 64, "dominant": 54}, r"not both"),
         ("visionzip", {"tokens": 2.5}, r"must be an integer"),
-        ("visionzip", {"budget": 64}, r"no knob 'budget'.*contextual, dominant, tokens"),
+        ("visionzip", {"budget": 64}, r"no knob 'budget'.*contextual, dominant, ratio, tokens"),
         ("random", {"tokens": 100}, r"larger than the 64"),
         ("random", {}, r"needs a budget"),
         ("nosuch", {}, r"unknown method 'nosuch'.*visionzip"),
@@ -129,7 +129,8 @@ def test_prompt_without_matching_placeholders_is_an_error(model, batch_inputs):
     first = int((ids[0] == model.config.image_token_id).nonzero()[0])
     ids[0, first] = 5  # one placeholder short: the run no longer matches an image
     broken["input_ids"] = ids
-    with vlmzip.compressed(model, "visionzip", tokens=16), pytest.raises(ValueError, match="not a multiple of the 64"):
+    expected = r"run of 63 image placeholders that does not match the images. token counts \(64, 64, 64\)"
+    with vlmzip.compressed(model, "visionzip", tokens=16), pytest.raises(ValueError, match=expected):
         model(**broken)
 
 

@@ -28,7 +28,7 @@ def test_run_prints_answers_tokens_and_ttft(llava_dir, tmp_path):
     assert "visual tokens per image: 64 -> 16" in out
     assert "answer (vanilla):" in out and "answer (visionzip):" in out
     assert re.search(r"median of 2 interleaved runs: vanilla [\d.]+ ms, visionzip [\d.]+ ms -> speedup [\d.]+x", out)
-    assert "{'dominant': 14, 'contextual': 2}" in out
+    assert "'split': 'dominant 14 + contextual 2'" in out
 
 
 def test_list_shows_methods(capsys):

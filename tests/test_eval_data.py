@@ -1,4 +1,4 @@
-"""Tests of the dataset folder format, loader, writer and lab cache (vlmzip.eval.data)."""
+"""Tests of the dataset folder format, loader, writer (vlmzip.eval.format) and lab cache (vlmzip.eval.data)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from vlmzip.eval import data
 from vlmzip.eval.data import DatasetFormatError, content_hash, load_dataset, load_image, write_dataset
 from vlmzip.lab import scenes
 from vlmzip.lab.scenes import SplitSpec, write_split
+from vlmzip.paths import cache_dir
 
 N_IMAGES = 7
 
@@ -207,9 +208,10 @@ def test_lab_name_generates_once_then_reuses(tmp_path: Path, monkeypatch: pytest
     monkeypatch.delitem(scenes.EXPECTED_HASHES, "test-small")
     records = load_dataset("lab-test-small")
     assert len(records) == 21 and records[0].id == "test-00000-0"
-    folder = tmp_path / f"lab-test-small-v{scenes.GENERATOR_VERSION}"
+    folder = tmp_path / "data" / f"lab-test-small-v{scenes.GENERATOR_VERSION}"
     assert records[0].image_path.is_relative_to(folder.resolve())
-    assert [p.name for p in tmp_path.iterdir()] == [folder.name]  # the temporary folder is gone
+    assert [p.name for p in tmp_path.iterdir()] == ["data"]
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # the temporary folder is gone
 
     def fail(*args: object, **kwargs: object) -> str:
         raise AssertionError("regenerated a valid cache")
@@ -243,7 +245,7 @@ def test_reference_hash_mismatch_warns(tmp_path: Path, monkeypatch: pytest.Monke
 
 def test_unknown_lab_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VLMZIP_CACHE", str(tmp_path))
-    assert data.cache_root() == tmp_path
+    assert cache_dir() == tmp_path
     with pytest.raises(ValueError, match="unknown lab dataset"):
         data.ensure_lab_dataset("lab-nope")
     with pytest.raises(DatasetFormatError, match="lab-test"):

@@ -16,6 +16,7 @@ from vlmzip.cli import main
 from vlmzip.eval.scorers import score_records
 from vlmzip.io import default_model_dir, generate_answers
 from vlmzip.lab import CHECKPOINT_DIR, checkpoint_dir, load, scenes
+from vlmzip.methods.visionzip import split_budget
 
 N_VAL_IMAGES = 40  # 120 questions of the validation split (the test split stays unseen by tests too)
 
@@ -69,4 +70,6 @@ def test_shipped_model_reads_the_image(shipped):
 def test_shipped_model_compresses_to_the_paper_budgets(shipped):
     model, _ = shipped
     assert [vlmzip.paper_budget(model, t) for t in vlmzip.PAPER_BUDGETS] == [85, 57, 28]
-    assert vlmzip.plan(model, "visionzip", tokens=28)[2] == {"dominant": 24, "contextual": 4}
+    planned = vlmzip.plan(model, "visionzip", tokens=28)
+    assert (planned.vanilla_tokens, planned.tokens, planned.final_tokens) == (256, 28, 28)
+    assert split_budget(planned.tokens) == (24, 4)

@@ -9,52 +9,69 @@ from hypothesis import strategies as st
 
 from vlmzip.methods.base import TokenLayout, VisionTokens
 from vlmzip.methods.sampling import random_sample, spatial_sample
-from vlmzip.sequence import keep_mask, shrink
+from vlmzip.sequence import image_spans, shrink, shrink_positions
 
 IMG = 9
 
 
 @st.composite
 def batches(draw):
-    """Rows of text tokens with 0-2 images of N placeholders each, left padded to a common length."""
-    per_image = draw(st.integers(1, 12))
-    kept = draw(st.integers(1, per_image))
-    rows = []
+    """Rows of text tokens with 0-2 images each (each image its own placeholder count), left padded."""
+    rows, counts = [], []
     for _ in range(draw(st.integers(1, 4))):
         row = []
         for _ in range(draw(st.integers(0, 2))):
-            row += draw(st.lists(st.integers(10, 20), min_size=1, max_size=4)) + [IMG] * per_image
+            n = draw(st.integers(1, 12))
+            counts.append(n)
+            row += draw(st.lists(st.integers(10, 20), min_size=1, max_size=4)) + [IMG] * n
         row += draw(st.lists(st.integers(10, 20), min_size=1, max_size=4))
         rows.append(row)
+    kept = [draw(st.integers(1, n)) for n in counts]
     length = max(map(len, rows))
     ids = torch.tensor([[0] * (length - len(r)) + r for r in rows])
     mask = torch.tensor([[0] * (length - len(r)) + [1] * len(r) for r in rows])
-    return ids, mask, per_image, kept
+    return ids, mask, counts, kept
 
 
 @settings(max_examples=80, deadline=None)
 @given(batches())
-def test_shrink_keeps_text_and_k_placeholders_per_image(batch):
-    ids, mask, per_image, kept = batch
+def test_shrink_keeps_text_and_each_images_kept_count(batch):
+    ids, mask, counts, kept = batch
     positions = (mask.cumsum(1) - 1).clamp(min=0)
-    out = shrink(ids, keep_mask(ids, IMG, per_image, kept), attention_mask=mask, labels=ids.clone(),
-                 position_ids=positions)
+    spans = image_spans(ids, IMG, counts, kept)
+    assert [s.vanilla for s in spans] == counts and [s.kept for s in spans] == kept
+    out = shrink(ids, spans, "left", attention_mask=mask, labels=ids.clone())
+    new_positions = shrink_positions(positions, out.columns)
+    image = 0
     for b in range(ids.shape[0]):
         before = ids[b][mask[b] == 1]
         after = out.input_ids[b][out.attention_mask[b] == 1]
         assert before[before != IMG].tolist() == after[after != IMG].tolist(), "text tokens kept, in order"
-        n_images = int((before == IMG).sum()) // per_image
-        assert int((after == IMG).sum()) == n_images * kept
+        row_images = [s for s in spans if s.row == b]
+        assert [s.image for s in row_images] == list(range(image, image + len(row_images)))
+        image += len(row_images)
+        assert int((after == IMG).sum()) == sum(s.kept for s in row_images)
         assert out.attention_mask[b, -1] == 1, "still left padded"
-        valid = out.position_ids[b][out.attention_mask[b] == 1]
+        valid = new_positions[b][out.attention_mask[b] == 1]
         assert valid.tolist() == list(range(valid.numel())), "positions contiguous from 0"
         assert torch.equal(out.labels[b][out.attention_mask[b] == 1], after)
+        real = out.columns[b][out.columns[b] >= 0]
+        assert (real[1:] > real[:-1]).all(), "columns in order"
 
 
-def test_runs_that_do_not_match_an_image_are_rejected():
+def test_shrink_that_adds_padding_without_a_mask_makes_one():
+    ids = torch.tensor([[5, IMG, IMG, IMG, 6], [5, 6, 7, 8, 8]])
+    out = shrink(ids, image_spans(ids, IMG, [3], [1]), "left")
+    assert out.input_ids.tolist() == [[0, 0, 5, IMG, 6], [5, 6, 7, 8, 8]]
+    assert out.attention_mask.tolist() == [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]
+
+
+def test_runs_that_do_not_match_the_images_are_rejected():
     ids = torch.tensor([[5, IMG, IMG, IMG, 6]])
-    with pytest.raises(ValueError, match="run of 3 image placeholders, not a multiple of the 4"):
-        keep_mask(ids, IMG, per_image=4, kept_per_image=2)
+    with pytest.raises(ValueError, match="run of 3 image placeholders that does not match the images' token counts"):
+        image_spans(ids, IMG, [4], [2])
+    with pytest.raises(ValueError, match="placeholders for 1 image.* but 2 were passed"):
+        image_spans(ids, IMG, [3, 3], [1, 1])
 
 
 def tokens(batch: int, grid: int, send_prefix: bool) -> VisionTokens:

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 import vlmzip
 from vlmzip.adapters import adapter_for
 from vlmzip.methods.base import TokenLayout, VisionTokens
-from vlmzip.methods.visionzip import split_budget, visionzip
+from vlmzip.methods.visionzip import split_budget, visionzip, visionzip_select
 
 
 def eager_reference(model, pixel_values):
@@ -57,7 +57,8 @@ def test_scores_from_sdpa_hooks_equal_eager_attention(llava_dir, batch_inputs):
     assert sdpa.model.vision_tower.config._attn_implementation == "sdpa"
     with torch.no_grad():
         attn, hidden, keys = eager_reference(eager, inputs["pixel_values"])
-        tokens = adapter_for(sdpa).vision_tokens(inputs["pixel_values"], frozenset({"keys", "cls_attention"}))
+        adapter = adapter_for(sdpa)
+        tokens = adapter.tower.tokens(inputs["pixel_values"], adapter.layout, frozenset({"keys", "cls_attention"}))
     torch.testing.assert_close(tokens.cls_attention, attn[:, :, 0, :].sum(dim=1), atol=1e-5, rtol=0)
     torch.testing.assert_close(tokens.keys, keys, atol=1e-5, rtol=0)
     torch.testing.assert_close(tokens.hidden, hidden, atol=1e-5, rtol=0)
@@ -70,9 +71,10 @@ def test_visionzip_tokens_equal_plain_reference(llava_dir, batch_inputs):
     dominant, contextual = 12, 5
     with torch.no_grad():
         expected = reference_visionzip(*eager_reference(eager, inputs["pixel_values"]), dominant, contextual)
-        with vlmzip.compressed(model, "visionzip", dominant=dominant, contextual=contextual):
+        with vlmzip.compressed(model, "visionzip", dominant=dominant, contextual=contextual), \
+                vlmzip.recorded(model) as selections:
             got = model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
-            selection = vlmzip.state_of(model).last_selection
+        selection = selections[-1]
     torch.testing.assert_close(selection.features, expected, atol=1e-5, rtol=1e-5)
     projected = model.model.multi_modal_projector(expected)
     torch.testing.assert_close(torch.stack(got), projected, atol=1e-5, rtol=1e-5)
@@ -108,7 +110,7 @@ def test_visionzip_invariants(batch, grid, cls, data):
     total = tokens.hidden.shape[1]
     dominant = data.draw(st.integers(1, total))
     contextual = data.draw(st.integers(0, total - dominant))
-    sel = visionzip(tokens, dominant, contextual)
+    sel = visionzip_select(tokens, dominant, contextual)
     assert sel.features.shape == (batch, dominant + contextual, 6)
     assert torch.isfinite(sel.features).all()
     for row in sel.indices:
@@ -128,5 +130,14 @@ def test_visionzip_invariants(batch, grid, cls, data):
 
 def test_keeping_every_token_returns_them_all():
     tokens = synthetic(2, 4, 5, True, seed=3)
-    sel = visionzip(tokens, dominant=17, contextual=0)
+    sel = visionzip_select(tokens, dominant=17, contextual=0)
     assert torch.equal(sel.features, tokens.hidden)
+
+
+def test_budget_split_follows_the_papers_share():
+    tokens = synthetic(1, 10, 4, True, seed=5)
+    sel = visionzip(tokens, keep=64)
+    assert sel.features.shape[1] == 64
+    dominant = sel.indices[0, :54]
+    assert dominant[0] == 0 and (dominant[1:] > dominant[:-1]).all(), "54 dominant tokens, CLS first, in order"
+    assert set(sel.merged_from[0].tolist()) - set(range(54)) == set(range(54, 64)), "10 contextual slots"

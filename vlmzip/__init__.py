@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .api import (
         PAPER_BUDGETS,
+        Plan,
         compress,
         compressed,
         decompress,
@@ -21,11 +22,13 @@ if TYPE_CHECKING:
         list_methods,
         paper_budget,
         plan,
+        recorded,
         state_of,
     )
 
 __all__ = [
     "PAPER_BUDGETS",
+    "Plan",
     "compress",
     "compressed",
     "decompress",
@@ -33,6 +36,7 @@ __all__ = [
     "list_methods",
     "paper_budget",
     "plan",
+    "recorded",
     "state_of",
 ]
 __version__ = "0.1.0"

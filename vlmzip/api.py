@@ -1,29 +1,26 @@
-"""The public API: compress / decompress / compressed / list_methods.
+"""The public API: compress / decompress / compressed / plan / list_methods.
 
-Compression is instance-level and reversible. ``compress(model, ...)`` sets attributes on this model
-object only (the adapter's image-feature override, ``forward`` wrappers that shrink the image
-placeholder runs, a ``generate`` wrapper); no class or module is patched, so another model object in
-the same process is untouched, and ``decompress`` deletes exactly what was set.
+Compression is instance-level and reversible. ``compress(model, ...)`` sets attributes and hooks on this
+model object only (the adapter's image-feature override, ``forward`` wrappers that shrink the image
+placeholder runs, a ``generate`` wrapper, forward hooks on decoder layers for in-LLM methods); no class
+or module is patched, so another model object in the same process is untouched, and ``decompress``
+removes exactly what was set.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
-import threading
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 
-from . import sequence
+from . import llm_hooks
 from .adapters import Adapter, adapter_for
-from .adapters.base import set_instance_attr
-from .methods import MethodSpec, Selection, VisionTokens, get_method, registered
-from .methods.base import check_knobs
+from .methods import get_method, registered
+from .methods.base import Selection, check_knobs, parse_budget
+from .runtime import CompressedForward, CompressedGenerate, CompressionState, InstanceAttr, Stage
 
 STATE_ATTR = "_vlmzip"
 
@@ -31,47 +28,50 @@ STATE_ATTR = "_vlmzip"
 PAPER_PATCHES = 576
 PAPER_BUDGETS = (192, 128, 64)
 
+MethodArg = str | Sequence[str | tuple[str, dict[str, Any]]]
 
-@dataclass
-class CompressionState:
-    """What ``compress`` did to one model instance (stored on it as ``model._vlmzip``)."""
 
-    method: MethodSpec
-    knobs: dict[str, Any]
-    budget: int
+@dataclass(frozen=True)
+class Plan:
+    """A validated compression for one model, before anything is changed.
+
+    Token counts are per image and known only for models whose images all have the same count (LLaVA-1.5);
+    None for dynamic layouts (LLaVA-NeXT, Qwen-VL), where they are decided per image at run time.
+
+    - ``vanilla_tokens``: visual tokens the unmodified model sends per image.
+    - ``tokens``: visual tokens per image the LLM receives (after any pre-LLM stage).
+    - ``final_tokens``: visual tokens per image the LLM ends with (after its in-LLM stages).
+    - ``layer_avg_tokens``: visual tokens per image averaged over the LLM's decoder layers (what a
+      FLOP-fair comparison of in-LLM with pre-LLM methods uses).
+    """
+
+    method: str
+    stages: tuple[Stage, ...]
     adapter: Adapter
-    undo: list[Callable[[], None]] = field(default_factory=list)
-    last_selection: Selection | None = None
-    _local: threading.local = field(default_factory=threading.local)
+    vanilla_tokens: int | None
+    tokens: int | None
+    final_tokens: int | None
+    layer_avg_tokens: float | None
 
     @property
-    def tokens_before(self) -> int:
-        """Visual tokens per image the vanilla model sends."""
-        return self.adapter.placeholders_per_image()
-
-    @contextlib.contextmanager
-    def shrunk_scope(self) -> Iterator[None]:
-        """Inside: the sequence was already shrunk by an outer wrapper; nested wrappers pass through."""
-        depth = getattr(self._local, "depth", 0)
-        self._local.depth = depth + 1
-        try:
-            yield
-        finally:
-            self._local.depth = depth
-
-    @property
-    def inside(self) -> bool:
-        return getattr(self._local, "depth", 0) > 0
+    def knobs(self) -> dict[str, Any]:
+        """The knobs the user gave, merged over all stages."""
+        merged: dict[str, Any] = {}
+        for stage in self.stages:
+            merged.update(stage.given)
+        return merged
 
 
 def list_methods() -> list[dict[str, Any]]:
-    """Every registered method: name, one-line description, and knobs (name, type, default, help)."""
+    """Every registered method: name, stage, one-line description, and knobs (name, type, default, help)."""
     return [
         {
             "name": spec.name,
+            "stage": spec.stage,
             "description": spec.description,
             "knobs": [
-                {"name": k.name, "type": k.type.__name__, "default": k.default, "help": k.help} for k in spec.knobs
+                {"name": k.name, "type": k.type.__name__, "default": k.default, "help": k.help}
+                for k in spec.all_knobs()
             ],
         }
         for spec in sorted(registered().values(), key=lambda s: s.name)
@@ -91,83 +91,160 @@ def state_of(model: nn.Module) -> CompressionState:
     return state
 
 
-def plan(model: nn.Module, method: str, **knobs: Any) -> tuple[MethodSpec, Adapter, dict[str, Any], int]:
-    """Validate ``method`` and ``knobs`` for this model without changing it.
-
-    Returns (method spec, adapter, resolved knobs, visual tokens per image sent to the LLM). Raises
-    ``ValueError`` for an unknown method or knob, a bad budget, or an unsupported model.
-    """
-    spec = get_method(method)
+def _stage(name: str, knobs: dict[str, Any]) -> Stage:
+    spec = get_method(name)
     check_knobs(spec, knobs)
+    rest = dict(knobs)
+    budget = parse_budget(rest, required=False) if spec.takes_budget else None
+    resolved = spec.resolve(rest)
+    own = spec.budget(resolved)
+    if budget is not None and own is not None and _gave_own_budget(spec, knobs):
+        raise ValueError(
+            f"{name}: pass either tokens=N / ratio=r or its own budget knobs "
+            f"({', '.join(k for k in knobs if k not in ('tokens', 'ratio'))}), not both"
+        )
+    if budget is None:
+        budget = own if own is not None else spec.default_budget
+    if budget is None and spec.takes_budget:
+        raise ValueError(f"{name} needs a budget: pass tokens=N (visual tokens per image) or ratio=r (0 < r <= 1)")
+    return Stage(method=name, knobs=resolved, budget=budget, given=dict(knobs))
+
+
+def _gave_own_budget(spec: Any, knobs: dict[str, Any]) -> bool:
+    """True when the user's knobs beyond tokens/ratio fixed a budget themselves (VisionZip's dominant)."""
+    rest = {k: v for k, v in knobs.items() if k not in ("tokens", "ratio")}
+    return spec.budget(spec.resolve(rest)) is not None
+
+
+def _stages(method: MethodArg, knobs: dict[str, Any]) -> list[Stage]:
+    if isinstance(method, str):
+        return [_stage(method, knobs)]
+    if knobs:
+        raise ValueError("with a list of methods, give each its knobs: [('visionzip', {'tokens': 128}), ('fastv', {})]")
+    stages = []
+    for item in method:
+        name, item_knobs = (item, {}) if isinstance(item, str) else item
+        stages.append(_stage(name, dict(item_knobs)))
+    return stages
+
+
+def plan(model: nn.Module, method: MethodArg, **knobs: Any) -> Plan:
+    """Validate ``method`` (a name, or a list of (name, knobs) applied in order) for this model, changing nothing.
+
+    Raises ``ValueError`` for an unknown method or knob, a bad budget, an unsupported model or attention
+    setting, or stages in the wrong order (pre-LLM first, then in-LLM by layer).
+    """
     adapter = adapter_for(model)
-    resolved = spec.resolve(dict(knobs), adapter.layout)
-    return spec, adapter, resolved, spec.budget(resolved, adapter.layout)
+    stages = [s for s in _stages(method, knobs) if s.method != "vanilla"]
+    pre = [s for s in stages if s.spec.stage != "llm"]
+    llm = [s for s in stages if s.spec.stage == "llm"]
+    if len(pre) > 1:
+        raise ValueError(f"at most one method can act before the LLM, got {[s.method for s in pre]}")
+    if stages != pre + llm:
+        raise ValueError("list pre-LLM methods before in-LLM ones (e.g. ['visionzip', 'fastv'])")
+    layers = [s.knobs["layer"] for s in llm]
+    num_layers = len(adapter.language_model().layers)
+    for s in llm:
+        if not 1 <= s.knobs["layer"] < num_layers:
+            raise ValueError(
+                f"{s.method}: layer={s.knobs['layer']} is outside this LLM's decoder layers 1..{num_layers - 1} "
+                "(the scores come from the layer before)"
+            )
+    if layers != sorted(set(layers)):
+        raise ValueError(f"in-LLM stages must act at increasing layers, got {layers}")
+    if llm:
+        kind = adapter.language_model().config._attn_implementation
+        if kind not in llm_hooks.SUPPORTED_ATTENTION:
+            raise ValueError(
+                f"in-LLM methods need the LLM's attention to be one of {llm_hooks.SUPPORTED_ATTENTION}, got {kind!r}; "
+                "load the model with attn_implementation='sdpa'"
+            )
+    vanilla = adapter.static_tokens_per_image()
+    tokens = final = avg = None
+    if vanilla is not None:
+        tokens = vanilla if not pre else pre[0].keep(vanilla)
+        counts = [tokens]
+        for s in llm:
+            counts.append(s.keep(counts[-1]))
+        final = counts[-1]
+        bounds = [0, *layers, num_layers]
+        avg = sum(counts[i] * (bounds[i + 1] - bounds[i]) for i in range(len(counts))) / num_layers
+    name = "+".join(s.method for s in stages) or "vanilla"
+    return Plan(name, tuple(stages), adapter, vanilla, tokens, final, avg)
 
 
 def paper_budget(model: nn.Module, tokens: int) -> int:
-    """``tokens`` of LLaVA-1.5's 576 patches, as the same fraction of this model's patches per image.
+    """``tokens`` of LLaVA-1.5's 576 patches, as the same fraction of this model's patches per image (or crop).
 
     Rounded, at least 1. A 576-patch model gets ``tokens`` back; the 256-patch lab model gets 85 / 57 / 28
     for the papers' 192 / 128 / 64, so that a budget keeps the same share of the image on both.
     """
     if tokens < 1:
         raise ValueError(f"a budget must be >= 1 token, got {tokens}")
-    patches = adapter_for(model).layout.num_patches
+    patches = adapter_for(model).unit_layout().num_patches
     return max(1, round(tokens * patches / PAPER_PATCHES))
 
 
-def compress(model: nn.Module, method: str, **knobs: Any) -> nn.Module:
-    """Compress this model instance in place with a registered method and return it.
+def compress(model: nn.Module, method: MethodArg, *, padding_side: str | None = None, **knobs: Any) -> nn.Module:
+    """Compress this model instance in place and return it.
 
-    Example: ``vlmzip.compress(model, "visionzip", dominant=54, contextual=10)`` makes every later
-    ``model(...)`` / ``model.generate(...)`` send 64 visual tokens per image to the LLM. Raises
-    ``ValueError`` for an unknown method or knob, a bad budget, an unsupported model, or a model that
-    is already compressed.
+    ``method`` is a registered method's name with its knobs, e.g.
+    ``vlmzip.compress(model, "visionzip", dominant=54, contextual=10)`` (every later ``model(...)`` /
+    ``model.generate(...)`` sends 64 visual tokens per image to the LLM), or a list applied in order,
+    e.g. ``[("visionzip", {"tokens": 128}), ("fastv", {"tokens": 64})]``. ``padding_side``: the side your
+    tokenizer pads on (``processor.tokenizer.padding_side``; default "left", as batched generation needs);
+    rows that shrink by different amounts are padded there. Raises ``ValueError`` for an unknown method or
+    knob, a bad budget, an unsupported model, or a model that is already compressed.
     """
     if is_compressed(model):
         current = state_of(model)
         raise ValueError(
-            f"this model is already compressed with {current.method.name!r} {current.knobs}; "
+            f"this model is already compressed with {current.name!r}; "
             "call vlmzip.decompress(model) first (or use the vlmzip.compressed(...) context manager)"
         )
-    spec, adapter, resolved, budget = plan(model, method, **knobs)
-    state = CompressionState(method=spec, knobs=resolved, budget=budget, adapter=adapter)
-
-    def select(tokens: VisionTokens) -> Selection:
-        chosen = spec.fn(tokens, **resolved)
-        if chosen.features.shape[1] != budget:
-            raise RuntimeError(f"method {spec.name!r} returned {chosen.features.shape[1]} tokens, expected {budget}")
-        state.last_selection = Selection(
-            features=chosen.features.detach(),
-            indices=chosen.indices.detach(),
-            merged_from=None if chosen.merged_from is None else chosen.merged_from.detach(),
-        )
-        return chosen
-
+    side = padding_side or "left"
+    if side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    p = plan(model, method, **knobs)
+    adapter = p.adapter
+    pre = next((s for s in p.stages if s.spec.stage != "llm"), None)
+    llm = [s for s in p.stages if s.spec.stage == "llm"]
+    state = CompressionState(adapter=adapter, pre=pre, llm=llm, padding_side=side)
     try:
-        state.undo.append(adapter.install(select, spec.needs))
+        state.undo.extend(adapter.install(state))
         for module in adapter.sequence_modules():
-            state.undo.append(set_instance_attr(module, "forward", _wrap_forward(module.forward, state)))
-        state.undo.append(set_instance_attr(model, "generate", _wrap_generate(model.generate, state)))
+            previous = vars(module).get("forward")
+            state.undo.append(InstanceAttr(module, "forward", CompressedForward(state, module, previous)))
+        generate = CompressedGenerate(state, model, vars(model).get("generate"))
+        state.undo.append(InstanceAttr(model, "generate", generate))
+        if llm:
+            lm = adapter.language_model()
+            stages = [(s.knobs["layer"], s.spec.fn, {k: v for k, v in s.knobs.items() if k != "layer"}) for s in llm]
+            state.pruner = llm_hooks.Pruner(lm.layers, lm.config._attn_implementation, stages)
+            state.pruner.install()
     except Exception:
-        for undo in reversed(state.undo):
-            undo()
+        _undo(state)
         raise
     setattr(model, STATE_ATTR, state)
     return model
 
 
+def _undo(state: CompressionState) -> None:
+    if state.pruner is not None:
+        state.pruner.remove()
+    for record in reversed(state.undo):
+        record.undo()
+
+
 def decompress(model: nn.Module) -> nn.Module:
     """Undo ``compress`` on this instance: it behaves exactly as before (same logits). Returns it."""
-    state = state_of(model)
-    for undo in reversed(state.undo):
-        undo()
+    _undo(state_of(model))
     delattr(model, STATE_ATTR)
     return model
 
 
 @contextlib.contextmanager
-def compressed(model: nn.Module, method: str, **knobs: Any) -> Iterator[nn.Module]:
+def compressed(model: nn.Module, method: MethodArg, **knobs: Any) -> Iterator[nn.Module]:
     """Context manager: the model is compressed inside the block and restored after, even on error."""
     compress(model, method, **knobs)
     try:
@@ -176,109 +253,13 @@ def compressed(model: nn.Module, method: str, **knobs: Any) -> Iterator[nn.Modul
         decompress(model)
 
 
-def _shrink_for(state: CompressionState, input_ids: torch.Tensor, **tensors: Any) -> sequence.Shrunk:
-    """Shrink on the CPU (one small copy before any GPU work of this call), then move back."""
-    adapter = state.adapter
-    device = input_ids.device
-    cpu = {k: None if v is None else v.cpu() for k, v in tensors.items()}
-    ids = input_ids.cpu()
-    keep = sequence.keep_mask(ids, adapter.image_token_id, adapter.placeholders_per_image(), state.budget)
-    shrunk = sequence.shrink(ids, keep, pad_token_id=adapter.pad_token_id, **cpu)
-    for name in ("input_ids", "attention_mask", "labels", "position_ids"):
-        value = getattr(shrunk, name)
-        if value is not None:
-            setattr(shrunk, name, value.to(device))
-    return shrunk
-
-
-def _has_images(input_ids: Any, state: CompressionState) -> bool:
-    return isinstance(input_ids, torch.Tensor) and bool((input_ids == state.adapter.image_token_id).any())
-
-
-def _wrap_forward(original: Callable[..., Any], state: CompressionState) -> Callable[..., Any]:
-    """A ``forward`` that shrinks each image's placeholder run from N to the budget K before running."""
-    signature = inspect.signature(original)
-
-    @functools.wraps(original)  # generate() inspects forward's signature
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        if state.inside:
-            return original(*args, **kwargs)
-        bound = signature.bind(*args, **kwargs)
-        arguments = dict(bound.arguments)
-        extra = arguments.pop("kwargs", {})
-        input_ids = arguments.get("input_ids")
-        if _has_images(input_ids, state):
-            shrunk = _shrink_for(
-                state,
-                input_ids,
-                attention_mask=_mask_2d(arguments.get("attention_mask")),
-                labels=arguments.get("labels"),
-                position_ids=arguments.get("position_ids"),
-            )
-            arguments["input_ids"] = shrunk.input_ids
-            for name in ("attention_mask", "labels", "position_ids"):
-                if arguments.get(name) is not None:
-                    arguments[name] = getattr(shrunk, name)
-        elif arguments.get("pixel_values") is not None and arguments.get("inputs_embeds") is not None:
-            raise ValueError(
-                "a compressed model needs input_ids (with image placeholders), not inputs_embeds, "
-                "alongside pixel_values; pass the processor's input_ids"
-            )
-        with state.shrunk_scope():
-            return original(**arguments, **extra)
-
-    return forward
-
-
-def _wrap_generate(original: Callable[..., Any], state: CompressionState) -> Callable[..., Any]:
-    """A ``generate`` that runs on the shrunk prompt and returns sequences that start with the
-    caller's own (unshrunk) prompt, so ``out[:, inputs.input_ids.shape[1]:]`` is the new text."""
-
-    @functools.wraps(original)
-    def generate(*args: Any, **kwargs: Any) -> Any:
-        if state.inside:
-            return original(*args, **kwargs)
-        if args:
-            if "input_ids" in kwargs or "inputs" in kwargs:
-                raise TypeError("pass the prompt ids once (positionally or as input_ids)")
-            kwargs["input_ids"], args = args[0], args[1:]
-        elif "inputs" in kwargs:
-            kwargs["input_ids"] = kwargs.pop("inputs")
-        input_ids = kwargs.get("input_ids")
-        if not _has_images(input_ids, state):
-            if kwargs.get("pixel_values") is not None:
-                raise ValueError(
-                    "a compressed model needs input_ids with image placeholders alongside pixel_values; "
-                    "pass the processor's input_ids"
-                )
-            with state.shrunk_scope():
-                return original(*args, **kwargs)
-        mask = kwargs.get("attention_mask")
-        shrunk = _shrink_for(state, input_ids, attention_mask=_mask_2d(mask))
-        kwargs["input_ids"] = shrunk.input_ids
-        if mask is not None:
-            kwargs["attention_mask"] = shrunk.attention_mask
-        with state.shrunk_scope():
-            out = original(*args, **kwargs)
-        return _restore_prompt(out, input_ids, shrunk.input_ids.shape[1])
-
-    return generate
-
-
-def _mask_2d(mask: Any) -> torch.Tensor | None:
-    if mask is None:
-        return None
-    if not isinstance(mask, torch.Tensor) or mask.ndim != 2:
-        raise ValueError("a compressed model needs a 2-D (batch, sequence) attention_mask, as the processor returns")
-    return mask
-
-
-def _restore_prompt(out: Any, prompt: torch.Tensor, shrunk_len: int) -> Any:
-    def restore(seq: torch.Tensor) -> torch.Tensor:
-        return torch.cat([prompt.to(seq.device), seq[:, shrunk_len:]], dim=1)
-
-    if isinstance(out, torch.Tensor):
-        return restore(out)
-    if getattr(out, "sequences", None) is not None:
-        out.sequences = restore(out.sequences)
-    return out
+@contextlib.contextmanager
+def recorded(model: nn.Module) -> Iterator[list[Selection]]:
+    """Inside the block, every pre-LLM selection of this compressed model is appended (on the CPU) to the
+    yielded list, one :class:`Selection` per batch of units; outside it nothing is kept alive."""
+    state = state_of(model)
+    state.recording = []
+    try:
+        yield state.recording
+    finally:
+        state.recording = None

@@ -104,7 +104,7 @@ def method_knobs(args: argparse.Namespace, model: nn.Module) -> dict[str, Any]:
     if not knobs and args.method != "vanilla":
         knobs = {"tokens": paper_budget(model, 64)}
         if knobs["tokens"] != 64:
-            patches = adapter_for(model).layout.num_patches
+            patches = adapter_for(model).unit_layout().num_patches
             print(f"budget:  {knobs['tokens']} tokens = the papers' 64 of 576, as the same share of {patches} patches")
     return knobs
 
@@ -212,8 +212,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(describe(result, args.method, args.repeats))
 
     view = model_view(image, processor.image_processor.crop_size["height"])
-    layout = adapter_for(model).layout
-    overlay = token_overlay(view, layout, result.selection, num_dominant=result.knobs.get("dominant"))
+    layout = adapter_for(model).unit_layout()
+    if result.selection is None:
+        print(f"{args.method} acts inside the LLM: no pre-LLM selection to draw")
+        return 0
+    share, kept = result.knobs.get("contextual_share"), result.selection.indices.shape[1]
+    num_dominant = None if share is None else kept - round(kept * share)
+    overlay = token_overlay(view, layout, result.selection, num_dominant=num_dominant)
     side_by_side(view, overlay).save(args.out)
     print(f"kept tokens drawn over the image: {args.out}")
     return 0
@@ -272,7 +277,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     else:
         device = f"cpu ({torch.get_num_threads()} threads)"
     print(f"model: {model_name(args)} ({args.dtype})")
-    print(format_rows(rows, plan(model, "vanilla")[3], args.repeats, device))
+    print(format_rows(rows, plan(model, "vanilla").tokens, args.repeats, device))
     return 0
 
 

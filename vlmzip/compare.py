@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .api import compressed, state_of
+from .api import compressed, plan, recorded
 from .bench import TTFTComparison, compare_ttft
 from .io import batch_inputs, generate_answers
 from .methods import Selection
@@ -25,7 +25,7 @@ class Comparison:
     tokens_before: int
     tokens_after: int
     knobs: dict[str, Any]
-    selection: Selection
+    selection: Selection | None
     timing: TTFTComparison
 
 
@@ -45,11 +45,16 @@ def compare_answers(
         return generate_answers(model, processor, [image], [question], max_new_tokens)[0]
 
     vanilla_answer = answer()
-    with compressed(model, method, **knobs):
-        state = state_of(model)
+    planned = plan(model, method, **knobs)
+    with compressed(model, method, **knobs), recorded(model) as selections:
         method_answer = answer()
-        selection = state.last_selection
-        before, after, resolved = state.tokens_before, state.budget, state.knobs
+    selection = selections[-1] if selections else None
+    before, after = planned.vanilla_tokens, planned.final_tokens
+    resolved = dict(planned.knobs)
+    share = next((s.knobs["contextual_share"] for s in planned.stages if "contextual_share" in s.knobs), None)
+    if share is not None and after is not None:  # VisionZip: say how the budget splits
+        resolved["contextual_share"] = share
+        resolved["split"] = f"dominant {after - round(after * share)} + contextual {round(after * share)}"
     inputs = batch_inputs(processor, [image], [question], model)
     timing = compare_ttft(model, inputs, method, knobs, repeats=repeats)
     return Comparison(vanilla_answer, method_answer, before, after, resolved, selection, timing)

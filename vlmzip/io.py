@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -11,22 +10,16 @@ from torch import nn
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from .adapters import adapter_for
+from .paths import cache_dir, checkpoint_dir
+from .tiny import ARCHITECTURES, TinyLlavaConfig, build_llava
 
 DEFAULT_MODEL_NAME = "tiny-llava-336"
-
-
-def cache_dir() -> Path:
-    """vlmzip's cache folder: ``$VLMZIP_CACHE`` or ``~/.cache/vlmzip``."""
-    return Path(os.environ.get("VLMZIP_CACHE", Path.home() / ".cache" / "vlmzip"))
 
 
 def default_model_dir() -> Path:
     """The default model: the shipped lab mini-VLM when this install carries it; otherwise a small
     LLaVA-1.5-layout model (336 px, 576 patches + CLS, random weights) built from config on first use
     and cached, which answers nonsense and exists so that every path runs without a download."""
-    from .lab import checkpoint_dir
-    from .lab.tiny import TinyLlavaConfig, build_llava
-
     shipped = checkpoint_dir()
     if shipped is not None:
         return shipped
@@ -48,8 +41,6 @@ def load_model(path: str | Path | None, device: str = "cpu", dtype: str = "float
     memory, for speed measurements: prefill cost depends on the shapes, not on the weights.
     """
     if isinstance(path, str) and path.startswith(ARCH_PREFIX):
-        from .lab.tiny import ARCHITECTURES, build_llava
-
         name = path[len(ARCH_PREFIX) :]
         if name not in ARCHITECTURES:
             raise ValueError(f"unknown architecture {name!r}; known: {', '.join(sorted(ARCHITECTURES))}")

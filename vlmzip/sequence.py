@@ -1,9 +1,10 @@
-"""Shrinking the runs of image placeholders in a token sequence (pure tensor functions).
+"""Shrinking the runs of image placeholders in a token sequence (pure tensor functions, on the host).
 
-A processor expands each image into N placeholder tokens; a compressed model sends K <= N tokens per
-image, so the sequence the LLM sees must hold K placeholders per image. These functions turn a batch
-of (input_ids, attention_mask, labels, position_ids) for N into the same batch for K, keeping text
-tokens, padding side and position offsets consistent.
+A processor expands image i into N_i placeholder tokens; a compressed model sends K_i <= N_i tokens for
+it, so the sequence the LLM sees must hold K_i placeholders. These functions find each image's run,
+decide which slots stay (the first K_i of each image's slots), and turn a batch of
+(input_ids, attention_mask, labels, ...) for N into the same batch for K, keeping text tokens and the
+batch's padding side. Images are numbered in the processor's order: row by row, left to right.
 """
 
 from __future__ import annotations
@@ -14,15 +15,34 @@ import torch
 
 
 @dataclass
+class ImageSpan:
+    """One image in one row: its number in the call, where its run starts, its vanilla and kept counts."""
+
+    image: int
+    row: int
+    start: int
+    vanilla: int
+    kept: int
+
+
+@dataclass
 class Shrunk:
-    """A batch after shrinking: every tensor (B, L') except ``kept`` (B, L') long, the original column
-    of each new slot (-1 for added padding)."""
+    """A batch after shrinking.
+
+    - ``columns``: (B, L') long, the original column of each new slot (-1 for padding the shrink added).
+    - ``spans``: every image's span in the *original* columns, in the processor's order.
+    - ``input_ids``, ``attention_mask``, ``labels``: (B, L') or None.
+    """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor | None
     labels: torch.Tensor | None
-    position_ids: torch.Tensor | None
-    kept: torch.Tensor
+    columns: torch.Tensor
+    spans: list[ImageSpan]
+
+    @property
+    def changed(self) -> bool:
+        return any(s.kept != s.vanilla for s in self.spans)
 
 
 def image_runs(row: torch.Tensor, image_token_id: int) -> list[tuple[int, int]]:
@@ -36,72 +56,105 @@ def image_runs(row: torch.Tensor, image_token_id: int) -> list[tuple[int, int]]:
     return [(s, e - s) for s, e in zip(starts, ends, strict=True)]
 
 
-def keep_mask(input_ids: torch.Tensor, image_token_id: int, per_image: int, kept_per_image: int) -> torch.Tensor:
-    """(B, L) bool: True for every slot to keep when each image's ``per_image`` placeholders become
-    ``kept_per_image``. A run of m * per_image placeholders (m adjacent images) keeps m * kept_per_image.
+def image_spans(input_ids: torch.Tensor, image_token_id: int, counts: list[int], kept: list[int]) -> list[ImageSpan]:
+    """Assign the images (vanilla placeholder ``counts``, ``kept`` counts, in order) to their runs.
+
+    A run may hold several adjacent images. Raises ``ValueError`` when the runs do not add up to the
+    images (a prompt not built by this model's processor, or images missing / extra).
     """
-    keep = torch.ones_like(input_ids, dtype=torch.bool)
+    spans: list[ImageSpan] = []
+    image = 0
     for b in range(input_ids.shape[0]):
         for start, length in image_runs(input_ids[b], image_token_id):
-            if length % per_image:
+            covered = 0
+            while covered < length:
+                if image >= len(counts):
+                    raise ValueError(
+                        f"row {b} has more image placeholders than the {len(counts)} image(s) passed "
+                        f"({sum(counts)} placeholders expected in all); build the prompt with this model's processor"
+                    )
+                spans.append(ImageSpan(image, b, start + covered, counts[image], kept[image]))
+                covered += counts[image]
+                image += 1
+            if covered != length:
+                expected = ", ".join(str(c) for c in counts)
                 raise ValueError(
-                    f"row {b} has a run of {length} image placeholders, not a multiple of the {per_image} "
-                    "this model expands an image into; build the prompt with this model's processor"
+                    f"row {b} has a run of {length} image placeholders that does not match the images' token "
+                    f"counts ({expected}); build the prompt with this model's processor from the same images"
                 )
-            keep[b, start + (length // per_image) * kept_per_image : start + length] = False
+    if image != len(counts):
+        raise ValueError(
+            f"the prompt holds placeholders for {image} image(s) but {len(counts)} were passed; "
+            "build the prompt with this model's processor"
+        )
+    return spans
+
+
+def keep_mask(shape: tuple[int, int], spans: list[ImageSpan]) -> torch.Tensor:
+    """(B, L) bool: False for the slots each image gives up (the last N_i - K_i of its run)."""
+    keep = torch.ones(shape, dtype=torch.bool)
+    for s in spans:
+        keep[s.row, s.start + s.kept : s.start + s.vanilla] = False
     return keep
 
 
-def padding_side(attention_mask: torch.Tensor | None) -> str:
-    """'left' or 'right', read off a (B, L) attention mask; 'left' when nothing is padded."""
-    if attention_mask is None or attention_mask.ndim != 2:
-        return "left"
-    if bool((attention_mask[:, -1] == 0).any()) and not bool((attention_mask[:, 0] == 0).any()):
-        return "right"
-    return "left"
+def compact(keep: torch.Tensor, side: str) -> torch.Tensor:
+    """(B, L) bool -> (B, L') long: the kept columns of each row, padded with -1 on ``side`` to a common length."""
+    batch = keep.shape[0]
+    lengths = keep.sum(dim=1).tolist()
+    new_len = max(lengths) if lengths else 0
+    columns = torch.full((batch, new_len), -1, dtype=torch.long)
+    for b in range(batch):
+        cols = keep[b].nonzero().squeeze(1)
+        if side == "left":
+            columns[b, new_len - cols.numel() :] = cols
+        else:
+            columns[b, : cols.numel()] = cols
+    return columns
+
+
+def take(t: torch.Tensor, columns: torch.Tensor, fill: int | float) -> torch.Tensor:
+    """Gather (B, L, ...) ``t`` at (B, L') ``columns`` along dim 1; -1 slots get ``fill``."""
+    valid = columns >= 0
+    idx = columns.clamp(min=0).to(t.device)
+    if t.ndim > 2:
+        idx = idx.view(*idx.shape, *([1] * (t.ndim - 2))).expand(*idx.shape, *t.shape[2:])
+    out = t.gather(1, idx)
+    mask = valid.to(t.device).view(*valid.shape, *([1] * (t.ndim - 2)))
+    return out.masked_fill(~mask, fill)
 
 
 def shrink(
     input_ids: torch.Tensor,
-    keep: torch.Tensor,
+    spans: list[ImageSpan],
+    side: str,
     attention_mask: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
-    position_ids: torch.Tensor | None = None,
     pad_token_id: int = 0,
 ) -> Shrunk:
-    """Drop the slots where ``keep`` (B, L) is False and re-pad rows to a common length.
+    """Drop the slots each image gives up and re-pad the rows to a common length on ``side``.
 
-    Rows that lose different numbers of slots are padded on the side the batch is padded on
-    (pad id, mask 0, label -100). Given ``position_ids`` (B, L), kept slots keep their value minus
-    the number of slots dropped before them, so positions stay contiguous with any offset preserved.
+    Rows that lose different numbers of slots get padding (pad id, mask 0, label -100); when the batch
+    came without an attention mask and padding had to be added, a mask is made so the padding is masked.
     """
-    batch, length = input_ids.shape
-    lengths = keep.sum(dim=1)
-    new_len = int(lengths.max())
-    side = padding_side(attention_mask)
-    columns = torch.arange(length, device=input_ids.device).expand(batch, length)
-    kept = torch.full((batch, new_len), -1, dtype=torch.long, device=input_ids.device)
-    for b in range(batch):
-        cols = columns[b][keep[b]]
-        if side == "left":
-            kept[b, new_len - cols.numel() :] = cols
-        else:
-            kept[b, : cols.numel()] = cols
-    valid = kept >= 0
-    safe = kept.clamp(min=0)
-
-    def take(t: torch.Tensor, fill: int) -> torch.Tensor:
-        out = t.gather(1, safe)
-        return out.masked_fill(~valid, fill)
-
-    new_pos = None
-    if position_ids is not None:
-        dropped_before = torch.cumsum((~keep).long(), dim=1)
-        new_pos = take(position_ids - dropped_before.to(position_ids.dtype), 1)
+    keep = keep_mask(tuple(input_ids.shape), spans)
+    columns = compact(keep, side)
+    padded = bool((columns < 0).any())
+    if attention_mask is None and padded:
+        attention_mask = torch.ones_like(input_ids)
     return Shrunk(
-        input_ids=take(input_ids, pad_token_id),
-        attention_mask=None if attention_mask is None else take(attention_mask, 0),
-        labels=None if labels is None else take(labels, -100),
-        position_ids=new_pos,
-        kept=kept,
+        input_ids=take(input_ids, columns, pad_token_id),
+        attention_mask=None if attention_mask is None else take(attention_mask, columns, 0),
+        labels=None if labels is None else take(labels, columns, -100),
+        columns=columns,
+        spans=spans,
     )
+
+
+def shrink_positions(position_ids: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """(B, L) 1-D positions -> (B, L'): kept slots keep their value minus the slots dropped before them."""
+    keep = torch.zeros(columns.shape[0], position_ids.shape[1], dtype=torch.bool)
+    for b in range(columns.shape[0]):
+        keep[b, columns[b][columns[b] >= 0]] = True
+    dropped_before = torch.cumsum((~keep).long(), dim=1).to(position_ids.device)
+    return take(position_ids - dropped_before.to(position_ids.dtype), columns, 1)

@@ -38,3 +38,15 @@ def received_attention(q: torch.Tensor, k: torch.Tensor, num_heads: int, scale: 
     kh = split_heads(k, num_heads)
     probs = torch.softmax((qh @ kh.transpose(-1, -2)) * scale, dim=-1)  # (B, H, T, T)
     return probs.mean(dim=(1, 2))
+
+
+def content_seeds(pixels: torch.Tensor) -> torch.Tensor:
+    """(B, ...) pixel tensor -> (B,) int64 hash of each row's values, computed on its device (no host sync).
+
+    Exact for identical inputs (integer arithmetic after quantising to 1/1024), so an image gets the same
+    seed whatever its batch position or the batch size.
+    """
+    flat = pixels.reshape(pixels.shape[0], -1)
+    q = torch.round(flat.float() * 1024).to(torch.int64)
+    weights = torch.arange(1, flat.shape[1] + 1, device=pixels.device, dtype=torch.int64) * 2654435761 + 97531
+    return (q * weights).sum(dim=1)

@@ -7,7 +7,7 @@ from torch import nn
 from .base import Adapter
 from .llava import LlavaAdapter
 
-ADAPTERS: tuple[type, ...] = (LlavaAdapter,)
+ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter,)
 
 
 def supported_classes() -> list[str]:
@@ -17,6 +17,9 @@ def supported_classes() -> list[str]:
 
 def adapter_for(model: nn.Module) -> Adapter:
     """The adapter for this model instance; a clear error lists the supported classes otherwise."""
+    for adapter in ADAPTERS:
+        if type(model) in adapter.model_classes:
+            return adapter(model)
     for adapter in ADAPTERS:
         if isinstance(model, adapter.model_classes):
             return adapter(model)

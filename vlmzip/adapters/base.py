@@ -1,59 +1,76 @@
-"""What every model-family adapter provides to vlmzip's generic machinery (api.py).
+"""What every model-family adapter provides to vlmzip's generic machinery (runtime.py, llm_hooks.py).
 
-An adapter knows, for one family of Hugging Face VLM classes: the per-image token layout, where the
-image placeholders sit in the LLM sequence, how to run the vision tower and capture the signals a
-method needs (with forward hooks on this one instance), and how to hand the chosen tokens back to the
-model. It holds no algorithm: it calls ``select(VisionTokens) -> Selection`` and projects the result.
+An adapter knows, for one family of Hugging Face VLM classes: how many placeholder tokens each image of
+a call has (its vanilla count), how to run the vision tower and capture the signals a method needs
+(forward hooks on this one instance), how to cut an image into units (crops) and put the chosen tokens
+back together, where the LLM's decoder layers are, and how positions work (1-D, or Qwen's M-RoPE). It
+holds no algorithm: it calls ``state.select(VisionTokens, keep) -> Selection`` on each unit batch.
+
+Objects an adapter sets on the model must be instances of module-level classes (not closures), so a
+compressed model can be deep-copied and pickled.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Protocol
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..methods.base import Selection, TokenLayout, VisionTokens
-
-SelectFn = Callable[[VisionTokens], Selection]
+from ..methods.base import TokenLayout
 
 
-class Adapter(Protocol):
-    """The contract between a model family and vlmzip (see adapters/llava.py for the reference)."""
+class Adapter:
+    """The contract between a model family and vlmzip (adapters/llava.py is the reference)."""
 
-    family: str
-    layout: TokenLayout
+    family: str = ""
+    model_classes: tuple[type, ...] = ()
     image_token_id: int
     pad_token_id: int
 
-    def placeholders_per_image(self) -> int:
-        """Placeholder tokens the processor writes per image (the vanilla count)."""
-        ...
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def has_images(self, call: dict[str, Any]) -> bool:
+        """True when this call carries images to encode (pixel values)."""
+        return call.get("pixel_values") is not None
+
+    def image_counts(self, call: dict[str, Any]) -> list[int]:
+        """The vanilla placeholder count of every image in ``call``, in the processor's order."""
+        raise NotImplementedError
+
+    def static_tokens_per_image(self) -> int | None:
+        """The vanilla count when every image has the same one (LLaVA-1.5), else None."""
+        return None
+
+    def unit_layout(self) -> TokenLayout:
+        """The layout of one base image / crop (grid and prefix), e.g. for scaling the papers' budgets."""
+        raise NotImplementedError
 
     def sequence_modules(self) -> list[nn.Module]:
         """The modules whose ``forward`` takes ``input_ids`` with image placeholders, outermost first."""
-        ...
+        raise NotImplementedError
 
-    def install(self, select: SelectFn, needs: frozenset[str]) -> Callable[[], None]:
-        """Make this instance send ``select``'s tokens to the LLM; returns a function that undoes it."""
-        ...
+    def language_model(self) -> nn.Module:
+        """The decoder stack (has ``.layers`` and ``.config``)."""
+        raise NotImplementedError
 
-    def vision_tokens(self, pixel_values: torch.Tensor, needs: frozenset[str]) -> VisionTokens:
-        """Run the vision tower on (B, 3, H, W) pixels and return its tokens plus the needed signals."""
-        ...
+    def install(self, state: Any) -> list[Any]:
+        """Make this instance send ``state.select``'s tokens to the LLM; returns the undo records."""
+        raise NotImplementedError
+
+    def prepare_call(self, state: Any, call: dict[str, Any], original_ids: torch.Tensor, shrunk: Any) -> None:
+        """Fix anything position-related in a shrunk forward ``call`` (default: 1-D positions, nothing to do)."""
+
+    def prepare_generate(self, state: Any, kwargs: dict[str, Any], original_ids: torch.Tensor, shrunk: Any) -> None:
+        """The same for a shrunk ``generate`` call."""
+
+    def describe_positions(self) -> str:
+        return "1-D positions, renumbered contiguously over the shrunk sequence (as the released VisionZip code)"
 
 
-def set_instance_attr(obj: object, name: str, value: object) -> Callable[[], None]:
-    """Set ``obj.name`` on the instance only (shadowing the class attribute); return the undo."""
-    had = name in vars(obj)
-    previous = vars(obj).get(name)
+def set_instance_attr(obj: object, name: str, value: object) -> Any:
+    """Set ``obj.name`` on the instance only (shadowing the class attribute); returns the undo record."""
+    from ..runtime import InstanceAttr
 
-    def undo() -> None:
-        if had:
-            setattr(obj, name, previous)
-        else:
-            delattr(obj, name)
-
-    setattr(obj, name, value)
-    return undo
+    return InstanceAttr(obj, name, value)

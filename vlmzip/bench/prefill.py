@@ -7,13 +7,14 @@ from __future__ import annotations
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..api import compressed, plan
-from .timing import timed
+from .timing import interleaved, timed
 
 
 def llm_prefill_macs(seq_len: int, text_config: Any) -> float:
@@ -70,27 +71,23 @@ def bench_prefill(
         def ttft(inputs: dict[str, torch.Tensor] = inputs) -> Any:
             return model.generate(**inputs, max_new_tokens=1, do_sample=False)
 
+        measures = {"forward": partial(timed, forward, device), "ttft": partial(timed, ttft, device)}
         for method, knobs in runs:
-            _, adapter, _, budget = plan(model, method, **knobs)
-            times: dict[str, list[float]] = {"vf": [], "mf": [], "vt": [], "mt": []}
-            for i in range(repeats + 1):
-                vf, vt = timed(forward, device), timed(ttft, device)
-                with compressed(model, method, **knobs):
-                    mf, mt = timed(forward, device), timed(ttft, device)
-                if i:
-                    for key, value in zip(("vf", "vt", "mf", "mt"), (vf, vt, mf, mt), strict=True):
-                        times[key].append(value)
-            med = {k: statistics.median(v) for k, v in times.items()}
-            per_image = adapter.placeholders_per_image()
+            planned = plan(model, method, **knobs)
+            adapter, budget = planned.adapter, planned.tokens
+            vanilla, squeezed = interleaved(measures, partial(compressed, model, method, **knobs), repeats)
+            v = {name: statistics.median(seconds) for name, seconds in vanilla.items()}
+            m = {name: statistics.median(seconds) for name, seconds in squeezed.items()}
+            per_image = planned.vanilla_tokens
             n_images = int((inputs["input_ids"][0] == adapter.image_token_id).sum()) // per_image
             kept_len = prompt_len - n_images * (per_image - budget)
             text_cfg = model.config.text_config
             rows.append(
                 BenchRow(
                     method=method, tokens=budget, batch_size=batch_size,
-                    forward_ratio=med["vf"] / med["mf"], ttft_ratio=med["vt"] / med["mt"],
+                    forward_ratio=v["forward"] / m["forward"], ttft_ratio=v["ttft"] / m["ttft"],
                     ideal=llm_prefill_macs(prompt_len, text_cfg) / llm_prefill_macs(kept_len, text_cfg),
-                    vanilla_forward_ms=1e3 * med["vf"], method_forward_ms=1e3 * med["mf"],
+                    vanilla_forward_ms=1e3 * v["forward"], method_forward_ms=1e3 * m["forward"],
                 )
             )
     return rows

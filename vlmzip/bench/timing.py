@@ -1,4 +1,5 @@
-"""Time to first token (vision tower + compression + LLM prefill + one decode step), vanilla vs compressed.
+"""Time to first token (vision tower + compression + LLM prefill + one decode step), vanilla vs compressed,
+and ``interleaved``: the one timing loop of every vanilla-vs-compressed measurement.
 
 Vanilla and compressed runs are interleaved on the same model object, so drift on a shared machine
 hits both alike; the ratio of medians is the number to report.
@@ -9,7 +10,9 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -27,6 +30,33 @@ def timed(fn: Callable[[], Any], device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - start
+
+
+def interleaved(
+    measures: dict[str, Callable[[], float]],
+    compress: Callable[[], AbstractContextManager[Any]],
+    repeats: int,
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Run every measure (a function returning seconds) on the vanilla model and compressed, round by round.
+
+    Each of ``repeats + 1`` rounds calls the measures in order on the vanilla model, then again inside
+    ``compress()``, a fresh context per round (e.g. ``partial(vlmzip.compressed, model, method, **knobs)``).
+    The first round warms both sides up and is discarded. Returns ``(vanilla, compressed)``: per measure
+    name, ``repeats`` seconds each.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    vanilla: dict[str, list[float]] = {name: [] for name in measures}
+    squeezed: dict[str, list[float]] = {name: [] for name in measures}
+    for i in range(repeats + 1):
+        plain = {name: measure() for name, measure in measures.items()}
+        with compress():
+            small = {name: measure() for name, measure in measures.items()}
+        if i:  # the first round is the warm-up
+            for name in measures:
+                vanilla[name].append(plain[name])
+                squeezed[name].append(small[name])
+    return vanilla, squeezed
 
 
 @torch.no_grad()
@@ -61,15 +91,6 @@ def compare_ttft(
     model: nn.Module, inputs: dict[str, torch.Tensor], method: str, knobs: dict[str, Any], repeats: int = 5
 ) -> TTFTComparison:
     """Interleave ``repeats`` vanilla and compressed TTFT measurements (after one warm-up of each)."""
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
-    vanilla: list[float] = []
-    squeezed: list[float] = []
-    for i in range(repeats + 1):
-        t_vanilla = time_to_first_token(model, inputs)
-        with compressed(model, method, **knobs):
-            t_compressed = time_to_first_token(model, inputs)
-        if i:  # the first round is the warm-up
-            vanilla.append(t_vanilla)
-            squeezed.append(t_compressed)
-    return TTFTComparison(vanilla_s=vanilla, compressed_s=squeezed)
+    measures = {"ttft": partial(time_to_first_token, model, inputs)}
+    vanilla, squeezed = interleaved(measures, partial(compressed, model, method, **knobs), repeats)
+    return TTFTComparison(vanilla_s=vanilla["ttft"], compressed_s=squeezed["ttft"])

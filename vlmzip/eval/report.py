@@ -58,7 +58,10 @@ def retention_table(results: dict[str, Any]) -> str:
         cells = [_cell(v, r) for v, r in zip(values, ref, strict=True)]
         name = run["method"] + (f" {run['knobs']}" if run["knobs"] and "tokens" not in run["knobs"] else "")
         off = f"{100 * run['scores'].get('off_vocabulary', 0.0):.1f}"
-        return "| " + " | ".join([name, str(run["tokens"]), *cells, f"{100 * avg:.1f} ({avg_pct})", off]) + " |"
+        tokens = str(run["tokens"])
+        if run.get("layer_avg_tokens") is not None:  # in-LLM: what it ends with, and the mean over layers
+            tokens += f" (layer avg {run['layer_avg_tokens']:.1f})"
+        return "| " + " | ".join([name, tokens, *cells, f"{100 * avg:.1f} ({avg_pct})", off]) + " |"
 
     total = vanilla["tokens"]
     lines.append(row(vanilla))

@@ -60,25 +60,28 @@ class Run:
     key: str
     method: str
     knobs: dict[str, Any]
-    tokens: int
+    tokens: int  # visual tokens per image the LLM ends with
+    layer_avg_tokens: float | None = None  # in-LLM methods: visual tokens per image averaged over decoder layers
 
 
 def plan_runs(model: nn.Module, methods: list[str], tokens: list[int]) -> list[Run]:
     """Vanilla first, then every method at every budget; validates all of them before any work.
 
-    A method with a ``tokens`` knob is swept over ``tokens``; one without is run once with defaults.
+    A method that takes a budget is swept over ``tokens``; one without is run once with defaults. In-LLM
+    methods also carry the layer-averaged visual token count, so budgets compare fairly with pre-LLM ones.
     """
-    _, adapter, _, vanilla_tokens = plan(model, VANILLA)
+    vanilla_tokens = plan(model, VANILLA).tokens
     runs = [Run(VANILLA, VANILLA, {}, vanilla_tokens)]
     for name in methods:
         if name == VANILLA:
             continue
         spec = get_method(name)
-        sweep = [{"tokens": t} for t in tokens] if any(k.name == "tokens" for k in spec.knobs) else [{}]
+        sweep = [{"tokens": t} for t in tokens] if spec.takes_budget else [{}]
         for knobs in sweep:
-            _, _, _, budget = plan(model, name, **knobs)
+            planned = plan(model, name, **knobs)
             key = f"{name}@{knobs['tokens']}" if knobs else name
-            runs.append(Run(key, name, knobs, budget))
+            avg = planned.layer_avg_tokens if spec.stage == "llm" else None
+            runs.append(Run(key, name, knobs, planned.final_tokens, avg))
     return runs
 
 
@@ -221,7 +224,10 @@ def previous_runs(out: Path) -> list[Run]:
         return []
     try:
         rows = json.loads(path.read_text())["runs"]
-        return [Run(r["key"], r["method"], dict(r["knobs"]), int(r["tokens"])) for r in rows]
+        return [
+            Run(r["key"], r["method"], dict(r["knobs"]), int(r["tokens"]), r.get("layer_avg_tokens"))
+            for r in rows
+        ]
     except (ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{path} is unreadable ({err}); move it away to rebuild it from the predictions") from None
 

@@ -1,17 +1,15 @@
-"""The offline lab: the procedural benchmark (``scenes``), small LLaVA builders (``tiny``), the
-mini-VLM training (``train``) and the trained checkpoint that ships inside the package."""
+"""The offline lab: the procedural benchmark (``scenes``), the mini-VLM training (``train``) and the
+trained checkpoint that ships inside the package (built with ``vlmzip.tiny``'s LLaVA builders).
+
+The lab sits on top of the library: it uses ``vlmzip.io``, ``vlmzip.tiny`` and ``vlmzip.eval``;
+none of those imports the lab, except ``vlmzip.eval.data``, which generates the lab's named datasets.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-CHECKPOINT_DIR = Path(__file__).parent / "checkpoint"
-
-
-def checkpoint_dir() -> Path | None:
-    """The shipped lab checkpoint folder, or None if this install carries none."""
-    return CHECKPOINT_DIR if (CHECKPOINT_DIR / "config.json").is_file() else None
+from ..paths import CHECKPOINT_DIR, checkpoint_dir
 
 
 def load(device: str = "cpu", dtype: str = "float32") -> tuple[Any, Any]:
@@ -22,6 +20,6 @@ def load(device: str = "cpu", dtype: str = "float32") -> tuple[Any, Any]:
             f"no lab checkpoint in {CHECKPOINT_DIR}; train one with `vlmzip lab train --out DIR` "
             "and pass --model DIR/model"
         )
-    from ..io import load_model
+    from ..io import load_model  # here, not at the top: the CLI imports the lab without torch
 
     return load_model(folder, device=device, dtype=dtype)

@@ -39,7 +39,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
-from vlmzip.eval.data import write_dataset
+from vlmzip.eval.format import write_dataset
 
 GENERATOR_VERSION = "1"
 
@@ -260,7 +260,7 @@ SPLITS: dict[str, SplitSpec] = {
 }
 TRAIN_SEED = SPLITS["train"].seed
 
-# Content hashes (vlmzip.eval.data.content_hash) of the named splits with the default SceneConfig, as
+# Content hashes (vlmzip.eval.format.content_hash) of the named splits with the default SceneConfig, as
 # generated with GENERATOR_VERSION under Pillow 13.0. Change the generator -> bump GENERATOR_VERSION and
 # update these. A mismatch with the same version means rendering differs (another Pillow/FreeType build).
 EXPECTED_HASHES: dict[str, str] = {
@@ -635,7 +635,7 @@ def image_name(index: int) -> str:
 def split_records(
     split: str, index: int, scene: Scene, qas: list[QA], id_prefix: str | None = None
 ) -> list[dict[str, Any]]:
-    """JSONL records (``vlmzip.eval.data`` format) for one image's questions."""
+    """JSONL records (``vlmzip.eval.format``) for one image's questions."""
     prefix = id_prefix or split
     scene_dict = scene.to_dict()
     return [

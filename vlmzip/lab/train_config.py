@@ -1,18 +1,27 @@
-"""The settings of a lab training run (``TrainConfig``) and the flags of ``vlmzip lab train``.
+"""``TrainConfig``: every knob of a lab training run, and what follows from it alone (the model's
+architecture and words, the learning-rate schedule, image tokens per image); and the flags of
+``vlmzip lab train`` (``add_parser``, ``config_from_args``).
 
-Kept apart from ``vlmzip.lab.train`` and free of torch and transformers, so that the command line builds
-its parser (and answers ``--help``) without importing them; ``train`` re-exports everything here.
+Free of torch and transformers (and of PIL): the command line builds its parser, and answers ``--help``,
+without importing them. What needs them is imported inside the functions that use it (``model_config``,
+``lab_words``); the torch dtypes of ``precision`` are ``vlmzip.lab.train.PRECISIONS``. ``vlmzip.lab.train``
+re-exports everything here.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from vlmzip.tiny import TinyLlavaConfig
 
 PRECISION_NAMES = ("bf16", "fp32")  # vlmzip.lab.train.PRECISIONS maps them to torch dtypes
+
 # Fields that only change bookkeeping or where the run happens, not what is computed: they may differ
 # between an interrupted run and its resumption. Every other field must match the checkpoint.
 RUNTIME_FIELDS = frozenset(
@@ -22,11 +31,10 @@ RUNTIME_FIELDS = frozenset(
 
 @dataclass
 class TrainConfig:
-    """Every knob of a training run. Defaults: the recipe of the shipped checkpoint (about 57 min on 2 CPU
-    cores; see ``steps``)."""
+    """Every knob of a training run. Defaults: the recipe of the shipped checkpoint (BENCHMARKS.md)."""
 
     # optimisation
-    steps: int = 4400  # about 0.74 s per update on 2 free CPU cores at these sizes -> about 55 min + evals
+    steps: int = 4400  # as many as the 60-minute budget on 2 CPU cores allows at these sizes
     batch_size: int = 16  # images per update (each carries 3-7 questions)
     lr: float = 2e-3
     min_lr: float = 1e-4  # cosine decay from lr to min_lr after warm-up
@@ -56,27 +64,26 @@ class TrainConfig:
     # its attention on the image patches of what the question names (``named_objects``): the loss is
     # -log(attention mass on those patches). Why: trained from scratch, the LM does not learn to look the
     # named object up (the associative-recall plateau; BENCHMARKS.md). Training-only; 0 = off. It needs
-    # eager attention in the whole LM: free at 256 image tokens, 1.86x the update time at 576.
+    # eager attention in the whole LM (``eager_attention``), which costs little at 256 image tokens and
+    # much at 576 (BENCHMARKS.md).
     attn_weight: float = 1.0
     attn_layer: int = 1
     # token-count augmentation: with probability drop_prob an image reaches the LM as a random subset of its
     # patches (kept share uniform in [drop_min_keep, 1), positional order), so that the LM sees image runs of
     # every length. Why: trained only on full-length image runs, the LM is thrown by a shorter sequence (a
-    # compressed image): measured, at 57 of 256 tokens it answers yes/no to shape questions (BENCHMARKS.md).
+    # compressed image) and answers out of format (BENCHMARKS.md, "Session 3's model").
     # A pretrained LLM has seen text of every length; this gives the from-scratch lab LM that robustness, so
     # the benchmark measures what compression loses, not a length the LM never saw. Training-only; 0 = off.
     drop_prob: float = 0.5
     drop_min_keep: float = 0.1
-    # ... applied only from update drop_from * steps on. Why: measured, drop_prob 0.3 from the start cost the
-    # vanilla model 9 points at this budget (the LM learns less from fewer patches), while 300 updates with
-    # drop_prob 0.5 at the end of training (low lr) removed the length fragility and kept vanilla accuracy;
-    # the shipped run confirms it on the test split (vanilla 47.9 %; out of format under VisionZip at 85/57/28
-    # tokens 0.2/0.4/5.5 %, was 1.9/16.8/19.4 % without the augmentation).
+    # ... applied only from update drop_from * steps on. Why late: from the start it costs vanilla accuracy
+    # at this budget (the LM learns less from fewer patches), while at the end of training (low lr) it
+    # removes the length fragility and keeps vanilla accuracy (BENCHMARKS.md).
     drop_from: float = 0.93
     # model (see TinyLlavaConfig). 336 px / patch 21 = 256 patch tokens + CLS, not LLaVA-1.5's 576 (patch 14):
-    # the 60-minute CPU budget forbids 576 (1.7 s per update without attention supervision, 3.2 s with it,
-    # vs 0.7 s at 256; BENCHMARKS.md). 336 px keeps the benchmark's images unresampled; budgets are
-    # compared at the same share of the patches (vlmzip.paper_budget: 192/128/64 of 576 -> 85/57/28).
+    # an update at 576 costs too much for the 60-minute CPU budget, above all with attention supervision
+    # (BENCHMARKS.md). 336 px keeps the benchmark's images unresampled; budgets are compared at the same
+    # share of the patches (vlmzip.paper_budget: 192/128/64 of 576 -> 85/57/28).
     image_size: int = 336
     patch_size: int = 21
     vision_hidden: int = 128
@@ -89,11 +96,9 @@ class TrainConfig:
     text_kv_heads: int = 2
     text_intermediate: int = 512
     # numerics of the forward pass: "fp32" = plain float32; "bf16" = torch.autocast to bfloat16 (weights,
-    # optimizer state and the exported model stay float32; losses are computed in float32). bf16 is 1.3x
-    # faster per update on a CPU with AVX512-BF16/AMX (0.61 vs 0.74 s on this project's machines; slower on
-    # CPUs without native bf16), but measured, it learned worse: a bf16 run (5,400-update schedule) had at
-    # 2,600-3,500 updates twice the attention loss of the fp32 recipe (0.93-0.98 vs 0.44-0.54) and 37 % val
-    # accuracy at 2,700 (fp32: 43 % at 2,200, 50 % at 3,300); so fp32 is the recipe.
+    # optimizer state and the exported model stay float32; losses are computed in float32). bf16 is faster
+    # per update on a CPU with native bf16 (AVX512-BF16/AMX) and slower on one without; fp32 is the recipe
+    # because bf16 learned worse here (BENCHMARKS.md, "bf16 does not pay here").
     precision: str = "fp32"
     # runtime / bookkeeping
     device: str = "cpu"
@@ -118,12 +123,41 @@ class TrainConfig:
         if not 0 <= self.drop_prob <= 1 or not 0 < self.drop_min_keep <= 1 or not 0 <= self.drop_from <= 1:
             raise ValueError("need 0 <= drop_prob <= 1, 0 < drop_min_keep <= 1 and 0 <= drop_from <= 1")
         if self.precision not in PRECISION_NAMES:
-            raise ValueError(f"precision must be one of {list(PRECISION_NAMES)} (got {self.precision!r})")
+            raise ValueError(f"precision must be one of {sorted(PRECISION_NAMES)} (got {self.precision!r})")
         if self.attn_weight > 0 and not 0 <= self.attn_layer < self.text_layers:
             raise ValueError(
                 f"attn_layer={self.attn_layer} is not a layer of the {self.text_layers}-layer LM;"
                 f" use 0..{self.text_layers - 1}, or attn_weight=0 to turn attention supervision off"
             )
+
+
+def lab_words() -> tuple[str, ...]:
+    """Tokenizer words of the lab model: the chat words plus every word of the benchmark."""
+    from vlmzip.lab import scenes
+    from vlmzip.tiny import BASE_WORDS
+
+    return tuple(dict.fromkeys([*BASE_WORDS, *scenes.vocabulary()]))
+
+
+def model_config(cfg: TrainConfig) -> TinyLlavaConfig:
+    """The TinyLlavaConfig (architecture + tokenizer words) a TrainConfig trains."""
+    from vlmzip.tiny import TinyLlavaConfig
+
+    shared = {f.name for f in dataclasses.fields(TinyLlavaConfig)} & {f.name for f in dataclasses.fields(TrainConfig)}
+    return TinyLlavaConfig(**{name: getattr(cfg, name) for name in shared}, words=lab_words())
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of update ``step`` (0-based): linear warm-up, then cosine from lr to min_lr."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def image_tokens(cfg: TrainConfig) -> int:
+    """Image placeholders per image in the LM sequence (LLaVA "default" strategy: patches, no CLS)."""
+    return (cfg.image_size // cfg.patch_size) ** 2
 
 
 # One line per flag of ``vlmzip lab train`` (the comments above say why each default is what it is).
@@ -221,4 +255,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**given)
 
 
-__all__ = ["FLAG_HELP", "PRECISION_NAMES", "RUNTIME_FIELDS", "TrainConfig", "add_parser", "config_from_args"]
+__all__ = [
+    "FLAG_HELP", "PRECISION_NAMES", "RUNTIME_FIELDS", "TrainConfig", "add_parser", "config_from_args",
+    "image_tokens", "lab_words", "lr_at", "model_config",
+]  # fmt: skip

@@ -1,9 +1,11 @@
-"""The records that flow between adapters and methods, and the method registry.
+"""The records that flow between adapters and methods, budgets, and the method registry.
 
-A method is a pure tensor function: it receives a :class:`VisionTokens` record (what the vision tower
-produced for a batch of images, plus the signals the method asked for) and returns a :class:`Selection`
-(the tokens to send to the LLM and where each came from). Methods never see a model class; adapters
-never contain an algorithm.
+A method is a pure tensor function. Pre-LLM methods (stage ``"vision"`` or ``"projector"``) receive a
+:class:`VisionTokens` record - the tokens of a batch of *units* of one shape (a unit is an image, or
+one crop of a multi-crop image, or one image of a dynamic-resolution model) with their grid and the
+signals the method asked for - and return a :class:`Selection`. In-LLM methods (stage ``"llm"``)
+receive an :class:`LLMTokens` record at their decoder layer and return which visual tokens stay.
+Methods never see a model class; adapters never contain an algorithm.
 """
 
 from __future__ import annotations
@@ -14,17 +16,19 @@ from typing import Any
 
 import torch
 
-# Signals an adapter knows how to compute for a method (``MethodSpec.needs``).
+# Signals an adapter knows how to compute for a pre-LLM method (``MethodSpec.needs``).
 SIGNALS = frozenset({"keys", "cls_attention", "received_attention"})
+# Where a method acts: on the vision tower's output, on the projector's output, inside the LLM.
+STAGES = ("vision", "projector", "llm")
 
 
 @dataclass(frozen=True)
 class TokenLayout:
-    """The static token layout of one image, known before any forward pass.
+    """The token layout of one unit (an image, or one crop of an image).
 
-    ``num_prefix`` tokens (the CLS token of CLIP, none for SigLIP) come first, then ``grid[0] * grid[1]``
-    patch tokens in row-major order. ``send_prefix`` says whether the vanilla model sends the prefix
-    tokens to the LLM (LLaVA's ``vision_feature_select_strategy == "full"``).
+    ``num_prefix`` tokens (the CLS token of CLIP, none for SigLIP or Qwen) come first, then
+    ``grid[0] * grid[1]`` patch tokens in row-major order. ``send_prefix`` says whether the vanilla
+    model sends the prefix tokens to the LLM (LLaVA's ``vision_feature_select_strategy == "full"``).
     """
 
     num_prefix: int
@@ -37,25 +41,28 @@ class TokenLayout:
 
     @property
     def total(self) -> int:
-        """All tokens the vision layer produces per image (prefix + patches)."""
+        """All tokens the vision layer produces per unit (prefix + patches)."""
         return self.num_prefix + self.num_patches
 
     @property
     def vanilla(self) -> int:
-        """Tokens the unmodified model sends to the LLM per image."""
+        """Tokens the unmodified model sends to the LLM per unit."""
         return self.num_patches + (self.num_prefix if self.send_prefix else 0)
 
 
 @dataclass
 class VisionTokens:
-    """What the vision tower produced for a batch of images, for one method call.
+    """What the vision tower produced for a batch of units of one layout, for one method call.
 
-    Shapes: B images, T = layout.total tokens, D hidden size, Dh head dim.
+    Shapes: B units, T = layout.total tokens, D hidden size, Dh head dim.
 
-    - ``hidden``: (B, T, D) output of the vision layer the model feeds its projector, prefix first.
+    - ``hidden``: (B, T, D) tokens, prefix first (stage "vision": the feature layer the projector is
+      fed; stage "projector": the projected tokens, D = the LLM's width).
     - ``keys``: (B, T, Dh) that layer's ``k_proj`` output averaged over heads, or None.
     - ``cls_attention``: (B, T) attention of the CLS query over all tokens, summed over heads, or None.
     - ``received_attention``: (B, T) attention each token receives, mean over heads and queries, or None.
+    - ``seeds``: (B,) int64 hash of each unit's pixels: methods that draw random numbers derive them
+      from it, so a unit gets the same draw whatever its batch position or the batch size.
     """
 
     hidden: torch.Tensor
@@ -63,6 +70,7 @@ class VisionTokens:
     keys: torch.Tensor | None = None
     cls_attention: torch.Tensor | None = None
     received_attention: torch.Tensor | None = None
+    seeds: torch.Tensor | None = None
 
     def vanilla_indices(self) -> torch.Tensor:
         """(T_v,) indices into ``hidden`` of the tokens the vanilla model sends, in order."""
@@ -72,11 +80,11 @@ class VisionTokens:
 
 @dataclass
 class Selection:
-    """The tokens a method sends to the LLM for a batch of images.
+    """The tokens a pre-LLM method sends to the LLM for a batch of units.
 
-    - ``features``: (B, K, D) tokens in the order they are sent (before the projector).
+    - ``features``: (B, K, D) tokens in the order they are sent.
     - ``indices``: (B, K) index into ``VisionTokens.hidden`` of the token each output came from (for a
-      merged token, its target). Unique per row.
+      merged token, its target). Unique per row. Adapters use it for positions (Qwen's M-RoPE).
     - ``merged_from``: optional (B, T) long tensor: for each input token, the output slot it was merged
       into, or -1 if it was dropped (kept tokens map to their own slot). Used by visualisations.
     """
@@ -84,6 +92,32 @@ class Selection:
     features: torch.Tensor
     indices: torch.Tensor
     merged_from: torch.Tensor | None = None
+
+
+@dataclass
+class LLMTokens:
+    """What an in-LLM method sees when it acts before decoder layer ``layer`` (one prefill, B rows).
+
+    - ``hidden``: (B, L, D) hidden states entering that layer (L = the current sequence, padded).
+    - ``visual``: (B, L) bool, True at the current visual tokens.
+    - ``image``: (B, L) long, the image (0, 1, ... within its row) of each visual token, -1 elsewhere.
+    - ``keep``: per row, per image, how many of its visual tokens stay (host ints).
+    - ``last_query_attention``: () -> (B, L) attention probabilities of each row's last token over the
+      sequence in the previous layer, mean over heads (causal and padding masks applied).
+    - ``attention(rows)``: (B, R) long positions -> (B, H, R, L) attention probabilities of those query
+      rows in the previous layer (after RoPE, GQA expanded, masks applied). Only these rows are built.
+    """
+
+    hidden: torch.Tensor
+    visual: torch.Tensor
+    image: torch.Tensor
+    keep: list[list[int]]
+    attention: Callable[[torch.Tensor], torch.Tensor]
+    layer: int
+
+    def last_query_attention(self) -> torch.Tensor:
+        rows = torch.full((self.hidden.shape[0], 1), self.hidden.shape[1] - 1, device=self.hidden.device)
+        return self.attention(rows)[:, :, 0].mean(dim=1)
 
 
 @dataclass(frozen=True)
@@ -97,24 +131,87 @@ class Knob:
 
 
 @dataclass(frozen=True)
+class Budget:
+    """How many visual tokens of an image reach the LLM: ``tokens`` per image, or ``ratio`` of its count.
+
+    ``tokens`` counts tokens per image summed over its crops; ``ratio`` is a share of the image's
+    vanilla count, rounded (at least 1); ``ratio=1.0`` keeps everything.
+    """
+
+    tokens: int | None = None
+    ratio: float | None = None
+    label: str = "tokens"  # how the user spelled the budget, for error messages
+
+    def keep(self, vanilla: int, image: str = "an image") -> int:
+        """Tokens kept of an image the vanilla model sends ``vanilla`` tokens for (clear error if impossible)."""
+        if self.tokens is not None:
+            if self.tokens > vanilla:
+                raise ValueError(
+                    f"{self.label}={self.tokens} is larger than the {vanilla} visual tokens {image} has; "
+                    f"choose {self.label} <= {vanilla} (or ratio=r for a share of each image's tokens)"
+                )
+            return self.tokens
+        assert self.ratio is not None
+        return max(1, min(vanilla, round(self.ratio * vanilla)))
+
+    def describe(self) -> str:
+        return f"tokens={self.tokens}" if self.tokens is not None else f"ratio={self.ratio}"
+
+
+def parse_budget(knobs: dict[str, Any], required: bool = True) -> Budget | None:
+    """Pop ``tokens`` / ``ratio`` from ``knobs`` and validate them: one of the two, never both."""
+    tokens, ratio = knobs.pop("tokens", None), knobs.pop("ratio", None)
+    if tokens is not None and ratio is not None:
+        raise ValueError(f"pass tokens=N or ratio=r, not both (got tokens={tokens}, ratio={ratio})")
+    if tokens is not None:
+        return Budget(tokens=positive_int("tokens", tokens))
+    if ratio is not None:
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+            raise ValueError(f"ratio must be a number in (0, 1], got {ratio!r}; ratio=1.0 keeps every token")
+        return Budget(ratio=float(ratio))
+    if required:
+        raise ValueError("this method needs a budget: pass tokens=N (visual tokens per image) or ratio=r (0 < r <= 1)")
+    return None
+
+
+BUDGET_KNOBS = (
+    Knob("tokens", int, None, "visual tokens per image sent to the LLM (summed over its crops)"),
+    Knob("ratio", float, None, "or: that share of each image's vanilla token count (1.0 keeps all)"),
+)
+
+
+@dataclass(frozen=True)
 class MethodSpec:
     """A registered method.
 
-    - ``resolve(knobs, layout) -> dict``: validates user knobs against the model's token layout and
-      returns the complete knob dict the function is called with; raises ``ValueError`` naming the
-      problem and the fix.
-    - ``budget(resolved, layout) -> int``: tokens sent to the LLM per image.
-    - ``fn(tokens, **resolved) -> Selection``: the pure algorithm.
-    - ``needs``: the signals (see ``SIGNALS``) the adapter must compute for ``fn``.
+    - ``stage``: "vision" (the vision tower's output), "projector" (the projector's output) or "llm"
+      (inside the LLM, before decoder layer ``layer``).
+    - ``resolve(knobs) -> dict``: validates the user's knobs (budget knobs already popped into a
+      :class:`Budget`) and returns the knob dict ``fn`` is called with (``layer`` for stage "llm");
+      raises ``ValueError`` naming the problem and the fix.
+    - ``fn``: the pure algorithm. Pre-LLM: ``fn(tokens: VisionTokens, keep: int, **resolved) -> Selection``
+      with ``keep`` output tokens per unit. In-LLM: ``fn(tokens: LLMTokens, **resolved) -> (B, L) bool``
+      (True = the token stays; text tokens always stay; per row and image exactly ``keep`` visual tokens).
+    - ``needs``: the signals (see ``SIGNALS``) the adapter must compute for a pre-LLM ``fn``.
+    - ``budget(resolved)``: a budget fixed by the method's own knobs (VisionZip's dominant + contextual),
+      an alternative to ``tokens`` / ``ratio``; None when those knobs do not fix one.
+    - ``default_budget``: the budget when the user gives none (FastV: the paper's ratio 0.5); None = required.
     """
 
     name: str
     description: str
     knobs: tuple[Knob, ...]
-    fn: Callable[..., Selection]
-    resolve: Callable[[dict[str, Any], TokenLayout], dict[str, Any]]
-    budget: Callable[[dict[str, Any], TokenLayout], int]
+    fn: Callable[..., Any]
+    stage: str = "vision"
+    resolve: Callable[[dict[str, Any]], dict[str, Any]] = lambda knobs: knobs
     needs: frozenset[str] = field(default_factory=frozenset)
+    budget: Callable[[dict[str, Any]], Budget | None] = lambda resolved: None
+    default_budget: Budget | None = None
+    takes_budget: bool = True
+
+    def all_knobs(self) -> tuple[Knob, ...]:
+        """The method's knobs with the shared budget knobs first."""
+        return (BUDGET_KNOBS if self.takes_budget else ()) + self.knobs
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
@@ -124,6 +221,8 @@ def register(spec: MethodSpec) -> MethodSpec:
     """Add a method to the registry (one call per method file). Names are unique."""
     if spec.name in _REGISTRY:
         raise ValueError(f"method {spec.name!r} is already registered")
+    if spec.stage not in STAGES:
+        raise ValueError(f"method {spec.name!r} has unknown stage {spec.stage!r}; stages: {STAGES}")
     unknown = spec.needs - SIGNALS
     if unknown:
         raise ValueError(f"method {spec.name!r} needs unknown signals {sorted(unknown)}; known: {sorted(SIGNALS)}")
@@ -147,7 +246,7 @@ def registered() -> dict[str, MethodSpec]:
 
 def check_knobs(spec: MethodSpec, knobs: dict[str, Any]) -> None:
     """Raise a clear error for a knob the method does not have."""
-    names = {k.name for k in spec.knobs}
+    names = {k.name for k in spec.all_knobs()}
     for key in knobs:
         if key not in names:
             allowed = ", ".join(sorted(names)) or "none"
@@ -164,10 +263,14 @@ def positive_int(name: str, value: Any, *, allow_zero: bool = False) -> int:
     return value
 
 
-def check_budget(name: str, budget: int, available: int, what: str) -> None:
-    """Raise if a budget exceeds the tokens available, saying how many there are."""
-    if budget > available:
-        raise ValueError(
-            f"{name}={budget} is larger than the {available} {what} this model has per image; "
-            f"choose {name} <= {available}"
-        )
+def gather_tokens(hidden: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """(B, T, D) gathered at (B, K) indices -> (B, K, D)."""
+    return hidden.gather(1, idx.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+
+
+def true_positions(flags: torch.Tensor, count: int) -> torch.Tensor:
+    """Positions of the ``count`` non-zero entries of each row of ``flags`` (..., N), ascending.
+
+    A stable sort instead of boolean indexing: no device-to-host sync, so GPU work stays queued.
+    """
+    return flags.to(torch.int8).sort(dim=-1, descending=True, stable=True).indices[..., :count]

@@ -10,27 +10,45 @@ from typing import Any
 
 import torch
 
-from .base import Knob, MethodSpec, Selection, TokenLayout, VisionTokens, check_budget, positive_int, register
+from .base import Knob, MethodSpec, Selection, VisionTokens, gather_tokens, register
+
+# 64-bit mixing constants (SplitMix64), as signed int64 so torch's wrapping arithmetic applies.
+_GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15
+_MIX1 = -4658895280553007687  # 0xBF58476D1CE4E5B9
+_MIX2 = -7723592293110705685  # 0x94D049BB133111EB
 
 
-def gather_tokens(hidden: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """(B, T, D) gathered at (B, K) indices -> (B, K, D)."""
-    return hidden.gather(1, idx.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+def mix64(x: torch.Tensor) -> torch.Tensor:
+    """SplitMix64's finaliser on int64 tensors (wrapping): a cheap, well-spread hash, elementwise."""
+    x = x * _MIX1
+    x = x ^ ((x >> 31) & ((1 << 33) - 1))
+    x = x * _MIX2
+    return x ^ ((x >> 29) & ((1 << 35) - 1))
 
 
-def random_indices(candidates: torch.Tensor, batch: int, tokens: int, generator: torch.Generator) -> torch.Tensor:
-    """(B, tokens) indices drawn without replacement from ``candidates`` (N,), sorted per row."""
-    scores = torch.rand(batch, candidates.numel(), generator=generator)
-    pick = scores.topk(tokens, dim=1).indices.sort(dim=1).values
-    if candidates.device.type == "cuda":  # an async copy: no host sync in the middle of a forward
-        pick = pick.pin_memory().to(candidates.device, non_blocking=True)
-    return candidates[pick]
+def hashed_scores(seeds: torch.Tensor, seed: int, num: int) -> torch.Tensor:
+    """(B,) per-unit content seeds -> (B, num) int64 pseudo-random scores, computed on the seeds' device.
+
+    The same (unit seed, seed, position) always gives the same score: no generator state, no host sync.
+    """
+    positions = torch.arange(1, num + 1, device=seeds.device, dtype=torch.int64)
+    salt = torch.full_like(seeds, seed + 1, dtype=torch.int64) * _GOLDEN  # wraps in int64, as intended
+    base = mix64(seeds.to(torch.int64) + salt)
+    return mix64(base.unsqueeze(1) + positions * _GOLDEN)
 
 
-def random_sample(tokens: VisionTokens, tokens_per_image: int, seed: int) -> Selection:
-    """Keep ``tokens_per_image`` vanilla tokens chosen uniformly at random (seeded per call)."""
-    generator = torch.Generator().manual_seed(seed)
-    idx = random_indices(tokens.vanilla_indices(), tokens.hidden.shape[0], tokens_per_image, generator)
+def random_sample(tokens: VisionTokens, keep: int, seed: int) -> Selection:
+    """Keep ``keep`` vanilla tokens per unit chosen uniformly at random, in positional order.
+
+    The draw depends only on ``seed`` and the unit's pixels (``tokens.seeds``), so one image gets the same
+    tokens whatever its batch position or the batch size. (B, T, D) -> (B, keep, D).
+    """
+    candidates = tokens.vanilla_indices()
+    batch = tokens.hidden.shape[0]
+    seeds = tokens.seeds if tokens.seeds is not None else torch.zeros(batch, dtype=torch.int64)
+    scores = hashed_scores(seeds.to(candidates.device), seed, candidates.numel())
+    pick = scores.argsort(dim=1, descending=True, stable=True)[:, :keep].sort(dim=1).values
+    idx = candidates[pick]
     return Selection(features=gather_tokens(tokens.hidden, idx), indices=idx)
 
 
@@ -41,46 +59,30 @@ def stride_indices(num: int, tokens: int) -> torch.Tensor:
     return torch.floor(torch.linspace(0, num - 1, tokens, dtype=torch.float64) + 0.5).long()
 
 
-def spatial_sample(tokens: VisionTokens, tokens_per_image: int) -> Selection:
-    """Keep ``tokens_per_image`` vanilla tokens at a uniform stride over the sequence (raster order)."""
+def spatial_sample(tokens: VisionTokens, keep: int) -> Selection:
+    """Keep ``keep`` vanilla tokens per unit at a uniform stride in raster order: (B, T, D) -> (B, keep, D)."""
     candidates = tokens.vanilla_indices()
-    idx = candidates[stride_indices(candidates.numel(), tokens_per_image).to(candidates.device)]
+    idx = candidates[stride_indices(candidates.numel(), keep).to(candidates.device)]
     idx = idx.expand(tokens.hidden.shape[0], -1)
     return Selection(features=gather_tokens(tokens.hidden, idx), indices=idx)
 
 
-def _resolve_tokens(knobs: dict[str, Any], layout: TokenLayout) -> int:
-    if knobs.get("tokens") is None:
-        raise ValueError("this method needs a budget: pass tokens=N (visual tokens per image)")
-    budget = positive_int("tokens", knobs["tokens"])
-    check_budget("tokens", budget, layout.vanilla, "visual tokens")
-    return budget
-
-
-def resolve_random(knobs: dict[str, Any], layout: TokenLayout) -> dict[str, Any]:
-    """Validate ``tokens`` and ``seed``."""
+def resolve_random(knobs: dict[str, Any]) -> dict[str, Any]:
+    """Validate ``seed``."""
     seed = knobs.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an integer, got {seed!r}")
-    return {"tokens_per_image": _resolve_tokens(knobs, layout), "seed": seed}
-
-
-def resolve_spatial(knobs: dict[str, Any], layout: TokenLayout) -> dict[str, Any]:
-    """Validate ``tokens``."""
-    return {"tokens_per_image": _resolve_tokens(knobs, layout)}
+    return {"seed": seed}
 
 
 RANDOM = register(
     MethodSpec(
         name="random",
-        description="Random sampling: keep N visual tokens drawn uniformly (seeded), positional order.",
-        knobs=(
-            Knob("tokens", int, None, "visual tokens kept per image"),
-            Knob("seed", int, 0, "random seed (re-applied at every forward, so runs repeat)"),
-        ),
+        description="Random sampling: keep N visual tokens drawn uniformly (seeded by seed and the image), "
+        "positional order.",
+        knobs=(Knob("seed", int, 0, "random seed; with the image's pixels it fixes the draw"),),
         fn=random_sample,
         resolve=resolve_random,
-        budget=lambda k, layout: k["tokens_per_image"],
     )
 )
 
@@ -88,9 +90,8 @@ SPATIAL = register(
     MethodSpec(
         name="spatial",
         description="Spatial sampling: keep N visual tokens at a uniform stride in raster order.",
-        knobs=(Knob("tokens", int, None, "visual tokens kept per image"),),
+        knobs=(),
         fn=spatial_sample,
-        resolve=resolve_spatial,
-        budget=lambda k, layout: k["tokens_per_image"],
+        resolve=lambda knobs: {},
     )
 )

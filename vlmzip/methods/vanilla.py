@@ -1,26 +1,19 @@
 """The identity method: send exactly the tokens the unmodified model sends.
 
-It runs through all of vlmzip's machinery (hooks, sequence shrinking, generate wrapper) while changing
+It runs through all of vlmzip's machinery (hooks, sequence handling, generate wrapper) while changing
 nothing, so it must reproduce the vanilla model's logits bit for bit. Used as the no-op reference in
 tests and as the ``vanilla`` row of evaluations.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-from .base import MethodSpec, Selection, TokenLayout, VisionTokens, register
+from .base import MethodSpec, Selection, VisionTokens, register
 
 
-def keep_all(tokens: VisionTokens) -> Selection:
+def keep_all(tokens: VisionTokens, keep: int) -> Selection:
     """(B, T, D) -> (B, T_v, D): the vanilla tokens (prefix dropped unless the model sends it)."""
     idx = tokens.vanilla_indices().expand(tokens.hidden.shape[0], -1)
     return Selection(features=tokens.hidden[:, idx[0]], indices=idx)
-
-
-def resolve(knobs: dict[str, Any], layout: TokenLayout) -> dict[str, Any]:
-    """No knobs."""
-    return {}
 
 
 SPEC = register(
@@ -29,7 +22,7 @@ SPEC = register(
         description="No compression: every visual token the model normally sends (the reference).",
         knobs=(),
         fn=keep_all,
-        resolve=resolve,
-        budget=lambda k, layout: layout.vanilla,
+        resolve=lambda knobs: {},
+        takes_budget=False,
     )
 )

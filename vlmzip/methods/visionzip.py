@@ -9,6 +9,9 @@ Faithful to the authors' released behaviour (DESIGN.md section 3):
   stride (``step = max(1, R // C)``) and the rest; every other token joins the target whose
   L2-normalised key is most similar; a contextual token is its target plus the mean of its members.
 - output order: dominant tokens, then contextual tokens.
+
+Multi-crop models (LLaVA-NeXT) call it once per crop with that crop's share of the image's budget, as the
+authors' released code does; encoders without CLS (SigLIP, Qwen's ViT) rank by received attention.
 """
 
 from __future__ import annotations
@@ -18,14 +21,15 @@ from typing import Any
 import torch
 
 from .base import (
+    Budget,
     Knob,
     MethodSpec,
     Selection,
-    TokenLayout,
     VisionTokens,
-    check_budget,
+    gather_tokens,
     positive_int,
     register,
+    true_positions,
 )
 
 # The paper's LLaVA-1.5 splits: 64 = 54 + 10, 128 = 108 + 20, 192 = 162 + 30.
@@ -75,14 +79,6 @@ def remaining_indices(dominant_idx: torch.Tensor, total: int) -> torch.Tensor:
     return true_positions(rest, total - dominant_idx.shape[1])
 
 
-def true_positions(flags: torch.Tensor, count: int) -> torch.Tensor:
-    """Positions of the ``count`` non-zero entries of each row of ``flags`` (..., N), ascending.
-
-    A stable sort instead of boolean indexing: no device-to-host sync, so GPU work stays queued.
-    """
-    return flags.sort(dim=-1, descending=True, stable=True).indices[..., :count]
-
-
 def uniform_targets(num_remaining: int, contextual: int, device: torch.device | None = None) -> torch.Tensor:
     """(C,) positions of the contextual targets among R remaining tokens: 0, step, 2*step, ... first C."""
     step = max(1, num_remaining // contextual)
@@ -121,13 +117,24 @@ def merge_contextual(
     return tokens, targets, assign
 
 
-def visionzip(tokens: VisionTokens, dominant: int, contextual: int) -> Selection:
-    """VisionZip on a batch: (B, T, D) hidden -> (B, dominant + contextual, D) selection."""
+def visionzip(tokens: VisionTokens, keep: int, contextual_share: float = CONTEXTUAL_FRACTION) -> Selection:
+    """VisionZip on a batch of units, ``keep`` tokens each: (B, T, D) hidden -> (B, keep, D) selection.
+
+    ``keep`` splits into ``contextual = round(keep * contextual_share)`` contextual tokens and the rest
+    dominant (64 -> 54 + 10 at the paper's share; at least one dominant token).
+    """
+    contextual = round(keep * contextual_share)
+    dominant = max(1, keep - contextual)
+    return visionzip_select(tokens, dominant, keep - dominant)
+
+
+def visionzip_select(tokens: VisionTokens, dominant: int, contextual: int) -> Selection:
+    """VisionZip with an explicit split: (B, T, D) hidden -> (B, dominant + contextual, D) selection."""
     hidden = tokens.hidden
     batch, total, _ = hidden.shape
     has_cls = tokens.layout.num_prefix == 1
     dom_idx = select_dominant(tokens.cls_attention, tokens.received_attention, dominant, has_cls)
-    dom_tokens = hidden.gather(1, dom_idx.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+    dom_tokens = gather_tokens(hidden, dom_idx)
 
     merged_from = torch.full((batch, total), -1, dtype=torch.long, device=hidden.device)
     merged_from.scatter_(1, dom_idx, torch.arange(dominant, device=hidden.device).expand(batch, dominant))
@@ -137,8 +144,8 @@ def visionzip(tokens: VisionTokens, dominant: int, contextual: int) -> Selection
     if tokens.keys is None:
         raise ValueError("VisionZip's contextual tokens need the layer's keys")
     rest_idx = remaining_indices(dom_idx, total)
-    rest_hidden = hidden.gather(1, rest_idx.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-    rest_keys = tokens.keys.gather(1, rest_idx.unsqueeze(-1).expand(-1, -1, tokens.keys.shape[-1]))
+    rest_hidden = gather_tokens(hidden, rest_idx)
+    rest_keys = gather_tokens(tokens.keys, rest_idx)
     ctx_tokens, targets, assign = merge_contextual(rest_hidden, rest_keys, contextual)
     merged_from.scatter_(1, rest_idx, assign + dominant)
 
@@ -147,26 +154,26 @@ def visionzip(tokens: VisionTokens, dominant: int, contextual: int) -> Selection
     return Selection(features=features, indices=indices, merged_from=merged_from)
 
 
-def resolve(knobs: dict[str, Any], layout: TokenLayout) -> dict[str, Any]:
-    """Validate VisionZip knobs: ``tokens`` alone, or ``dominant`` and ``contextual``."""
-    if layout.num_prefix not in (0, 1):
-        raise ValueError(f"VisionZip supports encoders with one CLS token or none, not {layout.num_prefix}")
-    tokens = knobs.get("tokens")
-    dominant = knobs.get("dominant")
-    contextual = knobs.get("contextual")
-    if tokens is not None:
-        if dominant is not None or contextual is not None:
-            raise ValueError("pass either tokens=N or dominant=.. and contextual=.., not both")
-        dominant, contextual = split_budget(positive_int("tokens", tokens))
-    else:
-        if dominant is None:
-            raise ValueError("VisionZip needs a budget: tokens=N, or dominant=D and contextual=C (e.g. 54 and 10)")
-        contextual = 0 if contextual is None else contextual
+def resolve(knobs: dict[str, Any]) -> dict[str, Any]:
+    """Validate VisionZip's own knobs: ``dominant`` and ``contextual`` fix the budget and its split.
+
+    Without them (a ``tokens`` / ``ratio`` budget) the split is the paper's share, 10 of 64 contextual.
+    """
+    dominant, contextual = knobs.get("dominant"), knobs.get("contextual")
+    if dominant is None and contextual is None:
+        return {"contextual_share": CONTEXTUAL_FRACTION}
+    if dominant is None:
+        raise ValueError("VisionZip: pass dominant=D together with contextual=C (e.g. 54 and 10), or tokens=N")
     dominant = positive_int("dominant", dominant)
-    contextual = positive_int("contextual", contextual, allow_zero=True)
-    what = "visual tokens (CLS counted) the LLM can receive"
-    check_budget("dominant + contextual", dominant + contextual, layout.vanilla, what)
-    return {"dominant": dominant, "contextual": contextual}
+    contextual = positive_int("contextual", 0 if contextual is None else contextual, allow_zero=True)
+    return {"contextual_share": contextual / (dominant + contextual), "dominant": dominant, "contextual": contextual}
+
+
+def fixed_budget(resolved: dict[str, Any]) -> Budget | None:
+    """dominant + contextual per image, when the user gave them."""
+    if "dominant" in resolved:
+        return Budget(tokens=resolved.pop("dominant") + resolved.pop("contextual"), label="dominant + contextual")
+    return None
 
 
 SPEC = register(
@@ -174,13 +181,12 @@ SPEC = register(
         name="visionzip",
         description="VisionZip: CLS-attended dominant tokens + key-similarity merged contextual tokens.",
         knobs=(
-            Knob("tokens", int, None, "total budget per image; split ~84:16 (64 = 54 + 10)"),
-            Knob("dominant", int, None, "dominant tokens per image, CLS included"),
+            Knob("dominant", int, None, "dominant tokens per image, CLS included (with contextual: the budget)"),
             Knob("contextual", int, None, "contextual (merged) tokens per image"),
         ),
         fn=visionzip,
         resolve=resolve,
-        budget=lambda k, layout: k["dominant"] + k["contextual"],
+        budget=fixed_budget,
         needs=frozenset({"keys", "cls_attention", "received_attention"}),
     )
 )

@@ -1,0 +1,195 @@
+"""FastV inside the LLM against an eager, layer-by-layer reference written here; cache, batch, composition."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from conftest import TEST_CFG, load
+
+import vlmzip
+from vlmzip.tiny import build_llava
+
+NEW = 5
+
+
+@pytest.fixture(scope="module")
+def deep_dir(tmp_path_factory):
+    """The test LLaVA with 4 decoder layers, so pruned segments span several layers."""
+    out = tmp_path_factory.mktemp("tiny-llava-4")
+    build_llava(out, replace(TEST_CFG, text_layers=4))
+    return out
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    return torch.cat((-x[..., x.shape[-1] // 2 :], x[..., : x.shape[-1] // 2]), dim=-1)
+
+
+def eager_layer(layer, hidden, cos, sin, allowed):
+    """One Llama decoder layer with explicit attention probabilities: returns (output, probs (B, H, L, L))."""
+    attn = layer.self_attn
+    batch, length, _ = hidden.shape
+    x = layer.input_layernorm(hidden)
+    q = attn.q_proj(x).view(batch, length, -1, attn.head_dim).transpose(1, 2)
+    k = attn.k_proj(x).view(batch, length, -1, attn.head_dim).transpose(1, 2)
+    v = attn.v_proj(x).view(batch, length, -1, attn.head_dim).transpose(1, 2)
+    q = q * cos[:, None] + rotate_half(q) * sin[:, None]
+    k = k * cos[:, None] + rotate_half(k) * sin[:, None]
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    scores = (q @ k.transpose(-1, -2)) * attn.scaling
+    probs = torch.softmax(scores.masked_fill(~allowed[:, None], float("-inf")), dim=-1)
+    out = (probs @ v).transpose(1, 2).reshape(batch, length, -1)
+    hidden = hidden + attn.o_proj(out)
+    return hidden + layer.mlp(layer.post_attention_layernorm(hidden)), probs
+
+
+def fastv_reference(model, inputs, layer_k: int, keep: int, top: torch.Tensor | None = None):
+    """The released FastV algorithm on one unpadded prompt, eager and explicit.
+
+    Returns (logits of the kept sequence, the kept image positions). With ``top`` given, those image
+    positions are kept instead of ranking again: the KV-cache variant selects once per prefill, so
+    tokens generated later do not change the selection.
+    """
+    ids = inputs["input_ids"]
+    assert ids.shape[0] == 1
+    inner = model.model
+    embeds = inner.get_input_embeddings()(ids)
+    features = torch.cat(list(inner.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output))
+    image = ids == model.config.image_token_id
+    embeds = embeds.masked_scatter(image.unsqueeze(-1), features)
+    lm = inner.language_model
+    positions = torch.arange(ids.shape[1]).unsqueeze(0)
+    hidden = embeds
+    probs = None
+    for index, layer in enumerate(lm.layers):
+        if index == layer_k:  # rank image tokens by the last token's head-mean attention in layer K-1
+            if top is None:
+                scores = probs[0, :, -1, :].mean(0)
+                image_pos = image[0].nonzero().squeeze(1)
+                top = image_pos[scores[image_pos].topk(keep).indices]
+            kept = torch.cat([(~image[0]).nonzero().squeeze(1), top]).sort().values
+            hidden, positions = hidden[:, kept], positions[:, kept]
+        cos, sin = lm.rotary_emb(hidden, positions)
+        length = hidden.shape[1]
+        allowed = (positions[0].view(1, -1) <= positions[0].view(-1, 1)).unsqueeze(0).expand(1, length, length)
+        hidden, probs = eager_layer(layer, hidden, cos, sin, allowed)
+    return model.lm_head(lm.norm(hidden)), top
+
+
+@pytest.mark.parametrize(("layer_k", "keep"), [(2, 16), (1, 40), (3, 5)])
+def test_fastv_matches_the_eager_reference(deep_dir, processor, batch_inputs, layer_k, keep):
+    _, images, texts = batch_inputs
+    model = load(deep_dir)
+    single = processor(images=[images[0]], text=[texts[0]], return_tensors="pt")
+    with torch.no_grad():
+        expected, top = fastv_reference(model, single, layer_k, keep)
+        with vlmzip.compressed(model, "fastv", layer=layer_k, tokens=keep):
+            got = model(**single).logits
+            greedy = model.generate(**single, max_new_tokens=NEW, do_sample=False)
+    assert got.shape == expected.shape == (1, single["input_ids"].shape[1] - (64 - keep), got.shape[-1])
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+    ids = single["input_ids"]  # greedy decoding from the reference, one full recomputation per token
+    with torch.no_grad():
+        for _ in range(NEW):
+            step, _ = fastv_reference(model, {**single, "input_ids": ids}, layer_k, keep, top=top)
+            ids = torch.cat([ids, step[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(greedy, ids)
+
+
+def test_fastv_keep_all_reproduces_vanilla(deep_dir, batch_inputs):
+    inputs, _, _ = batch_inputs
+    model = load(deep_dir)
+    with torch.no_grad():
+        before = model(**inputs).logits
+        with vlmzip.compressed(model, "fastv", ratio=1.0):
+            during = model(**inputs).logits
+    torch.testing.assert_close(during, before, atol=1e-5, rtol=1e-5)
+
+
+def test_fastv_batch_equals_single_runs(deep_dir, processor, batch_inputs):
+    inputs, images, texts = batch_inputs
+    assert (inputs["attention_mask"][:, 0] == 0).any(), "the batch is left padded"
+    model = load(deep_dir)
+    vlmzip.compress(model, "fastv", tokens=20)
+    batched = model.generate(**inputs, max_new_tokens=NEW, do_sample=False, return_dict_in_generate=True,
+                             output_logits=True)
+    for i, (image, text) in enumerate(zip(images, texts, strict=True)):
+        single_inputs = processor(images=[image], text=[text], return_tensors="pt")
+        single = model.generate(**single_inputs, max_new_tokens=NEW, do_sample=False, return_dict_in_generate=True,
+                                output_logits=True)
+        assert torch.equal(single.sequences[0, single_inputs["input_ids"].shape[1]:],
+                           batched.sequences[i, inputs["input_ids"].shape[1]:])
+        torch.testing.assert_close(single.logits[0][0], batched.logits[0][i], atol=1e-4, rtol=1e-4)
+
+
+def test_rows_with_different_image_counts_prune_by_different_amounts(model, processor, batch_inputs):
+    _, images, _ = batch_inputs
+    two = "USER: <image>\n<image>\nsame shape ? ASSISTANT:"
+    one = "USER: <image>\nhow many ? ASSISTANT:"
+    inputs = processor(images=[images[0], images[1], images[2]], text=[two, one], return_tensors="pt", padding=True)
+    vlmzip.compress(model, "fastv", layer=1, tokens=10)
+    batched = model.generate(**inputs, max_new_tokens=NEW, do_sample=False)
+    for row, (text, imgs) in enumerate([(two, images[:2]), (one, images[2:])]):
+        single_inputs = processor(images=imgs, text=[text], return_tensors="pt")
+        single = model.generate(**single_inputs, max_new_tokens=NEW, do_sample=False)
+        assert torch.equal(single[0, single_inputs["input_ids"].shape[1]:], batched[row, inputs["input_ids"].shape[1]:])
+
+
+def test_fastv_cache_holds_only_kept_tokens_after_layer_k(deep_dir, batch_inputs):
+    inputs, _, _ = batch_inputs
+    model = load(deep_dir)
+    with vlmzip.compressed(model, "fastv", layer=2, tokens=8):
+        out = model.generate(**inputs, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
+    full = inputs["input_ids"].shape[1] + 1
+    assert [layer.keys.shape[2] for layer in out.cache.layers] == [full, full, full - 56, full - 56]
+
+
+def test_visionzip_then_fastv_compose(model, batch_inputs):
+    inputs, _, _ = batch_inputs
+    planned = vlmzip.plan(model, [("visionzip", {"tokens": 32}), ("fastv", {"tokens": 16, "layer": 1})])
+    assert (planned.vanilla_tokens, planned.tokens, planned.final_tokens) == (64, 32, 16)
+    assert planned.layer_avg_tokens == pytest.approx((32 * 1 + 16 * 1) / 2)
+    with vlmzip.compressed(model, [("visionzip", {"tokens": 32}), ("fastv", {"tokens": 16, "layer": 1})]):
+        with torch.no_grad():
+            logits = model(**inputs).logits
+        out = model.generate(**inputs, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
+    assert logits.shape[1] == inputs["input_ids"].shape[1] - (64 - 16)
+    assert out.cache.layers[0].keys.shape[2] == inputs["input_ids"].shape[1] - 32 + 1
+
+
+@pytest.mark.parametrize(
+    ("method", "match"),
+    [
+        ([("fastv", {"layer": 1}), ("visionzip", {"tokens": 8})], "pre-LLM methods before in-LLM"),
+        ([("visionzip", {"tokens": 8}), ("random", {"tokens": 4})], "at most one method"),
+        ([("fastv", {"layer": 2})], r"layer=2 is outside this LLM's decoder layers 1..1"),
+        ([("fastv", {"tokens": 65, "layer": 1})], "fastv: tokens=65 is larger than the 64"),
+    ],
+)
+def test_bad_compositions_get_clear_errors(model, method, match):
+    with pytest.raises(ValueError, match=match):
+        vlmzip.compress(model, method)
+    assert not vlmzip.is_compressed(model)
+
+
+def test_in_llm_methods_need_sdpa_or_eager(llava_dir):
+    model = load(llava_dir)
+    model.model.language_model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="attn_implementation='sdpa'"):
+        vlmzip.compress(model, "fastv", layer=1)
+
+
+def test_fastv_on_eager_attention_equals_sdpa(deep_dir, batch_inputs):
+    inputs, _, _ = batch_inputs
+    sdpa, eager = load(deep_dir), load(deep_dir, attn_implementation="eager")
+    with torch.no_grad():
+        with vlmzip.compressed(sdpa, "fastv", layer=1, tokens=12):
+            a = sdpa(**inputs).logits
+        with vlmzip.compressed(eager, "fastv", layer=1, tokens=12):
+            b = eager(**inputs).logits
+    pads = (inputs["attention_mask"] == 0).sum(dim=1, keepdim=True)  # left padding, before the image
+    real = torch.arange(a.shape[1]).unsqueeze(0) >= pads  # padding rows' logits are undefined in both
+    torch.testing.assert_close(a[real], b[real], atol=1e-4, rtol=1e-4)
