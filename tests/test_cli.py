@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import random_image
 
-from vlmzip.cli import main
+from vlmzip.cli import build_parser, main
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -71,3 +73,101 @@ def test_run_without_image_asks_a_lab_test_scene_its_own_question(llava_dir, cap
     out = capsys.readouterr().out
     assert "image:   lab test scene 0" in out and f"prompt:  {question}" in out
     assert "visual tokens per image: 64 -> 7" in out  # 64 of 576 at the same share of 64 patches
+
+
+def test_help_imports_neither_torch_nor_transformers():
+    # `vlmzip --help` and every command's --help must answer at once: importing torch + transformers takes
+    # seconds, so the parser (the lab train flags included) must build without them.
+    code = (
+        "import sys\n"
+        "from vlmzip.cli import build_parser, main\n"
+        "for argv in ([], ['list'], ['run'], ['demo'], ['eval'], ['bench'], ['lab'], ['lab', 'train']):\n"
+        "    assert main([*argv, '--help']) == 0, argv\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'vlmzip.api') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+def _commands(parser, prefix=()):
+    """(command words, parser) for the top-level parser and every sub-command, recursively."""
+    yield prefix, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                yield from _commands(child, (*prefix, name))
+
+
+def test_every_option_says_its_default_and_help_has_no_markup(capsys):
+    parser = build_parser()
+    commands = list(_commands(parser))
+    assert {" ".join(words) for words, _ in commands} >= {"", "run", "demo", "eval", "bench", "list", "lab train"}
+    for words, command in commands:
+        assert main([*words, "--help"]) == 0
+        text = capsys.readouterr().out
+        assert "``" not in text, f"reStructuredText markup in `vlmzip {' '.join(words)} --help`"
+        formatter = command._get_formatter()
+        for action in command._actions:
+            if not action.option_strings or isinstance(action, argparse._HelpAction):
+                continue
+            where = f"vlmzip {' '.join(words)} {action.option_strings[0]}"
+            assert action.help, f"{where} has no help text"
+            if isinstance(action, argparse._StoreTrueAction) or action.required:
+                continue
+            shown = formatter._expand_help(action)
+            assert "default" in shown, f"{where}: help does not show its default: {shown!r}"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["run", "--model", "MODEL", "--repeats", "1"],
+        ["demo", "--model", "MODEL", "--repeats", "1", "--out", "OUT/demo.png"],
+        ["eval", "--model", "MODEL", "--out", "OUT/eval", "--limit", "1"],
+        ["bench", "--model", "MODEL", "--repeats", "1"],
+        ["lab", "train", "--out", "OUT/lab", "--steps", "1"],
+    ],
+)
+def test_device_cuda_without_cuda_is_a_clear_error(llava_dir, tmp_path, capsys, argv):
+    argv = [a.replace("MODEL", str(llava_dir)).replace("OUT", str(tmp_path)) for a in argv]
+    assert main([*argv, "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert f"vlmzip {argv[0]}: error: --device cuda: CUDA is not available on this machine" in err
+    assert "Traceback" not in err
+    assert not any(tmp_path.iterdir()), "nothing is written before the device is checked"
+
+
+def test_device_that_is_no_device(llava_dir, capsys):
+    assert main(["run", "--model", str(llava_dir), "--device", "gpu0"]) == 2
+    assert "--device 'gpu0' is not a device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--batch-sizes", "0"], "argument --batch-sizes: must be >= 1, got 0"),
+        (["--batch-sizes", "1,-8"], "argument --batch-sizes: must be >= 1, got -8"),
+        (["--batch-sizes", ","], "argument --batch-sizes: expected a comma-separated list"),
+        (["--repeats", "0"], "argument --repeats: must be >= 1, got 0"),
+        (["--repeats", "-3"], "argument --repeats: must be >= 1, got -3"),
+    ],
+)
+def test_bench_rejects_non_positive_sizes_and_repeats(capsys, args, message):
+    assert main(["bench", *args]) == 2  # rejected while parsing: no model is loaded
+    err = capsys.readouterr().err
+    assert "vlmzip bench: error: " + message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", ["run", "demo"])
+def test_run_and_demo_reject_zero_repeats(capsys, command):
+    assert main([command, "--repeats", "0"]) == 2
+    assert f"vlmzip {command}: error: argument --repeats: must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_image_path_that_is_a_directory(llava_dir, tmp_path, capsys):
+    code = main(["run", "--model", str(llava_dir), "--image", str(tmp_path), "--prompt", "what ?", "--repeats", "1"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"vlmzip run: error: image path {tmp_path} is a directory" in err and "does not exist" not in err

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from vlmzip.cli import main
 from vlmzip.eval import data
 from vlmzip.eval.data import DatasetFormatError, content_hash, load_dataset, load_image, write_dataset
 from vlmzip.lab import scenes
@@ -126,6 +127,50 @@ def test_format_errors_name_the_line_and_field(tmp_path: Path, lines: list[str],
         load_dataset(folder)
     for fragment in expected:
         assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("image", "why"),
+    [
+        ("../outside.png", "leaves the dataset folder"),
+        ("images/../../outside.png", "leaves the dataset folder"),
+        ("..\\outside.png", "leaves the dataset folder"),
+        ("ABSOLUTE", "is an absolute path"),
+        ("C:\\data\\outside.png", "is an absolute path"),
+        ("C:outside.png", "is an absolute path"),
+    ],
+)
+def test_image_paths_must_stay_inside_the_folder(tmp_path: Path, capsys, image: str, why: str) -> None:
+    outside = tmp_path / "outside.png"
+    Image.new("RGB", (8, 8)).save(outside)  # the file exists: the path is refused for where it points
+    image = str(outside) if image == "ABSOLUTE" else image
+    folder = make_folder(tmp_path / "data", [good(), good(id="q2", image=image)])
+    with pytest.raises(DatasetFormatError) as info:
+        load_dataset(folder)
+    assert f"line 2: image {image!r} {why}" in str(info.value) and "relative to the dataset folder" in str(info.value)
+
+    out = tmp_path / "out"
+    assert main(["eval", "--data", str(folder), "--out", str(out)]) == 2
+    assert f"vlmzip eval: error: {folder / 'data.jsonl'}, line 2: image {image!r} {why}" in capsys.readouterr().err
+    assert not out.exists(), "refused before anything is written"
+
+
+def test_image_paths_inside_the_folder_may_go_through_a_symlink(tmp_path: Path) -> None:
+    shared = make_folder(tmp_path / "shared", [])
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "images").symlink_to(shared / "images")  # e.g. images kept on another disk
+    make_folder(folder, [good(image="./images/a.png")], images=())
+    (record,) = load_dataset(folder)
+    assert load_image(record).size == (8, 8)
+
+
+def test_write_dataset_refuses_paths_outside_the_folder(tmp_path: Path) -> None:
+    image = Image.new("RGB", (4, 4))
+    record = {"id": "a", "image": "../x.png", "question": "q", "answers": ["a"], "type": "count"}
+    with pytest.raises(DatasetFormatError, match="leaves the dataset folder"):
+        write_dataset(tmp_path / "data", [("../x.png", image, [record])])
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_missing_folder_or_jsonl(tmp_path: Path) -> None:

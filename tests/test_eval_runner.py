@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
+from transformers import LlavaForConditionalGeneration
 
 from vlmzip.cli import main
+from vlmzip.eval.data import load_folder
 from vlmzip.eval.report import retention_table
 from vlmzip.lab.scenes import write_split
 
@@ -126,3 +130,117 @@ def test_eval_default_budgets_are_the_papers_scaled_to_the_model(llava_dir, data
     results = json.loads((out / "results.json").read_text())
     assert [r["key"] for r in results["runs"]] == ["vanilla", "visionzip@21", "visionzip@14", "visionzip@7"]
     assert [r["tokens"] for r in results["runs"]] == [64, 21, 14, 7]
+
+
+def test_eval_interrupted_says_how_to_resume(llava_dir, data_dir, tmp_path, capsys, monkeypatch):
+    from vlmzip.eval import runner
+
+    out = tmp_path / "ev"
+    real, calls = runner.answer_batch, []
+
+    def interrupted_on_second_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "answer_batch", interrupted_on_second_batch)
+    argv = ["eval", "--model", str(llava_dir), "--data", str(data_dir), "--out", str(out), *ARGS, "--batch-size", "4"]
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "vlmzip eval: interrupted" in err and "rerun the same command" in err
+    assert "vlmzip " + " ".join(argv) in err
+    kept = lines(out / "predictions" / "vanilla.jsonl")
+    assert len(kept) == 4, "the batch answered before Ctrl-C is kept"
+
+    monkeypatch.setattr(runner, "answer_batch", real)
+    assert main(argv) == 0
+    resumed = lines(out / "predictions" / "vanilla.jsonl")
+    assert resumed[:4] == kept and len(resumed) == 6
+
+
+def test_eval_refuses_a_folder_holding_other_files(llava_dir, data_dir, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("my notes")
+    assert evaluate(llava_dir, data_dir, out) == 2
+    assert "is not empty and holds no vlmzip evaluation (notes.txt)" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"] and (out / "notes.txt").read_text() == "my notes"
+    (tmp_path / "file").write_text("x")
+    assert evaluate(llava_dir, data_dir, tmp_path / "file") == 2
+    assert "is a file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "message"),
+    [
+        (["--limit", "6"], ["--limit", "4"], "limit: 6 there, 4 now"),
+        (["--batch-size", "4"], ["--batch-size", "2"], "batch_size: 4 there, 2 now"),
+        (["--match", "exact"], ["--match", "relaxed"], "match: exact there, relaxed now"),
+    ],
+)
+def test_eval_refuses_another_evaluation_into_the_same_folder(llava_dir, data_dir, tmp_path, capsys, first, second,
+                                                              message):
+    out = tmp_path / "ev"
+    assert evaluate(llava_dir, data_dir, out, *first) == 0
+    before = {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert evaluate(llava_dir, data_dir, out, *second) == 2
+    err = capsys.readouterr().err
+    assert "holds results of a different evaluation" in err and message in err and "new --out folder" in err
+    assert {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before, "nothing was overwritten"
+
+
+def test_eval_never_resumes_a_new_checkpoint_into_old_predictions(llava_dir, data_dir, tmp_path, capsys):
+    model_dir = tmp_path / "model"
+    shutil.copytree(llava_dir, model_dir)
+    out = tmp_path / "ev"
+    argv = ["eval", "--model", str(model_dir), "--data", str(data_dir), "--out", str(out), *ARGS]
+    assert main(argv) == 0
+    identity = json.loads((out / "identity.json").read_text())
+    assert len(identity["weights_sha256"]) == 64
+    model = LlavaForConditionalGeneration.from_pretrained(model_dir)
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] += 1.0  # a new checkpoint saved over the old one, same path
+    model.save_pretrained(model_dir)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "different evaluation (weights_sha256: " + identity["weights_sha256"][:12] in err
+    assert "model:" not in err, "only the weights differ"
+
+
+def test_eval_with_other_methods_keeps_the_earlier_columns(llava_dir, data_dir, tmp_path):
+    out = tmp_path / "ev"
+    base = ["eval", "--model", str(llava_dir), "--data", str(data_dir), "--out", str(out), "--limit", "4",
+            "--max-new-tokens", "2"]
+    assert main([*base, "--methods", "vanilla,visionzip", "--tokens", "16"]) == 0
+    vanilla = (out / "predictions" / "vanilla.jsonl").read_text()
+    assert main([*base, "--methods", "random", "--tokens", "8,16"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert [r["key"] for r in results["runs"]] == ["vanilla", "visionzip@16", "random@8", "random@16"]
+    assert (out / "predictions" / "vanilla.jsonl").read_text() == vanilla, "vanilla is not evaluated again"
+    table = (out / "table.md").read_text()
+    assert "| visionzip | 16 |" in table and "| random | 8 |" in table
+
+
+def test_off_vocabulary_is_judged_against_the_whole_dataset(llava_dir, data_dir, tmp_path, monkeypatch):
+    from vlmzip.eval import runner
+
+    dataset = load_folder(data_dir)
+    subset = dataset[:6]  # --limit 6 (ARGS)
+    outside = {}  # per type, a gold answer of the dataset that no question of the subset has
+    for record in dataset[6:]:
+        if not any(record.answers[0] in r.answers for r in subset if r.type == record.type):
+            outside.setdefault(record.type, record.answers[0])
+    wrong = sum(r.type in outside for r in subset)
+    assert wrong >= 3
+
+    def valid_but_wrong(model, processor, records, max_new_tokens):
+        return [outside.get(r.type, r.answers[0]) for r in records]
+
+    monkeypatch.setattr(runner, "answer_batch", valid_but_wrong)
+    out = tmp_path / "ev"
+    assert evaluate(llava_dir, data_dir, out, "--methods", "vanilla") == 0
+    scores = json.loads((out / "results.json").read_text())["runs"][0]["scores"]
+    assert scores["off_vocabulary"] == 0.0, "answers in the dataset's vocabulary are in format"
+    assert scores["accuracy"] == pytest.approx(1 - wrong / 6)

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from vlmzip.eval.data import Record
 from vlmzip.eval.scorers import (
+    answer_vocabulary,
     exact_match,
     is_yes,
     normalize_answer,
@@ -155,3 +156,17 @@ def test_score_records_mappings_relaxed_and_empty() -> None:
     assert score_records(shape)["off_vocabulary"] == pytest.approx(1 / 3)  # wrong "star" is still in format
     with pytest.raises(ValueError, match="unknown match"):
         score_records(rows, match="fuzzy")
+
+
+def test_off_vocabulary_takes_the_whole_datasets_vocabulary() -> None:
+    dataset = [record(0, "shape", "circle"), record(1, "shape", "star"), record(2, "count", "3")]
+    subset = [(dataset[0], "star"), (dataset[2], "three"), (record(3, "color", "red"), "blue")]
+    # alone, the subset knows no "star" shape: a valid wrong answer would count as out of format
+    assert score_records(subset)["off_vocabulary"] == pytest.approx(2 / 3)
+    vocabulary = answer_vocabulary(dataset)
+    assert vocabulary == {"shape": {"circle", "star"}, "count": {"3"}}
+    assert answer_vocabulary([{"answers": ["Two."], "type": "count"}]) == {"count": {"2"}}
+    # with it, only "blue" (no color in the dataset's vocabulary, nor in the subset's) is out of format
+    result = score_records(subset, vocabulary=vocabulary)
+    assert result["off_vocabulary"] == pytest.approx(1 / 3)
+    assert result["accuracy"] == score_records(subset)["accuracy"], "the vocabulary changes no score"

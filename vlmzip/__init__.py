@@ -6,19 +6,25 @@
     vlmzip.decompress(model)
 """
 
-from .api import (
-    PAPER_BUDGETS,
-    Plan,
-    compress,
-    compressed,
-    decompress,
-    is_compressed,
-    list_methods,
-    paper_budget,
-    plan,
-    recorded,
-    state_of,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .api import (
+        PAPER_BUDGETS,
+        Plan,
+        compress,
+        compressed,
+        decompress,
+        is_compressed,
+        list_methods,
+        paper_budget,
+        plan,
+        recorded,
+        state_of,
+    )
 
 __all__ = [
     "PAPER_BUDGETS",
@@ -34,3 +40,17 @@ __all__ = [
     "state_of",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    # The API is imported on first use, not with the package: `import vlmzip.cli` (and so `vlmzip --help`)
+    # must not pay for importing torch and transformers (seconds).
+    if name in __all__:
+        value = getattr(importlib.import_module(".api", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

@@ -1,29 +1,83 @@
 """The ``vlmzip`` command line: a thin layer over the library API.
 
-    vlmzip list                      registered methods and their knobs
-    vlmzip run [--model DIR] [--image FILE] [--prompt TEXT] [--method visionzip] [--tokens 64]
-    vlmzip eval --data DIR|lab-test --methods vanilla,visionzip --tokens 192,128,64 --out DIR
-    vlmzip bench --model arch:llava-1.5-7b --device cuda --dtype float16
-    vlmzip demo                      one lab scene, vanilla vs VisionZip, kept-token picture
-    vlmzip lab train --out DIR       train the lab mini-VLM (resumable)
+torch, transformers and the API are imported inside the commands that run a model, never at import time,
+so that ``vlmzip --help`` and every ``vlmzip COMMAND --help`` answer at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    from torch import nn
 
-from .adapters import adapter_for
-from .api import PAPER_BUDGETS, list_methods, paper_budget, plan
+DESCRIPTION = """\
+Send a vision-language model far fewer visual tokens, and measure what it costs in accuracy and buys in speed.
 
+examples:
+  vlmzip demo                      one lab scene: vanilla vs VisionZip answers, speedup, kept-token picture
+  vlmzip run --image FILE --prompt "What is in the image?" --method visionzip --tokens 64
+  vlmzip eval --methods vanilla,visionzip,random --out runs/eval
+  vlmzip bench --model arch:llava-1.5-7b --device cuda --dtype float16
+  vlmzip list                      registered methods and their knobs
+  vlmzip lab train --out runs/lab  retrain the lab mini-VLM (resumable)
+
+Run "vlmzip COMMAND --help" for the options of a command.
+"""
 PAPER_BUDGETS_HELP = (
     "budgets, e.g. 192,128,64 (default: the papers' 192,128,64 of LLaVA-1.5's 576 patches, scaled to the "
     "model's patch count: 85,57,28 for the 256-patch lab model)"
 )
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps descriptions as written and ends each option's help with its default, unless the help already
+    says what the default is (options whose default is None describe it in words)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        shown = action.default not in (None, False, argparse.SUPPRESS) and action.option_strings
+        if shown and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def resolve_device(name: str) -> str:
+    """``--device``: ``auto`` -> cuda when available, else cpu; a clear ValueError for a device this machine
+    does not have (rather than a traceback from deep inside torch)."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA support" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ValueError(f"--device {name}: CUDA is not available on this machine ({why}); use --device cpu")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"--device {name}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: MPS is not available on this machine; use --device cpu")
+    return name
 
 
 def parse_knobs(args: argparse.Namespace) -> dict[str, Any]:
@@ -41,8 +95,11 @@ def parse_knobs(args: argparse.Namespace) -> dict[str, Any]:
     return knobs
 
 
-def method_knobs(args: argparse.Namespace, model: torch.nn.Module) -> dict[str, Any]:
+def method_knobs(args: argparse.Namespace, model: nn.Module) -> dict[str, Any]:
     """The knobs of ``vlmzip run`` / ``demo``: as given, or else the papers' 64-of-576 budget scaled to the model."""
+    from .adapters import adapter_for
+    from .api import paper_budget
+
     knobs = parse_knobs(args)
     if not knobs and args.method != "vanilla":
         knobs = {"tokens": paper_budget(model, 64)}
@@ -62,21 +119,28 @@ def _parse_value(raw: str) -> Any:
 
 
 def add_method_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--method", default="visionzip", help="a registered method (see `vlmzip list`)")
+    parser.add_argument("--method", default="visionzip", help='a registered method (see "vlmzip list")')
     parser.add_argument(
         "--tokens", type=int, help="visual tokens per image sent to the LLM (default: 64 of 576, scaled to the model)"
     )
-    parser.add_argument("--dominant", type=int, help="VisionZip: dominant tokens (CLS included)")
-    parser.add_argument("--contextual", type=int, help="VisionZip: contextual tokens")
-    parser.add_argument("--knob", action="append", metavar="KEY=VALUE", help="any other method knob")
+    parser.add_argument(
+        "--dominant", type=int, help="VisionZip: dominant tokens, CLS included (default: from --tokens)"
+    )
+    parser.add_argument("--contextual", type=int, help="VisionZip: contextual tokens (default: from --tokens)")
+    parser.add_argument(
+        "--knob", action="append", metavar="KEY=VALUE", help="any other method knob, repeatable (default: none)"
+    )
 
 
 def add_device_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                        help="dtype the model runs in")
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    from .api import list_methods
+
     for method in list_methods():
         print(f"{method['name']:<12} {method['description']}")
         for knob in method["knobs"]:
@@ -117,7 +181,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:  # a test scene of the lab benchmark, with its own first question unless --prompt is given
         image, _, qas = scenes.sample(scenes.SPLITS["test"].seed, 0)
         prompt, source = args.prompt or qas[0].question, "lab test scene 0"
-    model, processor = load_model(args.model, device=args.device, dtype=args.dtype)
+    model, processor = load_model(args.model, device=resolve_device(args.device), dtype=args.dtype)
     result = compare_answers(model, processor, image, prompt, args.method, method_knobs(args, model),
                              repeats=args.repeats, max_new_tokens=args.max_new_tokens)
     print(f"model:   {model_name(args)}  [{type(model).__name__}]")
@@ -128,6 +192,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from .adapters import adapter_for
     from .compare import compare_answers, describe
     from .io import load_model
     from .lab import scenes
@@ -138,7 +203,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if not wanted:
         raise ValueError(f"test scene {args.index} has no {args.type!r} question; try another --index")
     qa = wanted[0]
-    model, processor = load_model(args.model, device=args.device, dtype=args.dtype)
+    model, processor = load_model(args.model, device=resolve_device(args.device), dtype=args.dtype)
     result = compare_answers(model, processor, image, qa.question, args.method, method_knobs(args, model),
                              repeats=args.repeats, max_new_tokens=args.max_new_tokens)
     print(f"model:   {model_name(args)}  [{type(model).__name__}]")
@@ -159,12 +224,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _csv(cast: type) -> Any:
+def _csv(cast: Any) -> Any:
+    """argparse type: a comma-separated, non-empty list of ``cast`` values."""
+
     def parse(text: str) -> list:
         try:
-            return [cast(part) for part in text.split(",") if part.strip()]
+            values = [cast(part.strip()) for part in text.split(",") if part.strip()]
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}") from None
+        except argparse.ArgumentTypeError as err:
+            raise argparse.ArgumentTypeError(f"{err} (in {text!r})") from None
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+        return values
 
     return parse
 
@@ -175,7 +247,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg = EvalConfig(
         data=args.data, out=args.out, model=args.model, methods=args.methods, tokens=args.tokens,
         limit=args.limit, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, match=args.match,
-        device=args.device, dtype=args.dtype,
+        device=resolve_device(args.device), dtype=args.dtype,
     )
     evaluate(cfg)
     print((Path(args.out) / "table.md").read_text())
@@ -184,9 +256,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from .api import PAPER_BUDGETS, paper_budget, plan
     from .bench import bench_prefill, format_rows
     from .io import batch_inputs, load_model
 
+    args.device = resolve_device(args.device)
     model, processor = load_model(args.model, device=args.device, dtype=args.dtype)
     image = default_image()
     tokens = args.tokens or [paper_budget(model, t) for t in PAPER_BUDGETS]
@@ -205,76 +281,108 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="vlmzip", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
+def cmd_lab_train(args: argparse.Namespace) -> int:
+    """``vlmzip lab train``: checks --device, then trains (``vlmzip.lab.train.cmd_train``)."""
+    if args.device is not None:
+        resolve_device(args.device)
+    from .lab import train
 
-    p_list = sub.add_parser("list", help="list registered methods and their knobs")
+    return train.cmd_train(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line; builds without importing torch or transformers."""
+    from .lab import train_config
+
+    parser = argparse.ArgumentParser(prog="vlmzip", description=DESCRIPTION, formatter_class=HelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, summary: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".",
+                              formatter_class=HelpFormatter)
+
+    p_list = command("list", "list registered methods and their knobs")
     p_list.set_defaults(func=cmd_list)
 
-    p_run = sub.add_parser("run", help="answer one question vanilla and compressed; compare time to first token")
+    p_run = command("run", "answer one question vanilla and compressed; compare time to first token")
     p_run.add_argument(
-        "--model", help="checkpoint folder, or arch:llava-1.5-7b (random weights); default: the lab mini-VLM"
+        "--model", help="checkpoint folder, or arch:llava-1.5-7b (random weights) (default: the lab mini-VLM)"
     )
     p_run.add_argument("--image", help="image file (default: a procedural lab scene)")
     p_run.add_argument("--prompt", help="the question (default: the lab scene's own question; needed with --image)")
     add_method_args(p_run)
-    p_run.add_argument("--max-new-tokens", type=int, default=16)
-    p_run.add_argument("--repeats", type=int, default=5, help="timed repeats per side (median reported)")
+    p_run.add_argument("--max-new-tokens", type=positive_int, default=16, help="length limit of each answer")
+    p_run.add_argument("--repeats", type=positive_int, default=5, help="timed repeats per side (median reported)")
     add_device_args(p_run)
     p_run.set_defaults(func=cmd_run)
 
-    p_demo = sub.add_parser("demo", help="one lab scene: vanilla vs compressed answers, speedup, kept-token picture")
-    p_demo.add_argument("--model", help="checkpoint folder (default: the built-in default model)")
+    p_demo = command("demo", "one lab scene: vanilla vs compressed answers, speedup, kept-token picture")
+    p_demo.add_argument("--model", help="checkpoint folder (default: the lab mini-VLM)")
     p_demo.add_argument("--index", type=int, default=3, help="which test-split scene")
-    p_demo.add_argument("--type", choices=["presence", "count", "color", "shape", "spatial", "text", "detail"])
+    p_demo.add_argument("--type", choices=["presence", "count", "color", "shape", "spatial", "text", "detail"],
+                        help="question type to ask (default: the scene's first question)")
     add_method_args(p_demo)
-    p_demo.add_argument("--max-new-tokens", type=int, default=8)
-    p_demo.add_argument("--repeats", type=int, default=5)
+    p_demo.add_argument("--max-new-tokens", type=positive_int, default=8, help="length limit of each answer")
+    p_demo.add_argument("--repeats", type=positive_int, default=5, help="timed repeats per side (median reported)")
     p_demo.add_argument("--out", default="vlmzip-demo.png", help="where to write the kept-token picture")
     add_device_args(p_demo)
     p_demo.set_defaults(func=cmd_demo)
 
-    from .lab import train as lab_train
+    p_lab = command("lab", "the offline lab: train the mini-VLM")
+    lab_commands = p_lab.add_subparsers(dest="lab_command", required=True, metavar="LAB_COMMAND")
+    train_config.add_parser(lab_commands, func=cmd_lab_train)
 
-    p_lab = sub.add_parser("lab", help="the offline lab: train the mini-VLM")
-    lab_train.add_parser(p_lab.add_subparsers(dest="lab_command", required=True))
-
-    p_eval = sub.add_parser("eval", help="accuracy of methods x budgets vs vanilla on a dataset")
-    p_eval.add_argument("--model", help="checkpoint folder (default: as for `vlmzip run`)")
-    p_eval.add_argument("--data", default="lab-test", help="dataset folder or lab-test / lab-val / lab-test-small")
-    p_eval.add_argument("--methods", type=_csv(str), default=["vanilla", "visionzip"], help="e.g. vanilla,visionzip")
+    p_eval = command("eval", "accuracy of methods x budgets vs vanilla on a dataset")
+    p_eval.add_argument("--model", help="checkpoint folder (default: the lab mini-VLM)")
+    p_eval.add_argument("--data", default="lab-test", help="dataset folder, or lab-test / lab-val / lab-test-small")
+    p_eval.add_argument("--methods", type=_csv(str), default="vanilla,visionzip",
+                        help="comma-separated methods; vanilla is always evaluated, once, as the reference")
     p_eval.add_argument("--tokens", type=_csv(int), help=PAPER_BUDGETS_HELP)
-    p_eval.add_argument("--limit", type=int, help="evaluate only the first N questions")
-    p_eval.add_argument("--batch-size", type=int, default=8)
-    p_eval.add_argument("--max-new-tokens", type=int, default=8)
-    p_eval.add_argument("--match", default="exact", choices=["exact", "relaxed"])
-    p_eval.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
+    p_eval.add_argument("--limit", type=int, help="evaluate only the first N questions (default: all)")
+    p_eval.add_argument("--batch-size", type=int, default=8, help="questions per generate call")
+    p_eval.add_argument("--max-new-tokens", type=int, default=8, help="length limit of each answer")
+    p_eval.add_argument("--match", default="exact", choices=["exact", "relaxed"],
+                        help="exact: normalised answer equals a gold answer; relaxed: or starts with one")
+    p_eval.add_argument("--out", required=True,
+                        help="output folder, new or empty, or one of this evaluation (rerun the same command to "
+                        "resume; required)")
     add_device_args(p_eval)
     p_eval.set_defaults(func=cmd_eval)
 
-    p_bench = sub.add_parser("bench", help="prefill / time-to-first-token speedups vs vanilla, with the ideal")
-    p_bench.add_argument("--model", help="checkpoint folder or arch:llava-1.5-7b (default: as for `vlmzip run`)")
-    p_bench.add_argument("--methods", type=_csv(str), default=["visionzip"])
+    p_bench = command("bench", "prefill / time-to-first-token speedups vs vanilla, with the ideal")
+    p_bench.add_argument("--model", help="checkpoint folder or arch:llava-1.5-7b (default: the lab mini-VLM)")
+    p_bench.add_argument("--methods", type=_csv(str), default="visionzip", help="comma-separated methods to time")
     p_bench.add_argument("--tokens", type=_csv(int), help=PAPER_BUDGETS_HELP)
-    p_bench.add_argument("--batch-sizes", type=_csv(int), default=[1, 8])
-    p_bench.add_argument("--repeats", type=int, default=10)
-    p_bench.add_argument("--prompt", default="What color is the small object?")
+    p_bench.add_argument("--batch-sizes", type=_csv(positive_int), default="1,8",
+                         help="comma-separated batch sizes (images per prefill)")
+    p_bench.add_argument("--repeats", type=positive_int, default=10, help="timed repeats per configuration (median)")
+    p_bench.add_argument("--prompt", default="What color is the small object?",
+                         help="the question sent with each image")
     add_device_args(p_bench)
     p_bench.set_defaults(func=cmd_bench)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``vlmzip`` command; returns the exit code (2 with a message on bad input)."""
-    args = build_parser().parse_args(argv)
+    """Entry point of the ``vlmzip`` command; returns the exit code: 2 with a message on bad input (argparse's
+    usage errors included), 130 after Ctrl-C."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:  # --help (0) or a usage error argparse has already printed (2)
+        return stop.code if isinstance(stop.code, int) else 0 if stop.code is None else 2
     try:
         return args.func(args)
     except ValueError as err:
         print(f"vlmzip {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        message = f"\nvlmzip {args.command}: interrupted"
+        if args.command == "eval":
+            message += (f"; the answers so far are kept in {args.out}/predictions. To resume, rerun the same "
+                        f"command:\n  {shlex.join(['vlmzip', *argv])}")
+        print(message, file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -76,6 +76,8 @@ def load_model(
 def read_image(path: str | Path) -> Image.Image:
     """Open an image file as RGB; a clear ``ValueError`` if it is missing or cannot be decoded."""
     p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"image path {p} is a directory; pass an image file (PNG or JPEG)")
     if not p.is_file():
         raise ValueError(f"image file {p} does not exist")
     try:

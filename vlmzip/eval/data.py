@@ -30,6 +30,7 @@ from .format import (
     REQUIRED_FIELDS,
     DatasetFormatError,
     Record,
+    check_image_path,
     content_hash,
     load_folder,
     load_image,
@@ -120,6 +121,6 @@ def ensure_lab_dataset(name: str, *, verify: bool = True) -> Path:
 
 __all__ = [
     "DatasetFormatError", "FORMAT_HINT", "HASH_METHOD", "LAB_DATASETS", "REQUIRED_FIELDS", "Record",
-    "content_hash", "ensure_lab_dataset", "load_dataset", "load_folder", "load_image",
+    "check_image_path", "content_hash", "ensure_lab_dataset", "load_dataset", "load_folder", "load_image",
     "validate_record", "write_dataset",
 ]  # fmt: skip

@@ -23,10 +23,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from PIL import Image
@@ -87,6 +88,23 @@ def validate_record(obj: Any, where: str) -> None:
             ok = isinstance(value, str) and (name == "question" or value != "")
         if not ok:
             raise DatasetFormatError(f"{where}: field {name!r} must be {kind}, got {value!r}; {FORMAT_HINT}")
+    check_image_path(obj["image"], where)
+
+
+def check_image_path(rel: str, where: str) -> None:
+    """Raise DatasetFormatError unless ``rel`` is a relative path that stays inside the dataset folder: no
+    absolute path (``/x.png``, ``C:\\x.png``) and no ``..`` component, so that a dataset can neither read
+    nor (``write_dataset``) write files outside its folder."""
+    why = None
+    if PurePosixPath(rel).is_absolute() or PureWindowsPath(rel).is_absolute() or PureWindowsPath(rel).drive:
+        why = "is an absolute path"
+    elif ".." in re.split(r"[\\/]", rel):
+        why = "leaves the dataset folder ('..')"
+    if why:
+        raise DatasetFormatError(
+            f"{where}: image {rel!r} {why}; image paths must be relative to the dataset folder and stay inside "
+            'it, e.g. "images/0001.png"'
+        )
 
 
 def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
@@ -205,6 +223,7 @@ def write_dataset(
     lines: list[str] = []
     written: set[str] = set()
     for rel, image, records in samples:
+        check_image_path(rel, f"image {len(written)}")
         if rel in written:
             raise ValueError(f"image {rel!r} written twice")
         written.add(rel)
@@ -238,5 +257,5 @@ def write_dataset(
 
 __all__ = [
     "DatasetFormatError", "FOLDER_HINT", "FORMAT_HINT", "HASH_METHOD", "REQUIRED_FIELDS", "Record",
-    "content_hash", "load_folder", "load_image", "validate_record", "write_dataset",
+    "check_image_path", "content_hash", "load_folder", "load_image", "validate_record", "write_dataset",
 ]  # fmt: skip

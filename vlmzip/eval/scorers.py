@@ -139,7 +139,25 @@ def _unpack(item: Any) -> tuple[str, list[str], str, str | None]:
     return str(prediction), list(record.answers), str(record.type), subtype
 
 
-def score_records(items: Iterable[Any], match: str = "exact") -> dict[str, Any]:
+def answer_vocabulary(records: Iterable[Any]) -> dict[str, set[str]]:
+    """Every normalised gold answer of each question type: ``{type: {answer, ...}}``.
+
+    ``records``: ``Record`` objects or mappings with ``answers`` and ``type``. Pass the whole dataset to
+    ``score_records(vocabulary=...)`` when scoring a subset of it.
+    """
+    vocabulary: dict[str, set[str]] = {}
+    for record in records:
+        if isinstance(record, Mapping):
+            answers, qtype = record["answers"], record["type"]
+        else:
+            answers, qtype = record.answers, record.type
+        vocabulary.setdefault(str(qtype), set()).update(normalize_answer(a) for a in answers)
+    return vocabulary
+
+
+def score_records(
+    items: Iterable[Any], match: str = "exact", vocabulary: Mapping[str, set[str]] | None = None
+) -> dict[str, Any]:
     """Accuracy summary of predictions.
 
     ``items``: ``(Record, prediction)`` pairs, or mappings with ``prediction``, ``answers``, ``type`` and
@@ -147,13 +165,15 @@ def score_records(items: Iterable[Any], match: str = "exact") -> dict[str, Any]:
 
         {"n": int, "accuracy": mean over questions, "macro_accuracy": mean of per-type accuracies,
          "per_type": {type: {"n", "accuracy"}}, "per_subtype": {"type/subtype": {"n", "accuracy"}},
-         "off_vocabulary": share of predictions that are no gold answer of their type in ``items``,
+         "off_vocabulary": share of predictions that are no gold answer of their type (see below),
          "pope": {"all": pope_metrics, "random": ..., "popular": ..., "adversarial": ...}}
 
     ``off_vocabulary`` tells a wrong answer from an answer out of format (a shape question answered
     "yes"): a model that breaks under compression shows it there before it shows in accuracy. The
-    vocabulary is every normalised gold answer of the type among ``items``, so with few items a valid
-    but never-gold answer also counts.
+    vocabulary of a type is every normalised gold answer of the type among ``items``, plus
+    ``vocabulary[type]`` when given. Pass ``answer_vocabulary`` of the whole dataset when ``items`` are a
+    subset of it (``vlmzip eval --limit`` does): without it, a valid answer that is gold for no question of
+    the subset counts as out of vocabulary.
 
     ``pope`` (POPE metrics over presence questions whose answer is yes/no, overall and per subtype) is
     present only when there are such questions. Empty input gives n = 0 and accuracies 0.0.
@@ -166,10 +186,10 @@ def score_records(items: Iterable[Any], match: str = "exact") -> dict[str, Any]:
     pope_items: dict[str, tuple[list[str], list[str]]] = {}
     all_scores: list[float] = []
     unpacked = [_unpack(item) for item in items]
-    vocabulary: dict[str, set[str]] = {}
-    for _, answers, qtype, _ in unpacked:
-        vocabulary.setdefault(qtype, set()).update(normalize_answer(a) for a in answers)
-    off = sum(normalize_answer(p) not in vocabulary[t] for p, _, t, _ in unpacked)
+    vocab = answer_vocabulary({"answers": a, "type": t} for _, a, t, _ in unpacked)
+    for qtype, answers in (vocabulary or {}).items():
+        vocab[qtype] = vocab.get(qtype, set()) | set(answers)
+    off = sum(normalize_answer(p) not in vocab[t] for p, _, t, _ in unpacked)
     for prediction, answers, qtype, subtype in unpacked:
         score = matcher(prediction, answers)
         all_scores.append(score)
@@ -200,6 +220,6 @@ def score_records(items: Iterable[Any], match: str = "exact") -> dict[str, Any]:
 
 
 __all__ = [
-    "ARTICLES", "MATCHERS", "exact_match", "is_yes", "normalize_answer", "pope_metrics", "relaxed_match",
-    "score_records",
+    "ARTICLES", "MATCHERS", "answer_vocabulary", "exact_match", "is_yes", "normalize_answer", "pope_metrics",
+    "relaxed_match", "score_records",
 ]  # fmt: skip

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..io import load_model
 from ..paths import CHECKPOINT_DIR, checkpoint_dir
 
 
@@ -21,4 +20,6 @@ def load(device: str = "cpu", dtype: str = "float32") -> tuple[Any, Any]:
             f"no lab checkpoint in {CHECKPOINT_DIR}; train one with `vlmzip lab train --out DIR` "
             "and pass --model DIR/model"
         )
+    from ..io import load_model  # here, not at the top: the CLI imports the lab without torch
+
     return load_model(folder, device=device, dtype=dtype)

@@ -8,7 +8,8 @@ tokens does not fit the 60-minute CPU budget; ``TrainConfig`` says why).
 
 The rest of the training code is in three modules, whose names this one re-exports (so that
 ``vlmzip.lab.train`` stays the one namespace of training for the CLI and the tests):
-``train_config`` (``TrainConfig``, every knob, and what follows from it alone), ``train_data`` (the
+``train_config`` (``TrainConfig``, every knob, and what follows from it alone, plus the command line's
+flags; free of torch, so that ``vlmzip --help`` answers at once), ``train_data`` (the
 batch of every update, a pure function of config and step: packed multi-turn conversations, curriculum,
 patch targets, token-count augmentation) and ``train_losses`` (answer, dense auxiliary and attention
 losses).
@@ -32,7 +33,6 @@ Outputs in ``out_dir``: ``checkpoint/state.pt`` (model, optimizer, RNG, step; wr
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import random
@@ -50,15 +50,18 @@ from transformers import LlavaForConditionalGeneration, LlavaProcessor
 from vlmzip.eval.scorers import score_records
 from vlmzip.io import generate_answers
 from vlmzip.lab import scenes
-from vlmzip.lab.train_config import (
-    PRECISIONS,
+from vlmzip.lab.train_config import (  # torch-free, so that the CLI builds its parser without torch
+    FLAG_HELP,
+    PRECISION_NAMES,
     RUNTIME_FIELDS,
     TrainConfig,
+    config_from_args,
     image_tokens,
     lab_words,
     lr_at,
     model_config,
 )
+from vlmzip.lab.train_config import add_parser as _add_parser
 from vlmzip.lab.train_data import (
     IGNORE_INDEX,
     Batch,
@@ -81,6 +84,8 @@ from vlmzip.lab.train_data import (
 from vlmzip.lab.train_losses import eager_attention, losses
 from vlmzip.tiny import build_llava
 
+PRECISIONS = {"bf16": torch.bfloat16, "fp32": torch.float32}  # TrainConfig.precision -> autocast dtype
+assert tuple(sorted(PRECISIONS)) == tuple(sorted(PRECISION_NAMES))
 CHECKPOINT_VERSION = 1
 
 
@@ -466,37 +471,9 @@ def export(model: LlavaForConditionalGeneration, processor: LlavaProcessor, out_
 # Command line: ``vlmzip lab train``
 
 
-def _field_type(f: dataclasses.Field[Any]) -> Any:
-    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-    return type(default)
-
-
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``train`` on ``subparsers`` (e.g. the ``lab`` command's); one flag per TrainConfig field."""
-    p = subparsers.add_parser("train", help="train the lab mini-VLM from scratch (resumable)")
-    p.add_argument("--out", default="runs/lab", help="run folder: checkpoint/, log.jsonl, loss.png, model/")
-    p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint and start over")
-    for f in dataclasses.fields(TrainConfig):
-        kind = _field_type(f)
-        flag = "--" + f.name.replace("_", "-")
-        if kind is bool:
-            p.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=None, metavar="BOOL")
-        elif kind is tuple:
-            p.add_argument(flag, type=lambda s: tuple(int(x) for x in s.split(",")), default=None, metavar="N,N,..")
-        else:
-            p.add_argument(flag, type=kind, default=None, help=f"default: {getattr(TrainConfig(), f.name)}")
-    p.set_defaults(func=cmd_train)
-    return p
-
-
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """TrainConfig with the flags that were given; the other fields keep their defaults."""
-    given = {
-        f.name: getattr(args, f.name)
-        for f in dataclasses.fields(TrainConfig)
-        if getattr(args, f.name, None) is not None
-    }
-    return TrainConfig(**given)
+    return _add_parser(subparsers, func=cmd_train)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -523,7 +500,8 @@ if __name__ == "__main__":
 
 
 __all__ = [
-    "IGNORE_INDEX", "PRECISIONS", "RUNTIME_FIELDS", "Batch", "TrainConfig", "TrainingRun", "add_parser", "autocast",
+    "FLAG_HELP", "IGNORE_INDEX", "PRECISION_NAMES", "PRECISIONS", "RUNTIME_FIELDS", "Batch", "TrainConfig",
+    "TrainingRun", "add_parser", "autocast",
     "batches",
     "build_llava", "cmd_train", "config_from_args", "drop_start", "eager_attention", "encode_conversation",
     "evaluate", "export", "format_eval", "image_sample", "image_tokens", "kept_patches", "lab_words", "losses",

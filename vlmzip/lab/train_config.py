@@ -1,18 +1,27 @@
 """``TrainConfig``: every knob of a lab training run, and what follows from it alone (the model's
-architecture and words, the learning-rate schedule, image tokens per image)."""
+architecture and words, the learning-rate schedule, image tokens per image); and the flags of
+``vlmzip lab train`` (``add_parser``, ``config_from_args``).
+
+Free of torch and transformers (and of PIL): the command line builds its parser, and answers ``--help``,
+without importing them. What needs them is imported inside the functions that use it (``model_config``,
+``lab_words``); the torch dtypes of ``precision`` are ``vlmzip.lab.train.PRECISIONS``. ``vlmzip.lab.train``
+re-exports everything here.
+"""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    from vlmzip.tiny import TinyLlavaConfig
 
-from vlmzip.lab import scenes
-from vlmzip.tiny import BASE_WORDS, TinyLlavaConfig
+PRECISION_NAMES = ("bf16", "fp32")  # vlmzip.lab.train.PRECISIONS maps them to torch dtypes
 
-PRECISIONS = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # Fields that only change bookkeeping or where the run happens, not what is computed: they may differ
 # between an interrupted run and its resumption. Every other field must match the checkpoint.
 RUNTIME_FIELDS = frozenset(
@@ -102,6 +111,8 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        from vlmzip.lab import scenes  # here, not at the top: the CLI builds its parser without PIL
+
         self.questions_per_image = tuple(int(q) for q in self.questions_per_image)
         if not self.questions_per_image or not all(
             1 <= q <= len(scenes.QUESTION_TYPES) for q in self.questions_per_image
@@ -111,8 +122,8 @@ class TrainConfig:
             raise ValueError("steps and batch_size must be >= 1")
         if not 0 <= self.drop_prob <= 1 or not 0 < self.drop_min_keep <= 1 or not 0 <= self.drop_from <= 1:
             raise ValueError("need 0 <= drop_prob <= 1, 0 < drop_min_keep <= 1 and 0 <= drop_from <= 1")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {sorted(PRECISIONS)} (got {self.precision!r})")
+        if self.precision not in PRECISION_NAMES:
+            raise ValueError(f"precision must be one of {sorted(PRECISION_NAMES)} (got {self.precision!r})")
         if self.attn_weight > 0 and not 0 <= self.attn_layer < self.text_layers:
             raise ValueError(
                 f"attn_layer={self.attn_layer} is not a layer of the {self.text_layers}-layer LM;"
@@ -122,11 +133,16 @@ class TrainConfig:
 
 def lab_words() -> tuple[str, ...]:
     """Tokenizer words of the lab model: the chat words plus every word of the benchmark."""
+    from vlmzip.lab import scenes
+    from vlmzip.tiny import BASE_WORDS
+
     return tuple(dict.fromkeys([*BASE_WORDS, *scenes.vocabulary()]))
 
 
 def model_config(cfg: TrainConfig) -> TinyLlavaConfig:
     """The TinyLlavaConfig (architecture + tokenizer words) a TrainConfig trains."""
+    from vlmzip.tiny import TinyLlavaConfig
+
     shared = {f.name for f in dataclasses.fields(TinyLlavaConfig)} & {f.name for f in dataclasses.fields(TrainConfig)}
     return TinyLlavaConfig(**{name: getattr(cfg, name) for name in shared}, words=lab_words())
 
@@ -142,3 +158,104 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 def image_tokens(cfg: TrainConfig) -> int:
     """Image placeholders per image in the LM sequence (LLaVA "default" strategy: patches, no CLS)."""
     return (cfg.image_size // cfg.patch_size) ** 2
+
+
+# One line per flag of ``vlmzip lab train`` (the comments above say why each default is what it is).
+FLAG_HELP: dict[str, str] = {
+    "steps": "optimizer updates",
+    "batch_size": "images per update (each carries 3-7 questions)",
+    "lr": "peak learning rate",
+    "min_lr": "learning rate at the end of the cosine decay",
+    "warmup_steps": "updates of linear warm-up",
+    "weight_decay": "AdamW weight decay (matrices and embeddings only)",
+    "beta1": "AdamW beta1",
+    "beta2": "AdamW beta2",
+    "grad_clip": "gradient norm clipping",
+    "seed": "seed of the initialisation and the question order",
+    "questions_per_image": "questions per train image, cycled over the images (7 = one of every type)",
+    "easy_scale": "curriculum: objects and text up to this many times larger at the start",
+    "easy_until": "curriculum: share of the updates after which scenes are the benchmark's own",
+    "aux_weight": "weight of the dense loss naming what each image token shows (0 = off)",
+    "aux_min_cover": "a patch is labelled with an object covering at least this share of it",
+    "attn_weight": "weight of the attention supervision on the named objects' patches (0 = off)",
+    "attn_layer": "LM layer whose attention is supervised",
+    "drop_prob": "token-count augmentation: probability that an image reaches the LM as a subset of its patches",
+    "drop_min_keep": "token-count augmentation: smallest share of the patches kept",
+    "drop_from": "token-count augmentation: share of the updates after which it applies",
+    "image_size": "image side in pixels",
+    "patch_size": "vision patch side in pixels",
+    "vision_hidden": "vision tower width",
+    "vision_layers": "vision tower layers",
+    "vision_heads": "vision tower attention heads",
+    "vision_intermediate": "vision tower MLP width",
+    "text_hidden": "language model width",
+    "text_layers": "language model layers",
+    "text_heads": "language model attention heads",
+    "text_kv_heads": "language model key/value heads",
+    "text_intermediate": "language model MLP width",
+    "precision": "numerics of the forward pass: fp32, or bf16 autocast",
+    "device": "where to train: cpu, cuda or cuda:N",
+    "threads": "torch CPU threads (0 = torch's default)",
+    "workers": "data-rendering processes (0 = render in the training process)",
+    "checkpoint_every": "updates between checkpoints",
+    "log_every": "updates between log lines",
+    "eval_every": "updates between validation runs (0 = only at the end)",
+    "eval_limit": "validation images per evaluation, 3 questions each (0 = no evaluation)",
+    "progress": "show a progress bar",
+}
+
+
+def _default(f: dataclasses.Field[Any]) -> Any:
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+
+
+def _bool(text: str) -> bool:
+    return text.lower() in ("1", "true", "yes")
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(","))
+
+
+def add_parser(
+    subparsers: argparse._SubParsersAction, func: Callable[[argparse.Namespace], int]
+) -> argparse.ArgumentParser:
+    """Register ``train`` on ``subparsers`` (e.g. the ``lab`` command's), running ``func``; one flag per
+    TrainConfig field, left None unless given (``config_from_args`` fills in the defaults)."""
+    p = subparsers.add_parser(
+        "train", help="train the lab mini-VLM from scratch (resumable)",
+        description="Train the lab mini-VLM from scratch on the procedural scenes; rerun the same command to "
+        "resume. The defaults are the recipe of the shipped checkpoint (about an hour on 2 CPU cores).",
+    )
+    p.add_argument("--out", default="runs/lab", help="run folder: checkpoint/, log.jsonl, loss.png, model/ "
+                   "(default: %(default)s)")
+    p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint and start over")
+    for f in dataclasses.fields(TrainConfig):
+        default = _default(f)
+        flag = "--" + f.name.replace("_", "-")
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        help_text = f"{FLAG_HELP[f.name]} (default: {shown})".replace("%", "%%")
+        if isinstance(default, bool):
+            p.add_argument(flag, type=_bool, default=None, metavar="BOOL", help=help_text)
+        elif isinstance(default, tuple):
+            p.add_argument(flag, type=_ints, default=None, metavar="N,N,..", help=help_text)
+        else:
+            p.add_argument(flag, type=type(default), default=None, help=help_text)
+    p.set_defaults(func=func)
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """TrainConfig with the flags that were given; the other fields keep their defaults."""
+    given = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(TrainConfig)
+        if getattr(args, f.name, None) is not None
+    }
+    return TrainConfig(**given)
+
+
+__all__ = [
+    "FLAG_HELP", "PRECISION_NAMES", "RUNTIME_FIELDS", "TrainConfig", "add_parser", "config_from_args",
+    "image_tokens", "lab_words", "lr_at", "model_config",
+]  # fmt: skip
