@@ -142,7 +142,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     from .api import list_methods
 
     for method in list_methods():
-        print(f"{method['name']:<12} {method['description']}")
+        print(f"{method['name']:<12} [{method['stage']}] {method['description']}")
         for knob in method["knobs"]:
             default = "" if knob["default"] is None else f" (default {knob['default']})"
             print(f"    --{knob['name']:<12} {knob['type']:<5} {knob['help']}{default}")
@@ -263,8 +263,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .io import batch_inputs, load_model
 
     args.device = resolve_device(args.device)
-    model, processor = load_model(args.model, device=args.device, dtype=args.dtype)
+    model, processor = load_model(args.model, device=args.device, dtype=args.dtype, layers=args.layers)
     image = default_image()
+    if args.image_size:
+        image = image.resize((args.image_size, args.image_size))
     tokens = args.tokens or [paper_budget(model, t) for t in PAPER_BUDGETS]
     runs = [(m, {"tokens": t}) for m in args.methods for t in tokens]
 
@@ -276,7 +278,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         device = torch.cuda.get_device_name()
     else:
         device = f"cpu ({torch.get_num_threads()} threads)"
-    print(f"model: {model_name(args)} ({args.dtype})")
+    depth = "" if args.layers is None else f", LLM reduced to {args.layers} decoder layers (cost per layer is uniform)"
+    print(f"model: {model_name(args)} ({args.dtype}{depth}); image {image.width}x{image.height}")
     print(format_rows(rows, plan(model, "vanilla").tokens, args.repeats, device))
     return 0
 
@@ -356,6 +359,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_bench.add_argument("--batch-sizes", type=_csv(positive_int), default="1,8",
                          help="comma-separated batch sizes (images per prefill)")
     p_bench.add_argument("--repeats", type=positive_int, default=10, help="timed repeats per configuration (median)")
+    p_bench.add_argument("--layers", type=positive_int, default=None,
+                         help="arch:NAME only: build the LLM with N decoder layers (default: all of them)")
+    p_bench.add_argument("--image-size", type=positive_int, default=None,
+                         help="resize the timed image to N x N pixels (default: the lab scene's 336)")
     p_bench.add_argument("--prompt", default="What color is the small object?",
                          help="the question sent with each image")
     add_device_args(p_bench)
