@@ -128,6 +128,7 @@ class CompressionState:
             self.recording.append(Selection(
                 features=chosen.features.detach().cpu(), indices=chosen.indices.detach().cpu(),
                 merged_from=None if chosen.merged_from is None else chosen.merged_from.detach().cpu(),
+                dominant=chosen.dominant,
             ))
         return chosen
 
