@@ -293,3 +293,31 @@ def test_real_architecture_shapes():
     assert (cfg.image_size, cfg.patch_size, cfg.vision_hidden, cfg.vision_layers) == (336, 14, 1024, 24)
     assert (cfg.text_hidden, cfg.text_layers, cfg.text_heads, cfg.text_intermediate) == (4096, 32, 32, 11008)
     assert cfg.pinpoints() == [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+
+
+def test_keep_all_image_next_to_a_compressed_one(next_model, next_processor, next_batch):
+    # tokens equal to one image's vanilla count: that image is sent as HF packs it, the other compressed
+    _, images, texts = next_batch
+    inputs = next_processor(images=[images[1], images[0]], text=texts[:2], return_tensors="pt", padding=True)
+    counts = placeholders(inputs, next_model)
+    with torch.no_grad():
+        vanilla = next_model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output
+        with vlmzip.compressed(next_model, "visionzip", tokens=counts[0]):
+            mixed = next_model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output
+    assert [f.shape[0] for f in mixed] == [counts[0], counts[0]] and counts[1] > counts[0]
+    torch.testing.assert_close(mixed[0], vanilla[0], atol=1e-5, rtol=0)
+
+
+def test_extra_kwargs_reach_the_vision_tower(next_model, next_batch):
+    inputs, _, _ = next_batch
+    seen = []
+    handle = next_model.model.vision_tower.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs.get("interpolate_pos_encoding")), with_kwargs=True
+    )
+    try:
+        with vlmzip.compressed(next_model, "random", tokens=30), torch.no_grad():
+            next_model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"],
+                                                interpolate_pos_encoding=True)
+    finally:
+        handle.remove()
+    assert seen == [True]

@@ -53,6 +53,13 @@ def split_evenly(total: int, parts: int) -> list[int]:
     return [base + (1 if j < extra else 0) for j in range(parts)]
 
 
+def host_sizes(image_sizes: Any) -> list[list[int]]:
+    """``image_sizes`` ((N, 2) tensor, on any device, or a list of pairs) as host ints: one copy, not one per value."""
+    if isinstance(image_sizes, torch.Tensor):
+        image_sizes = image_sizes.tolist()
+    return [[int(v) for v in size] for size in image_sizes]
+
+
 def unpadded_grid(image_size: tuple[int, int], grid: tuple[int, int], side: int) -> tuple[int, int]:
     """(rows, cols) of patches HF keeps of a (grid[0] * side, grid[1] * side) crop grid for an image of
     ``image_size`` (height, width) after removing the padding (``unpad_image``'s arithmetic)."""
@@ -118,7 +125,7 @@ class LlavaNextAdapter(Adapter):
         sizes = call.get("image_sizes")
         if sizes is None:
             raise ValueError("LLaVA-NeXT needs image_sizes with pixel_values; pass the processor's image_sizes")
-        return [self.vanilla_count(size) for size in sizes]
+        return [self.vanilla_count(size) for size in host_sizes(sizes)]
 
     def static_tokens_per_image(self) -> None:
         return None
@@ -164,6 +171,7 @@ class LlavaNextImageFeatures:
                 "decompress, change the config, and compress again"
             )
         adapter, state = self.adapter, self.state
+        image_sizes = host_sizes(image_sizes)
         crops = [adapter.num_crops(size) for size in image_sizes]
         if pixel_values.dim() == 5:  # (images, max crops, 3, H, W), padded: keep each image's own crops
             pixel_values = torch.cat([pix[:n] for pix, n in zip(pixel_values, crops, strict=True)], dim=0)
