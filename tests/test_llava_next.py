@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import pickle
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaNextFo
 import vlmzip
 from vlmzip.adapters import adapter_for
 from vlmzip.adapters.llava_next import LlavaNextAdapter, split_evenly
+from vlmzip.methods import base as method_base
+from vlmzip.methods import get_method
 from vlmzip.methods.visionzip import visionzip
 from vlmzip.tiny_next import ARCHITECTURES_NEXT, TinyLlavaNextConfig, build_llava_next
 
@@ -321,3 +324,21 @@ def test_extra_kwargs_reach_the_vision_tower(next_model, next_batch):
     finally:
         handle.remove()
     assert seen == [True]
+
+
+def test_projector_stage_methods_select_projected_tokens(next_model, next_batch, monkeypatch):
+    # a projector-stage method sees the projected tokens (LLM width); spatial's choice is the same either
+    # way, and the projector acts per token, so both stages send the same tokens
+    inputs, _, _ = next_batch
+    projected = dataclasses.replace(get_method("spatial"), name="spatial-projected", stage="projector")
+    monkeypatch.setitem(method_base._REGISTRY, projected.name, projected)
+    outputs = {}
+    for name in ("spatial", "spatial-projected"):
+        with vlmzip.compressed(next_model, name, tokens=30), vlmzip.recorded(next_model) as seen, torch.no_grad():
+            outputs[name] = next_model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"])
+        widths = {s.features.shape[-1] for s in seen}
+        assert widths == ({next_model.config.text_config.hidden_size} if name == "spatial-projected"
+                          else {next_model.config.vision_config.hidden_size})
+    for a, b in zip(outputs["spatial"].pooler_output, outputs["spatial-projected"].pooler_output, strict=True):
+        assert a.shape == b.shape == (30, next_model.config.text_config.hidden_size)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
