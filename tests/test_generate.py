@@ -32,6 +32,29 @@ def test_cached_generate_equals_uncached_recomputation(model, batch_inputs, meth
     assert torch.equal(cached, ids)
 
 
+def test_fastv_generate_prunes_once_and_decodes_from_the_cache(model, batch_inputs):
+    # generate() encodes the images before its prefill (mm_encoder_outputs, no pixel_values): FastV must
+    # still prune there. Reference: one compressed prefill, then a manual decode loop on its cache.
+    inputs, _, _ = batch_inputs
+    vlmzip.compress(model, "fastv", tokens=12, layer=1)
+    out = greedy(model, inputs, return_dict_in_generate=True, output_logits=True)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    with torch.no_grad():
+        step = model(**inputs, use_cache=True)
+        cache = step.cache
+        torch.testing.assert_close(out.logits[0], step.logits[:, -1], atol=1e-5, rtol=1e-5)
+        for _ in range(NEW):
+            next_token = step.logits[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, next_token], dim=1)
+            mask = torch.cat([mask, torch.ones_like(next_token)], dim=1)
+            step = model(input_ids=next_token, attention_mask=mask, cache=cache, use_cache=True)
+    assert torch.equal(out.sequences, ids)
+    full = inputs["input_ids"].shape[1] + NEW - 1
+    # layer 0 holds every token; layer 1 on only the 12 kept of each image's 64 (rows padded to the longest)
+    assert out.cache.layers[0].keys.shape[-2] == full
+    assert out.cache.layers[1].keys.shape[-2] == full - (64 - 12)
+
+
 def test_batch_of_three_equals_three_single_runs(model, processor, batch_inputs):
     inputs, images, texts = batch_inputs
     assert (inputs["attention_mask"][:, 0] == 0).any(), "the batch is left padded"

@@ -111,9 +111,13 @@ def _stage(name: str, knobs: dict[str, Any]) -> Stage:
 
 
 def _gave_own_budget(spec: Any, knobs: dict[str, Any]) -> bool:
-    """True when the user's knobs beyond tokens/ratio fixed a budget themselves (VisionZip's dominant)."""
+    """True when the user's knobs beyond tokens/ratio fixed a budget themselves (VisionZip's dominant).
+
+    A method's default budget (FastV's ratio 0.5, there whatever its other knobs) is not one the user fixed.
+    """
     rest = {k: v for k, v in knobs.items() if k not in ("tokens", "ratio")}
-    return spec.budget(spec.resolve(rest)) is not None
+    own = spec.budget(spec.resolve(rest))
+    return own is not None and own != spec.budget(spec.resolve({}))
 
 
 def _stages(method: MethodArg, knobs: dict[str, Any]) -> list[Stage]:

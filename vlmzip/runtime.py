@@ -128,6 +128,7 @@ class CompressionState:
             self.recording.append(Selection(
                 features=chosen.features.detach().cpu(), indices=chosen.indices.detach().cpu(),
                 merged_from=None if chosen.merged_from is None else chosen.merged_from.detach().cpu(),
+                dominant=chosen.dominant,
             ))
         return chosen
 
@@ -153,9 +154,14 @@ class CompressionState:
             call["position_ids"] = sequence.shrink_positions(call["position_ids"], shrunk.columns)
         return shrunk
 
-    def prefill_plan(self, ids: torch.Tensor, counts: list[int]) -> llm_hooks.PrefillPlan:
-        """Where the visual tokens sit in the LLM's (already shrunk) ids, and each in-LLM stage's keeps."""
-        kept = [self.pre_keep(c, i) for i, c in enumerate(counts)]
+    def prefill_plan(self, ids: torch.Tensor, counts: list[int] | None = None,
+                     kept: list[int] | None = None) -> llm_hooks.PrefillPlan:
+        """Where the visual tokens sit in the LLM's (already shrunk) ids, and each in-LLM stage's keeps.
+
+        From the images' vanilla ``counts``, or from the tokens each image ``kept`` after the pre-LLM stage.
+        """
+        if kept is None:
+            kept = [self.pre_keep(c, i) for i, c in enumerate(counts or [])]
         spans = sequence.image_spans(ids, self.adapter.image_token_id, kept, kept)
         batch, length = ids.shape
         visual = torch.zeros(batch, length, dtype=torch.bool)
@@ -227,6 +233,9 @@ class CompressionState:
                 host_ids = shrunk.input_ids
             if self.llm:
                 prefill = self.prefill_plan(host_ids, counts)
+        elif self.llm and ids is not None and flags["in_generate"] and _encoded_counts(call) is not None:
+            # generate() encodes the images before the prefill and passes mm_encoder_outputs, not pixels
+            prefill = self.prefill_plan(ids.cpu(), kept=_encoded_counts(call))
         elif ids is not None and not flags["in_generate"] and cache is not None:
             self.map_to_cache(call, cache)
         return self._run(original, call, prefill, cache)
@@ -244,6 +253,19 @@ class CompressionState:
             flags["in_forward"] = False
             if pruner is not None:
                 pruner.current = None
+
+
+def _encoded_counts(call: dict[str, Any]) -> list[int] | None:
+    """Tokens per image of the images ``generate`` encoded before its prefill (``mm_encoder_outputs``), or None.
+
+    The image-feature override returns one (K_i, D) tensor per image; generate repeats the list for beams.
+    """
+    encoded = call.get("mm_encoder_outputs")
+    image = encoded.get("image") if isinstance(encoded, dict) else None
+    pooled = getattr(image, "pooler_output", None)
+    if isinstance(pooled, (list, tuple)) and pooled:
+        return [int(p.shape[0]) for p in pooled]
+    return None
 
 
 def _bind(signature: inspect.Signature, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:

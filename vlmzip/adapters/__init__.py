@@ -6,8 +6,9 @@ from torch import nn
 
 from .base import Adapter
 from .llava import LlavaAdapter
+from .llava_next import LlavaNextAdapter
 
-ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter,)
+ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, LlavaNextAdapter)
 
 
 def supported_classes() -> list[str]:

@@ -87,11 +87,15 @@ class Selection:
       merged token, its target). Unique per row. Adapters use it for positions (Qwen's M-RoPE).
     - ``merged_from``: optional (B, T) long tensor: for each input token, the output slot it was merged
       into, or -1 if it was dropped (kept tokens map to their own slot). Used by visualisations.
+    - ``dominant``: optional number of leading outputs that are kept tokens as they are (VisionZip's
+      dominant tokens, CLS included), the rest being merged (contextual) tokens; None when the method
+      makes no such split. Multi-crop adapters use it to lay out crops as the method's authors do.
     """
 
     features: torch.Tensor
     indices: torch.Tensor
     merged_from: torch.Tensor | None = None
+    dominant: int | None = None
 
 
 @dataclass

@@ -139,7 +139,7 @@ def visionzip_select(tokens: VisionTokens, dominant: int, contextual: int) -> Se
     merged_from = torch.full((batch, total), -1, dtype=torch.long, device=hidden.device)
     merged_from.scatter_(1, dom_idx, torch.arange(dominant, device=hidden.device).expand(batch, dominant))
     if contextual == 0:
-        return Selection(features=dom_tokens, indices=dom_idx, merged_from=merged_from)
+        return Selection(features=dom_tokens, indices=dom_idx, merged_from=merged_from, dominant=dominant)
 
     if tokens.keys is None:
         raise ValueError("VisionZip's contextual tokens need the layer's keys")
@@ -151,7 +151,7 @@ def visionzip_select(tokens: VisionTokens, dominant: int, contextual: int) -> Se
 
     features = torch.cat([dom_tokens, ctx_tokens], dim=1)
     indices = torch.cat([dom_idx, rest_idx[:, targets]], dim=1)
-    return Selection(features=features, indices=indices, merged_from=merged_from)
+    return Selection(features=features, indices=indices, merged_from=merged_from, dominant=dominant)
 
 
 def resolve(knobs: dict[str, Any]) -> dict[str, Any]:
