@@ -233,9 +233,6 @@ class CompressionState:
                 host_ids = shrunk.input_ids
             if self.llm:
                 prefill = self.prefill_plan(host_ids, counts)
-        elif self.llm and ids is not None and flags["in_generate"] and _encoded_counts(call) is not None:
-            # generate() encodes the images before the prefill and passes mm_encoder_outputs, not pixels
-            prefill = self.prefill_plan(ids.cpu(), kept=_encoded_counts(call))
         elif ids is not None and not flags["in_generate"] and cache is not None:
             self.map_to_cache(call, cache)
         return self._run(original, call, prefill, cache)
@@ -253,19 +250,6 @@ class CompressionState:
             flags["in_forward"] = False
             if pruner is not None:
                 pruner.current = None
-
-
-def _encoded_counts(call: dict[str, Any]) -> list[int] | None:
-    """Tokens per image of the images ``generate`` encoded before its prefill (``mm_encoder_outputs``), or None.
-
-    The image-feature override returns one (K_i, D) tensor per image; generate repeats the list for beams.
-    """
-    encoded = call.get("mm_encoder_outputs")
-    image = encoded.get("image") if isinstance(encoded, dict) else None
-    pooled = getattr(image, "pooler_output", None)
-    if isinstance(pooled, (list, tuple)) and pooled:
-        return [int(p.shape[0]) for p in pooled]
-    return None
 
 
 def _bind(signature: inspect.Signature, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
