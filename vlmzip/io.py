@@ -38,7 +38,11 @@ ARCH_PREFIX = "arch:"
 
 def arch_builders() -> dict[str, tuple[Any, Any]]:
     """``arch:`` names -> (builder, config): real architectures with random weights, for speed."""
-    return {name: (build_llava, cfg) for name, cfg in ARCHITECTURES.items()}
+    from .tiny_next import ARCHITECTURES_NEXT, build_llava_next
+
+    builders = {name: (build_llava, cfg) for name, cfg in ARCHITECTURES.items()}
+    builders.update({name: (build_llava_next, cfg) for name, cfg in ARCHITECTURES_NEXT.items()})
+    return builders
 
 
 def load_model(
