@@ -146,6 +146,9 @@ def cmd_list(args: argparse.Namespace) -> int:
         for knob in method["knobs"]:
             default = "" if knob["default"] is None else f" (default {knob['default']})"
             print(f"    --{knob['name']:<12} {knob['type']:<5} {knob['help']}{default}")
+        if method["stage"] == "llm":
+            print("    (acts inside the LLM: eval tables give the visual tokens the LLM ends with and their mean "
+                  "over decoder layers, the count that compares fairly with pre-LLM budgets)")
     return 0
 
 

@@ -124,7 +124,7 @@ class CompressionState:
             raise RuntimeError(
                 f"method {self.name!r} returned {chosen.features.shape[1]} tokens, expected {min(keep, vanilla)}"
             )
-        if self.recording is not None:
+        if self.recording is not None and self.pre is not None:
             self.recording.append(Selection(
                 features=chosen.features.detach().cpu(), indices=chosen.indices.detach().cpu(),
                 merged_from=None if chosen.merged_from is None else chosen.merged_from.detach().cpu(),
