@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .methods.base import LLMTokens
+from .methods.base import LLMTokens, to_device
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
@@ -327,8 +327,8 @@ class Pruner:
             past = step.past_full
             cur_cols = torch.arange(past, past + cur_len, device=device).expand(batch, -1)
             cur_q_idx = torch.arange(cur_len, device=device).expand(batch, -1)
-            step.visual = plan.visual.to(device)
-            step.image = plan.image.to(device)
+            step.visual = to_device(plan.visual, device)
+            step.image = to_device(plan.image, device)
             step.valid = [cur_len] * batch
             step.call_len = cur_len
             step.full = (kwargs.get("attention_mask"), kwargs.get("position_embeddings"), kwargs.get("position_ids"))
@@ -352,7 +352,7 @@ class Pruner:
         valid = [step.valid[b] - sum(entering[b]) + sum(plan.keeps[j][b]) for b in range(batch)]
         new_len = max(valid)
         order = keep.to(torch.int8).sort(dim=1, stable=True).indices[:, -new_len:]  # kept slots, in order, last
-        n_pad = torch.tensor([new_len - v for v in valid], device=device)
+        n_pad = to_device([new_len - v for v in valid], device)
         pad = torch.arange(new_len, device=device).unsqueeze(0) < n_pad.unsqueeze(1)
         new_cols = cur_cols.gather(1, order).masked_fill(pad, -1)
         q_idx = cur_q_idx.gather(1, order)
@@ -362,7 +362,10 @@ class Pruner:
         record = cache_record(cache, create=cache is not None)
         past_cols = self._past_cols(record, layer, step.past_full, batch, device)
         k_cols = new_cols if past_cols is None else torch.cat([past_cols, new_cols], dim=1)
-        mask = gather_mask(full_mask, q_idx, new_cols, k_cols, self.attn_kind, hidden.dtype)
+        if full_mask is None and past_cols is None and min(valid) == new_len:
+            mask = None  # no padding anywhere, no past: plain causal attention over the kept slots is right
+        else:
+            mask = gather_mask(full_mask, q_idx, new_cols, k_cols, self.attn_kind, hidden.dtype)
         pos_emb = None if full_pos_emb is None else tuple(gather_rows(t, q_idx) for t in full_pos_emb)
         pos_ids = full_pos_ids
         if pos_ids is not None and pos_ids.shape[-1] == step.call_len:

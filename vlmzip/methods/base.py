@@ -278,3 +278,11 @@ def true_positions(flags: torch.Tensor, count: int) -> torch.Tensor:
     A stable sort instead of boolean indexing: no device-to-host sync, so GPU work stays queued.
     """
     return flags.to(torch.int8).sort(dim=-1, descending=True, stable=True).indices[..., :count]
+
+
+def to_device(t: torch.Tensor | list[int], device: torch.device) -> torch.Tensor:
+    """A small host tensor (or list of ints) on ``device`` without stalling the host on queued GPU work."""
+    t = torch.as_tensor(t)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .base import Budget, Knob, LLMTokens, MethodSpec, positive_int, register
+from .base import Budget, Knob, LLMTokens, MethodSpec, positive_int, register, to_device
 
 
 def rank_within_groups(scores: torch.Tensor, groups: torch.Tensor, group: int) -> torch.Tensor:
@@ -36,7 +36,7 @@ def top_per_image(scores: torch.Tensor, tokens: LLMTokens) -> torch.Tensor:
     keep = ~tokens.visual
     images = max((len(row) for row in tokens.keep), default=0)
     for i in range(images):
-        counts = torch.tensor([row[i] if i < len(row) else 0 for row in tokens.keep], device=scores.device)
+        counts = to_device([row[i] if i < len(row) else 0 for row in tokens.keep], scores.device)
         ranks = rank_within_groups(scores, tokens.image, i)
         keep = keep | ((tokens.image == i) & (ranks < counts.unsqueeze(1)))
     return keep
