@@ -215,3 +215,19 @@ def test_second_turn_reuses_the_pruned_cache(deep_dir, processor, batch_inputs):
     with torch.no_grad():
         expected, _ = fastv_reference(load(deep_dir), {**first, "input_ids": ids}, 2, 12, top=top)
     torch.testing.assert_close(turn2.logits[0][0], expected[0, -1], atol=1e-4, rtol=1e-4)
+
+
+def test_two_threads_share_one_compressed_model(deep_dir, processor, batch_inputs):
+    """Each forward's in-LLM state is per thread: concurrent calls give the same logits as sequential ones."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, images, texts = batch_inputs
+    model = load(deep_dir)
+    vlmzip.compress(model, "fastv", layer=2, tokens=10)
+    calls = [processor(images=[images[i]], text=[texts[i]], return_tensors="pt") for i in range(3)]
+    with torch.no_grad():
+        sequential = [model(**c).logits for c in calls]
+        with ThreadPoolExecutor(3) as pool:
+            parallel = list(pool.map(lambda c: model(**c).logits, calls * 3))
+    for i, out in enumerate(parallel):
+        torch.testing.assert_close(out, sequential[i % 3], atol=1e-5, rtol=1e-5)

@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from . import llm_hooks
+from . import llm_hooks, runtime
 from .adapters import Adapter, adapter_for
 from .methods import get_method, registered
 from .methods.base import Selection, check_knobs, parse_budget
@@ -234,6 +234,7 @@ def compress(model: nn.Module, method: MethodArg, *, padding_side: str | None = 
 
 
 def _undo(state: CompressionState) -> None:
+    runtime.forget(state)
     if state.pruner is not None:
         state.pruner.remove()
     for record in reversed(state.undo):

@@ -16,6 +16,7 @@ shrink). A pruned segment's tensors are indexed by slots; ``cols`` maps each slo
 
 from __future__ import annotations
 
+import threading
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +40,7 @@ class CacheRecord:
 
 
 _RECORDS: weakref.WeakKeyDictionary[Any, CacheRecord] = weakref.WeakKeyDictionary()
+_STEPS = threading.local()  # per thread: id(pruner) -> the StepState of the forward call in flight
 
 
 def cache_record(cache: Any, create: bool = False) -> CacheRecord | None:
@@ -236,8 +238,20 @@ class Pruner:
         self.attn_kind = attn_kind
         self.stages = stages
         self.first = stages[0][0]
-        self.current: StepState | None = None
         self.handles: list[Any] = []
+
+    @property
+    def current(self) -> StepState | None:
+        """This thread's forward call in flight (so two threads can share one compressed model)."""
+        return getattr(_STEPS, "table", {}).get(id(self))
+
+    @current.setter
+    def current(self, step: StepState | None) -> None:
+        table = _STEPS.__dict__.setdefault("table", {})
+        if step is None:
+            table.pop(id(self), None)
+        else:
+            table[id(self)] = step
 
     def step(self) -> StepState | None:
         return self.current

@@ -71,6 +71,11 @@ class InstanceAttr:
 _LOCAL = threading.local()
 
 
+def forget(state: CompressionState) -> None:
+    """Drop this thread's flags of a state that is being removed (decompress)."""
+    getattr(_LOCAL, "table", {}).pop(id(state), None)
+
+
 def _flags(state: CompressionState) -> dict[str, Any]:
     table = getattr(_LOCAL, "table", None)
     if table is None:
