@@ -6,8 +6,9 @@ from torch import nn
 
 from .base import Adapter
 from .llava import LlavaAdapter
+from .qwen_vl import QwenVLAdapter
 
-ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter,)
+ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, QwenVLAdapter)
 
 
 def supported_classes() -> list[str]:
