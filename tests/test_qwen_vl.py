@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,14 @@ from conftest import random_image
 from transformers import AutoModelForImageTextToText
 
 import vlmzip
-from vlmzip.tiny_qwen import TinyQwenConfig, build_qwen_vl, load_processor
+from vlmzip.tiny_qwen import (
+    ARCHITECTURES_QWEN,
+    TinyQwenConfig,
+    build_qwen_vl,
+    build_tokenizer,
+    load_processor,
+    qwen_config,
+)
 
 NEW = 5
 # Three images with three different grids (patch 8, merge 2): 8x8, 6x10 and 9x6 merged tokens.
@@ -305,3 +313,19 @@ def test_visionzip_signals_match_an_eager_attention(qwen_dir, processor, batch, 
         assert tokens.layout.grid[0] * tokens.layout.grid[1] == n and tokens.layout.num_prefix == 0
         start += n
     assert start == merged.shape[0]
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES_QWEN))
+def test_real_architectures_have_the_7b_shapes(name):
+    cfg = replace(ARCHITECTURES_QWEN[name], text_layers=2)  # reduced text depth, the rest as released
+    config = qwen_config(cfg, build_tokenizer(cfg.words))
+    text, vision = config.text_config, config.vision_config
+    assert (text.num_hidden_layers, text.hidden_size, text.num_attention_heads) == (2, 3584, 28)
+    assert (text.num_key_value_heads, text.intermediate_size, text.vocab_size) == (4, 18944, 152064)
+    assert text.rope_parameters["mrope_section"] == [16, 24, 24]
+    assert (vision.depth, vision.num_heads, vision.patch_size, vision.spatial_merge_size) == (32, 16, 14, 2)
+    if cfg.version == "2.5":
+        assert (vision.hidden_size, vision.intermediate_size, vision.out_hidden_size) == (1280, 3420, 3584)
+        assert list(vision.fullatt_block_indexes) == [7, 15, 23, 31] and vision.window_size == 112
+    else:
+        assert (vision.embed_dim, vision.hidden_size, vision.mlp_ratio) == (1280, 3584, 4)

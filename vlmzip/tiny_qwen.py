@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import string
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -55,8 +55,13 @@ CHAT_TEMPLATE = (
 
 @dataclass
 class TinyQwenConfig:
-    """Every knob of a small Qwen-VL: vision tower, merger, language model, processor pixels, words."""
+    """Every knob of a small Qwen-VL: version, vision tower, merger, language model, processor pixels, words.
 
+    ``text_layers`` sets the decoder depth: ``replace(ARCHITECTURES_QWEN[name], text_layers=4)`` builds a
+    real architecture with a reduced text depth (e.g. for CPU benches).
+    """
+
+    version: str = "2"  # "2": Qwen2-VL, "2.5": Qwen2.5-VL
     patch_size: int = 8
     merge_size: int = 2
     temporal_patch_size: int = 2
@@ -84,29 +89,24 @@ class TinyQwenConfig:
 
 # Real architectures with random weights (prefill cost is set by the shapes, not by the weights).
 # ``replace(ARCHITECTURES_QWEN[name], text_layers=4)`` builds the same model with reduced text depth.
-ARCHITECTURES_QWEN: dict[str, tuple[str, TinyQwenConfig]] = {
+ARCHITECTURES_QWEN: dict[str, TinyQwenConfig] = {
     # Qwen2-VL-7B-Instruct: ViT 32 x 1280 (16 heads, quick-GELU MLP x4) -> merger -> Qwen2-7B text
     # (28 layers x 3584, 28 heads, 4 KV heads, intermediate 18944), mrope_section [16, 24, 24].
-    "qwen2-vl-7b": ("2", TinyQwenConfig(
-        patch_size=14, vision_hidden=1280, vision_layers=32, vision_heads=16, text_hidden=3584, text_layers=28,
-        text_heads=28, text_kv_heads=4, text_intermediate=18944, mrope_section=(16, 24, 24), max_positions=32768,
-        vocab_size=152064, min_pixels=56 * 56, max_pixels=28 * 28 * 1280,
-    )),
+    "qwen2-vl-7b": TinyQwenConfig(
+        version="2", patch_size=14, vision_hidden=1280, vision_layers=32, vision_heads=16, text_hidden=3584,
+        text_layers=28, text_heads=28, text_kv_heads=4, text_intermediate=18944, mrope_section=(16, 24, 24),
+        max_positions=32768, vocab_size=152064, min_pixels=56 * 56, max_pixels=28 * 28 * 1280,
+    ),
     # Qwen2.5-VL-7B-Instruct: ViT 32 x 1280 (16 heads, SwiGLU 3420, window 112 px, full attention at
     # blocks 7, 15, 23, 31) -> merger -> the same 7B text shapes; tokens_per_second 2.
-    "qwen2.5-vl-7b": ("2.5", TinyQwenConfig(
-        patch_size=14, vision_hidden=1280, vision_layers=32, vision_heads=16, vision_intermediate=3420,
-        window_size=112, fullatt_block_indexes=(7, 15, 23, 31), tokens_per_second=2, text_hidden=3584,
-        text_layers=28, text_heads=28, text_kv_heads=4, text_intermediate=18944, mrope_section=(16, 24, 24),
-        max_positions=128000, vocab_size=152064, min_pixels=56 * 56, max_pixels=28 * 28 * 1280,
-    )),
+    "qwen2.5-vl-7b": TinyQwenConfig(
+        version="2.5", patch_size=14, vision_hidden=1280, vision_layers=32, vision_heads=16,
+        vision_intermediate=3420, window_size=112, fullatt_block_indexes=(7, 15, 23, 31), tokens_per_second=2,
+        text_hidden=3584, text_layers=28, text_heads=28, text_kv_heads=4, text_intermediate=18944,
+        mrope_section=(16, 24, 24), max_positions=128000, vocab_size=152064, min_pixels=56 * 56,
+        max_pixels=28 * 28 * 1280,
+    ),
 }
-
-
-def architecture(name: str, text_layers: int | None = None) -> tuple[str, TinyQwenConfig]:
-    """(version, config) of a real architecture, optionally with ``text_layers`` decoder layers only."""
-    version, cfg = ARCHITECTURES_QWEN[name]
-    return version, cfg if text_layers is None else replace(cfg, text_layers=text_layers)
 
 
 def build_tokenizer(words: list[str] | tuple[str, ...]) -> PreTrainedTokenizerFast:
@@ -138,8 +138,9 @@ def default_mrope_section(head_dim: int) -> list[int]:
     return [t, h, half - t - h]
 
 
-def qwen_config(cfg: TinyQwenConfig, tokenizer: PreTrainedTokenizerFast, version: str) -> Qwen2VLConfig:
+def qwen_config(cfg: TinyQwenConfig, tokenizer: PreTrainedTokenizerFast, version: str | None = None) -> Qwen2VLConfig:
     """The transformers Qwen2VLConfig / Qwen2_5_VLConfig for these sizes and this tokenizer."""
+    version = version or cfg.version
     head_dim = cfg.text_hidden // cfg.text_heads
     section = list(cfg.mrope_section) if cfg.mrope_section else default_mrope_section(head_dim)
     text = dict(
@@ -225,11 +226,15 @@ def build_qwen_vl(
     cfg: TinyQwenConfig | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
-    version: str = "2",
+    version: str | None = None,
 ):
-    """Build a randomly initialised Qwen2-VL (``version="2"``) or Qwen2.5-VL (``"2.5"``) + processor
-    (weights created directly on ``device`` in ``dtype``); save both to ``out_dir`` when given."""
+    """Build a randomly initialised Qwen2-VL (``version="2"``) or Qwen2.5-VL (``"2.5"``; default: the
+    config's ``version``) + processor (weights created directly on ``device`` in ``dtype``); save both to
+    ``out_dir`` when given."""
     cfg = cfg or TinyQwenConfig()
+    version = version or cfg.version
+    if version not in ("2", "2.5"):
+        raise ValueError(f"version must be '2' or '2.5', got {version!r}")
     tokenizer = build_tokenizer(cfg.words)
     processor = build_processor(cfg, tokenizer)
     config = qwen_config(cfg, tokenizer, version)
