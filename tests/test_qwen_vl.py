@@ -159,6 +159,38 @@ def test_batch_equals_single_runs(model, processor, batch):
         torch.testing.assert_close(single.logits[0][0], batched.logits[0][i], atol=1e-4, rtol=1e-4)
 
 
+def test_beams_with_keep_all_equal_vanilla_beams(model, batch):
+    """generate expands rows for beams after encoding the images: positions are repeated per row."""
+    inputs, _, _ = batch
+    kwargs = dict(max_new_tokens=3, num_beams=2, num_return_sequences=2, do_sample=False,
+                  return_dict_in_generate=True, output_scores=True)
+    vanilla = model.generate(**inputs, **kwargs)
+    with vlmzip.compressed(model, "visionzip", ratio=1.0):
+        same = model.generate(**inputs, **kwargs)
+    assert torch.equal(vanilla.sequences, same.sequences)
+    for a, b in zip(vanilla.scores, same.scores, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_multi_turn_continues_the_same_cache(model, processor, batch):
+    _, images, texts = batch
+    first = processor(images=[images[0]], text=[texts[0]], return_tensors="pt")
+    vlmzip.compress(model, "visionzip", tokens=8)
+    turn1 = model.generate(**first, max_new_tokens=NEW, do_sample=False, return_dict_in_generate=True)
+    follow = processor.tokenizer("<|im_end|>\n<|im_start|>user\nand the shape ?<|im_end|>\n<|im_start|>assistant\n",
+                                 add_special_tokens=False, return_tensors="pt")["input_ids"]
+    ids = torch.cat([turn1.sequences, follow], dim=1)
+    mask = torch.ones_like(ids)
+    cached_len = turn1.cache.get_seq_length()
+    turn2 = model.generate(input_ids=ids, attention_mask=mask, cache=turn1.cache, max_new_tokens=NEW, do_sample=False)
+    assert turn1.cache.get_seq_length() > cached_len, "the second turn extended the first turn's cache"
+    types = (ids == model.config.image_token_id).int()
+    fresh = model.generate(input_ids=ids, attention_mask=mask, mm_token_type_ids=types,
+                           pixel_values=first["pixel_values"], image_grid_thw=first["image_grid_thw"],
+                           max_new_tokens=NEW, do_sample=False)
+    assert torch.equal(turn2, fresh)
+
+
 def test_decompress_restores_exactly(model, batch):
     inputs, _, _ = batch
     before = logits(model, inputs)
