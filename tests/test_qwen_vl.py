@@ -145,9 +145,10 @@ def test_cached_generate_equals_uncached_recomputation(model, batch):
     assert torch.equal(cached, ids)
 
 
-def test_batch_equals_single_runs(model, processor, batch):
+@pytest.mark.parametrize(("method", "knobs"), [("visionzip", {"tokens": 8}), ("fastv", {"layer": 1})])
+def test_batch_equals_single_runs(model, processor, batch, method, knobs):
     inputs, images, texts = batch
-    vlmzip.compress(model, "visionzip", tokens=8)
+    vlmzip.compress(model, method, **knobs)
     batched = model.generate(**inputs, max_new_tokens=NEW, do_sample=False, return_dict_in_generate=True,
                              output_logits=True)
     new = batched.sequences[:, inputs["input_ids"].shape[1]:]
