@@ -362,3 +362,17 @@ def test_real_architectures_have_the_7b_shapes(name):
         assert list(vision.fullatt_block_indexes) == [7, 15, 23, 31] and vision.window_size == 112
     else:
         assert (vision.embed_dim, vision.hidden_size, vision.mlp_ratio) == (1280, 3584, 4)
+
+
+def test_new_images_on_a_filled_cache_are_refused(model, processor, batch):
+    _, images, texts = batch
+    first = processor(images=[images[0]], text=[texts[0]], return_tensors="pt")
+    second = processor(images=[images[1]], text=[texts[1]], return_tensors="pt")
+    vlmzip.compress(model, "visionzip", tokens=8)
+    with torch.no_grad():
+        cache = model(**first, use_cache=True).cache
+        ids = second["input_ids"]
+        mask = torch.ones(1, cache.get_seq_length() + ids.shape[1], dtype=torch.long)
+        with pytest.raises(ValueError, match="images in the first call on a cache only"):
+            model(input_ids=ids, attention_mask=mask, cache=cache, mm_token_type_ids=second["mm_token_type_ids"],
+                  pixel_values=second["pixel_values"], image_grid_thw=second["image_grid_thw"])

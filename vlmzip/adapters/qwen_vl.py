@@ -380,6 +380,11 @@ class QwenPositions:
         usable = (pending is not None and pending.indices is not None and input_ids is not None
                   and cache_length == 0 and input_ids.shape[1] == pending.columns.shape[1]
                   and input_ids.shape[0] % pending.ids.shape[0] == 0)
+        if pending is not None and pending.indices is not None and cache_length > 0:
+            raise ValueError(
+                "a compressed Qwen-VL model takes images in the first call on a cache only (their positions "
+                "come from the whole unshrunk prompt); start a new cache for a prompt with new images"
+            )
         if not usable:
             embeds = inputs_embeds if inputs_embeds is not None else None
             if cache_length > 0 and inner.rope_deltas is not None and embeds is not None and not _has_vision(extra):
