@@ -28,9 +28,11 @@ Model quirks this file owns:
      image features, when no ``position_ids`` were passed) runs the model's own ``get_rope_index`` on the
      unshrunk ids, then gathers each shrunk slot's position from its source column (an image slot's
      source is the image's run start + the selected token's index). It sets ``model.model.rope_deltas``
-     to the vanilla deltas plus the tokens dropped from each row, so HF's own decode branch
-     (``cumsum(attention_mask) - 1 + rope_deltas`` over the shrunk sequence) gives every later token its
-     vanilla position.
+     to the vanilla deltas plus the tokens dropped from each row, so HF's decode rule (1-D index in the
+     shrunk sequence, ``cumsum(attention_mask) - 1``, + rope_deltas) gives every later token its vanilla
+     position. Text-only calls on a cache use that rule in ``decode_positions`` (HF's own branch, but
+     taking the mask's count for the new tokens only: transformers 5.24 returns the whole mask's length
+     there, which breaks a masked decode step that reaches it).
   4. ``generate`` computes positions before the first forward, when the selection is not known yet: an
      instance-level ``_prepare_position_ids_for_generation`` returns None for calls with images, so the
      prefill and every decode step go through step 3 / HF's rope_deltas branch. Calls without images
@@ -386,10 +388,10 @@ class QwenPositions:
                 "come from the whole unshrunk prompt); start a new cache for a prompt with new images"
             )
         if not usable:
-            embeds = inputs_embeds if inputs_embeds is not None else None
-            if cache_length > 0 and inner.rope_deltas is not None and embeds is not None and not _has_vision(extra):
-                return decode_positions(inner.rope_deltas, attention_mask, cache_length, embeds.shape[:2],
-                                        embeds.device)
+            if (cache_length > 0 and inner.rope_deltas is not None and inputs_embeds is not None
+                    and not _has_vision(extra)):
+                return decode_positions(inner.rope_deltas, attention_mask, cache_length, inputs_embeds.shape[:2],
+                                        inputs_embeds.device)
             original = type(inner).compute_3d_position_ids.__get__(inner)
             return original(input_ids=input_ids, inputs_embeds=inputs_embeds, image_grid_thw=image_grid_thw,
                             video_grid_thw=video_grid_thw, attention_mask=attention_mask, cache=cache, **extra)
