@@ -35,9 +35,11 @@ Model quirks this file owns:
      there, which breaks a masked decode step that reaches it).
   4. ``generate`` computes positions before the first forward, when the selection is not known yet: an
      instance-level ``_prepare_position_ids_for_generation`` returns None for calls with images, so the
-     prefill and every decode step go through step 3 / HF's rope_deltas branch. Calls without images
-     (text, videos, a later turn on a cache) use HF's own code unchanged.
-  Passing ``position_ids`` together with images to a compressed model is an error.
+     prefill and every decode step go through step 3 / HF's rope_deltas branch (generate encodes the
+     images up front and drops pixel_values and image_grid_thw from the prefill, so step 3 takes the
+     grids from the note of step 1; rows expanded for beams repeat their row's positions). Calls without
+     images (text, videos, a later turn on a cache) use HF's own code unchanged.
+  Passing ``position_ids`` together with images, or new images on a filled cache, is an error.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ from ..llm_hooks import rotate_half
 from ..methods.base import TokenLayout, VisionTokens
 from .base import Adapter, set_instance_attr
 
-# The representative image of ``unit_layout``: a 448 x 448 image (Qwen2-VL's 448 px reference size).
+# The representative image of ``unit_layout``: a 448 x 448 image (each image has its own grid).
 REPRESENTATIVE_SIDE = 448
 # Query rows per chunk when rebuilding a segment's attention (bounds memory at H x chunk x n floats).
 QUERY_CHUNK = 1024
