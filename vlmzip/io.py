@@ -39,9 +39,11 @@ ARCH_PREFIX = "arch:"
 def arch_builders() -> dict[str, tuple[Any, Any]]:
     """``arch:`` names -> (builder, config): real architectures with random weights, for speed."""
     from .tiny_next import ARCHITECTURES_NEXT, build_llava_next
+    from .tiny_qwen import ARCHITECTURES_QWEN, build_qwen_vl
 
     builders = {name: (build_llava, cfg) for name, cfg in ARCHITECTURES.items()}
     builders.update({name: (build_llava_next, cfg) for name, cfg in ARCHITECTURES_NEXT.items()})
+    builders.update({name: (build_qwen_vl, cfg) for name, cfg in ARCHITECTURES_QWEN.items()})
     return builders
 
 
@@ -73,6 +75,10 @@ def load_model(
         raise ValueError(f"{folder} is not a model folder (no config.json); pass --model DIR of a saved checkpoint")
     model = AutoModelForImageTextToText.from_pretrained(folder, dtype=getattr(torch, dtype)).to(device).eval()
     adapter_for(model)  # fail early, with the list of supported classes
+    if type(model).__name__.startswith("Qwen2"):
+        from .tiny_qwen import load_processor  # falls back to an image-only processor without torchvision
+
+        return model, load_processor(folder)
     processor = AutoProcessor.from_pretrained(folder)
     return model, processor
 

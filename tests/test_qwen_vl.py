@@ -1,0 +1,378 @@
+"""Qwen2-VL and Qwen2.5-VL (tiny random weights, saved and reloaded): exactness, M-RoPE positions,
+generate, batching, budgets, errors, videos, and the VisionZip signals against an eager reference."""
+
+from __future__ import annotations
+
+import copy
+import importlib
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import random_image
+from transformers import AutoModelForImageTextToText
+
+import vlmzip
+from vlmzip.tiny_qwen import (
+    ARCHITECTURES_QWEN,
+    TinyQwenConfig,
+    build_qwen_vl,
+    build_tokenizer,
+    load_processor,
+    qwen_config,
+)
+
+NEW = 5
+# Three images with three different grids (patch 8, merge 2): 8x8, 6x10 and 9x6 merged tokens.
+SIZES = [(130, 120), (160, 96), (96, 144)]
+QUESTIONS = ["what color is the shape ?", "how many ?", "is there a red circle left of the square ?"]
+
+
+@pytest.fixture(scope="module", params=["2", "2.5"], ids=["qwen2-vl", "qwen2.5-vl"])
+def qwen_dir(request, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    out = tmp_path_factory.mktemp(f"tiny-qwen{request.param}")
+    build_qwen_vl(out, TinyQwenConfig(), version=request.param)
+    return request.param, out
+
+
+def load(qwen_dir, **kwargs):
+    return AutoModelForImageTextToText.from_pretrained(qwen_dir[1], **kwargs).eval()
+
+
+@pytest.fixture()
+def model(qwen_dir):
+    return load(qwen_dir)
+
+
+@pytest.fixture(scope="module")
+def processor(qwen_dir):
+    return load_processor(qwen_dir[1])
+
+
+def prompt(processor, question: str, image: bool = True) -> str:
+    content = ([{"type": "image"}] if image else []) + [{"type": "text", "text": question}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+
+@pytest.fixture(scope="module")
+def batch(processor):
+    images = [random_image(i, size) for i, size in enumerate(SIZES)]
+    texts = [prompt(processor, q) for q in QUESTIONS]
+    return processor(images=images, text=texts, return_tensors="pt", padding=True), images, texts
+
+
+def logits(model, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def vanilla_counts(inputs) -> list[int]:
+    return [int(t * h * w) // 4 for t, h, w in inputs["image_grid_thw"].tolist()]
+
+
+class LMInputs:
+    """A pre-hook on the language model that records every call's position ids and mask."""
+
+    def __init__(self, model) -> None:
+        self.calls: list[dict] = []
+        self.handle = model.model.language_model.register_forward_pre_hook(self, with_kwargs=True)
+
+    def __call__(self, module, args, kwargs) -> None:
+        self.calls.append({k: kwargs.get(k) for k in ("position_ids", "attention_mask", "inputs_embeds")})
+
+
+def test_grids_differ_per_image(batch):
+    inputs, _, _ = batch
+    assert len(set(vanilla_counts(inputs))) == 3
+    assert (inputs["attention_mask"][:, 0] == 0).any(), "the batch is left padded"
+
+
+def test_keep_all_reproduces_vanilla_logits(model, batch):
+    inputs, _, _ = batch
+    before = logits(model, inputs)
+    for method in ("visionzip", "random"):
+        with vlmzip.compressed(model, method, ratio=1.0):
+            torch.testing.assert_close(logits(model, inputs), before, atol=1e-5, rtol=0)
+
+
+def test_kept_tokens_keep_their_vanilla_positions(model, batch):
+    inputs, _, _ = batch
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    vanilla, _ = model.model.get_rope_index(ids, mm_token_type_ids=inputs["mm_token_type_ids"],
+                                            image_grid_thw=inputs["image_grid_thw"], attention_mask=mask)
+    vlmzip.compress(model, "visionzip", tokens=10)
+    seen = LMInputs(model)
+    with vlmzip.recorded(model) as selections, torch.no_grad():
+        model(**inputs)
+    got, got_mask = seen.calls[0]["position_ids"], seen.calls[0]["attention_mask"]
+    assert len(selections) == 3  # one per image: every grid differs
+    image_id = model.config.image_token_id
+    for b in range(ids.shape[0]):
+        cols = mask[b].nonzero().squeeze(1)
+        run = (ids[b] == image_id).nonzero().squeeze(1)
+        start, end = int(run[0]), int(run[-1]) + 1
+        kept = selections[b].indices[0]
+        expected = torch.cat([
+            vanilla[:, b, cols[cols < start]],  # text before the image
+            vanilla[:, b, start + kept],  # each kept token at its source token's (t, h, w)
+            vanilla[:, b, cols[cols >= end]],  # text after the image keeps its vanilla positions
+        ], dim=1)
+        assert torch.equal(got[:, b, got_mask[b].bool()], expected)
+    # the first decode step continues at the vanilla sequence's next position
+    seen.calls.clear()
+    model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    decode = seen.calls[-1]["position_ids"]
+    assert torch.equal(decode[:, :, -1], (vanilla.amax(dim=(0, 2)) + 1).expand(3, -1))
+    seen.handle.remove()
+
+
+def test_cached_generate_equals_uncached_recomputation(model, batch):
+    inputs, _, _ = batch
+    vlmzip.compress(model, "visionzip", tokens=8)
+    cached = model.generate(**inputs, max_new_tokens=NEW, do_sample=False)
+    prompt_len = inputs["input_ids"].shape[1]
+    assert torch.equal(cached[:, :prompt_len], inputs["input_ids"])
+    ids, mask, types = inputs["input_ids"], inputs["attention_mask"], inputs["mm_token_type_ids"]
+    with torch.no_grad():
+        for _ in range(NEW):
+            out = model(input_ids=ids, attention_mask=mask, mm_token_type_ids=types,
+                        pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"], use_cache=False)
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, token], dim=1)
+            mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+            types = torch.cat([types, torch.zeros_like(token)], dim=1)
+    assert torch.equal(cached, ids)
+
+
+@pytest.mark.parametrize(("method", "knobs"), [("visionzip", {"tokens": 8}), ("fastv", {"layer": 1})])
+def test_batch_equals_single_runs(model, processor, batch, method, knobs):
+    inputs, images, texts = batch
+    vlmzip.compress(model, method, **knobs)
+    batched = model.generate(**inputs, max_new_tokens=NEW, do_sample=False, return_dict_in_generate=True,
+                             output_logits=True)
+    new = batched.sequences[:, inputs["input_ids"].shape[1]:]
+    for i, (image, text) in enumerate(zip(images, texts, strict=True)):
+        single_inputs = processor(images=[image], text=[text], return_tensors="pt")
+        single = model.generate(**single_inputs, max_new_tokens=NEW, do_sample=False, return_dict_in_generate=True,
+                                output_logits=True)
+        assert torch.equal(single.sequences[0, single_inputs["input_ids"].shape[1]:], new[i])
+        torch.testing.assert_close(single.logits[0][0], batched.logits[0][i], atol=1e-4, rtol=1e-4)
+
+
+def test_beams_with_keep_all_equal_vanilla_beams(model, batch):
+    """generate expands rows for beams after encoding the images: positions are repeated per row."""
+    inputs, _, _ = batch
+    kwargs = dict(max_new_tokens=3, num_beams=2, num_return_sequences=2, do_sample=False,
+                  return_dict_in_generate=True, output_scores=True)
+    vanilla = model.generate(**inputs, **kwargs)
+    with vlmzip.compressed(model, "visionzip", ratio=1.0):
+        same = model.generate(**inputs, **kwargs)
+    assert torch.equal(vanilla.sequences, same.sequences)
+    for a, b in zip(vanilla.scores, same.scores, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_multi_turn_continues_the_same_cache(model, processor, batch):
+    _, images, texts = batch
+    first = processor(images=[images[0]], text=[texts[0]], return_tensors="pt")
+    vlmzip.compress(model, "visionzip", tokens=8)
+    turn1 = model.generate(**first, max_new_tokens=NEW, do_sample=False, return_dict_in_generate=True)
+    follow = processor.tokenizer("<|im_end|>\n<|im_start|>user\nand the shape ?<|im_end|>\n<|im_start|>assistant\n",
+                                 add_special_tokens=False, return_tensors="pt")["input_ids"]
+    ids = torch.cat([turn1.sequences, follow], dim=1)
+    mask = torch.ones_like(ids)
+    cached_len = turn1.cache.get_seq_length()
+    turn2 = model.generate(input_ids=ids, attention_mask=mask, cache=turn1.cache, max_new_tokens=NEW, do_sample=False)
+    assert turn1.cache.get_seq_length() > cached_len, "the second turn extended the first turn's cache"
+    types = (ids == model.config.image_token_id).int()
+    fresh = model.generate(input_ids=ids, attention_mask=mask, mm_token_type_ids=types,
+                           pixel_values=first["pixel_values"], image_grid_thw=first["image_grid_thw"],
+                           max_new_tokens=NEW, do_sample=False)
+    assert torch.equal(turn2, fresh)
+
+
+def test_decompress_restores_exactly(model, batch):
+    inputs, _, _ = batch
+    before = logits(model, inputs)
+    vlmzip.compress(model, "visionzip", tokens=8)
+    squeezed = logits(model, inputs)
+    assert squeezed.shape[1] < inputs["input_ids"].shape[1]
+    vlmzip.decompress(model)
+    assert torch.equal(before, logits(model, inputs))
+    for name in ("forward", "generate", "_vlmzip", "_prepare_position_ids_for_generation"):
+        assert name not in vars(model)
+    for name in ("get_image_features", "compute_3d_position_ids", "forward"):
+        assert name not in vars(model.model)
+
+
+def test_deepcopy_of_a_compressed_model(model, batch):
+    inputs, _, _ = batch
+    vlmzip.compress(model, "visionzip", tokens=8)
+    twin = copy.deepcopy(model)
+    torch.testing.assert_close(logits(twin, inputs), logits(model, inputs), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(("method", "knobs", "keep"), [
+    ("visionzip", {"tokens": 6}, lambda n: 6),
+    ("random", {"tokens": 7}, lambda n: 7),
+    ("random", {"ratio": 0.25}, lambda n: round(0.25 * n)),
+])
+def test_pre_llm_methods_send_the_budget(model, processor, method, knobs, keep):
+    inputs = processor(images=[random_image(0, SIZES[1])], text=[prompt(processor, "how many ?")],
+                       return_tensors="pt")
+    (n,) = vanilla_counts(inputs)
+    with vlmzip.compressed(model, method, **knobs):
+        out = logits(model, inputs)
+    assert out.shape[1] == inputs["input_ids"].shape[1] - n + keep(n)
+
+
+def test_fastv_keeps_its_budget_inside_the_llm(model, processor):
+    inputs = processor(images=[random_image(0, SIZES[1])], text=[prompt(processor, "how many ?")],
+                       return_tensors="pt")
+    (n,) = vanilla_counts(inputs)
+    length = inputs["input_ids"].shape[1]
+    vlmzip.compress(model, "fastv", layer=1)  # the paper's budget: half of each image's tokens stay
+    with torch.no_grad():
+        out = model(**inputs, use_cache=True)
+    assert out.cache.layers[0].keys.shape[2] == length
+    assert out.cache.layers[1].keys.shape[2] == length - n + round(0.5 * n)
+
+
+def test_too_many_tokens_names_the_images_count(model, batch):
+    inputs, _, _ = batch
+    smallest = min(vanilla_counts(inputs))
+    vlmzip.compress(model, "visionzip", tokens=smallest + 1)
+    with pytest.raises(ValueError, match=rf"larger than the {smallest} visual tokens image \d of this batch has"):
+        logits(model, inputs)
+
+
+def test_position_ids_with_images_are_refused(model, batch):
+    inputs, _, _ = batch
+    vlmzip.compress(model, "visionzip", tokens=8)
+    with pytest.raises(ValueError, match="computes its M-RoPE positions itself"):
+        model(**inputs, position_ids=torch.zeros(3, *inputs["input_ids"].shape, dtype=torch.long))
+
+
+def video_inputs(model, processor, with_image: bool):
+    """A prompt with a 2 x 8 x 8 video grid (32 placeholders; no video processor here, so random patches)."""
+    config = model.config.vision_config
+    grid = torch.tensor([[2, 8, 8]])
+    text = prompt(processor, "what happens ?", image=with_image)
+    images = [random_image(3, SIZES[2])] if with_image else None
+    inputs = dict(processor(images=images, text=[text], return_tensors="pt"))
+    tokenizer = processor.tokenizer
+    video = torch.tensor([[tokenizer.convert_tokens_to_ids("<|vision_start|>")]
+                          + [model.config.video_token_id] * 32 + [tokenizer.convert_tokens_to_ids("<|vision_end|>")]])
+    ids = inputs["input_ids"]
+    at = int((ids[0] == tokenizer.convert_tokens_to_ids("what")).nonzero()[0])  # the video goes before the question
+    inputs["input_ids"] = torch.cat([ids[:, :at], video, ids[:, at:]], dim=1)
+    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    patch = config.in_channels * config.temporal_patch_size * config.patch_size**2
+    inputs["pixel_values_videos"] = torch.randn(int(grid.prod()), patch, generator=torch.Generator().manual_seed(0))
+    inputs["video_grid_thw"] = grid
+    types = torch.zeros_like(inputs["input_ids"], dtype=torch.int)
+    types[inputs["input_ids"] == model.config.image_token_id] = 1
+    types[inputs["input_ids"] == model.config.video_token_id] = 2
+    inputs["mm_token_type_ids"] = types
+    return inputs
+
+
+def test_videos_still_work_on_a_compressed_model(model, processor):
+    only_video = video_inputs(model, processor, with_image=False)
+    mixed = video_inputs(model, processor, with_image=True)
+    before_video, before_mixed = logits(model, only_video), logits(model, mixed)
+    with vlmzip.compressed(model, "visionzip", ratio=1.0):
+        torch.testing.assert_close(logits(model, mixed), before_mixed, atol=1e-5, rtol=0)
+    vlmzip.compress(model, "visionzip", tokens=6)
+    assert torch.equal(logits(model, only_video), before_video)  # videos are not compressed
+    (n,) = vanilla_counts(mixed)
+    assert logits(model, mixed).shape[1] == mixed["input_ids"].shape[1] - n + 6
+    out = model.generate(**mixed, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] == mixed["input_ids"].shape[1] + 3
+
+
+def test_visionzip_signals_match_an_eager_attention(qwen_dir, processor, batch, monkeypatch):
+    """received_attention / keys handed to the method equal those rebuilt from the signal block's eager
+    attention probabilities, mapped to the merger's output order by matching the merged tokens."""
+    inputs, _, _ = batch
+    model = load(qwen_dir, attn_implementation="eager")
+    visual = model.model.visual
+    full = getattr(visual, "fullatt_block_indexes", None)
+    block = max(full) if full else len(visual.blocks) - 1
+    if full:
+        assert block != len(visual.blocks) - 1, "the test model's last block is windowed"
+    attn = visual.blocks[block].attn
+    module = importlib.import_module(type(attn).__module__)
+    eager = module.eager_attention_forward
+    probs: list[torch.Tensor] = []
+
+    def recording(mod, *args, **kwargs):
+        out, weights = eager(mod, *args, **kwargs)
+        if mod is attn:
+            probs.append(weights[0])  # (H, n, n) of one segment
+        return out, weights
+
+    monkeypatch.setattr(module, "eager_attention_forward", recording)
+    qkv: list[torch.Tensor] = []
+    block_out: list[torch.Tensor] = []
+    attn.qkv.register_forward_hook(lambda m, a, out: qkv.append(out))
+    visual.blocks[-1].register_forward_hook(lambda m, a, out: block_out.append(out))
+    vlmzip.compress(model, "visionzip", tokens=8)
+    state = vlmzip.api.state_of(model)
+    handed: list = []
+    select = state.select
+    monkeypatch.setattr(state, "select", lambda tokens, keep: handed.append(tokens) or select(tokens, keep))
+    with torch.no_grad():
+        model(**inputs)
+    # per patch, in the blocks' order: mean over heads and the segment's queries, then summed per 2x2 group
+    received = torch.cat([p.float().mean(dim=(0, 1)) for p in probs]).view(-1, 4).sum(dim=1)
+    heads = attn.num_heads
+    keys = qkv[0].float().view(qkv[0].shape[0], 3, heads, -1)[:, 1].mean(dim=1)
+    keys = keys.view(-1, 4, keys.shape[-1]).mean(dim=1)
+    # the blocks' group order -> the merger's output order, found by matching merged tokens exactly
+    in_block_order = visual.merger(block_out[0])
+    merged = torch.cat([t.hidden[0] for t in handed])
+    order = torch.cdist(merged, in_block_order).argmin(dim=1)
+    assert torch.equal(in_block_order[order], merged)
+    if full:
+        assert not torch.equal(order, torch.arange(len(order))), "Qwen2.5-VL reorders the groups by window"
+    start = 0
+    for tokens in handed:
+        n = tokens.hidden.shape[1]
+        rows = order[start : start + n]
+        torch.testing.assert_close(tokens.received_attention[0], received[rows], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(tokens.keys[0], keys[rows], atol=1e-6, rtol=1e-5)
+        assert tokens.layout.grid[0] * tokens.layout.grid[1] == n and tokens.layout.num_prefix == 0
+        start += n
+    assert start == merged.shape[0]
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES_QWEN))
+def test_real_architectures_have_the_7b_shapes(name):
+    cfg = replace(ARCHITECTURES_QWEN[name], text_layers=2)  # reduced text depth, the rest as released
+    config = qwen_config(cfg, build_tokenizer(cfg.words))
+    text, vision = config.text_config, config.vision_config
+    assert (text.num_hidden_layers, text.hidden_size, text.num_attention_heads) == (2, 3584, 28)
+    assert (text.num_key_value_heads, text.intermediate_size, text.vocab_size) == (4, 18944, 152064)
+    assert text.rope_parameters["mrope_section"] == [16, 24, 24]
+    assert (vision.depth, vision.num_heads, vision.patch_size, vision.spatial_merge_size) == (32, 16, 14, 2)
+    if cfg.version == "2.5":
+        assert (vision.hidden_size, vision.intermediate_size, vision.out_hidden_size) == (1280, 3420, 3584)
+        assert list(vision.fullatt_block_indexes) == [7, 15, 23, 31] and vision.window_size == 112
+    else:
+        assert (vision.embed_dim, vision.hidden_size, vision.mlp_ratio) == (1280, 3584, 4)
+
+
+def test_new_images_on_a_filled_cache_are_refused(model, processor, batch):
+    _, images, texts = batch
+    first = processor(images=[images[0]], text=[texts[0]], return_tensors="pt")
+    second = processor(images=[images[1]], text=[texts[1]], return_tensors="pt")
+    vlmzip.compress(model, "visionzip", tokens=8)
+    with torch.no_grad():
+        cache = model(**first, use_cache=True).cache
+        ids = second["input_ids"]
+        mask = torch.ones(1, cache.get_seq_length() + ids.shape[1], dtype=torch.long)
+        with pytest.raises(ValueError, match="images in the first call on a cache only"):
+            model(input_ids=ids, attention_mask=mask, cache=cache, mm_token_type_ids=second["mm_token_type_ids"],
+                  pixel_values=second["pixel_values"], image_grid_thw=second["image_grid_thw"])
