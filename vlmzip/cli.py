@@ -367,6 +367,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="output folder, new or empty, or one of this evaluation (rerun the same command to "
                         "resume; required)")
     add_device_args(p_eval)
+    p_eval.epilog = (
+        "over several GPUs (or CPU processes), each process a share of the questions, results merged by the "
+        "first:\n  torchrun --nproc_per_node N -m vlmzip.cli eval ...   (or: accelerate launch --multi_gpu "
+        "--num_processes N -m vlmzip.cli eval ...)"
+    )
     p_eval.set_defaults(func=cmd_eval)
 
     p_bench = command("bench", "prefill / time-to-first-token speedups vs vanilla, with the ideal")
