@@ -167,7 +167,9 @@ def merge_predictions(folder: Path, key: str, records: list[Record]) -> None:
     if len(files) == 1:
         return
     done = read_run(folder, key)
-    order = [r.id for r in records if r.id in done] + [i for i in done if i not in {r.id for r in records}]
+    ids = [r.id for r in records]
+    asked = set(ids)
+    order = [i for i in ids if i in done] + [i for i in done if i not in asked]
     text = "".join(json.dumps(done[i]) + "\n" for i in order)
     _write_atomically(files[0], lambda p: p.write_text(text))
     for path in files[1:]:
@@ -342,6 +344,9 @@ def _evaluate(cfg: EvalConfig, procs: Processes) -> dict[str, Any]:
 
     runs = procs.on_main(claim)
     predictions_dir = out / "predictions"
+    if not predictions_dir.is_dir():  # rank 0 made it: another node's disk
+        raise ValueError(f"--out {out}: process {procs.rank} does not see the folder the first process made; "
+                         "across nodes, --out must be on a filesystem every node shares")
 
     share = procs.share(records, cfg.batch_size)
     remaining = 0
