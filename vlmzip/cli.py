@@ -7,6 +7,7 @@ so that ``vlmzip --help`` and every ``vlmzip COMMAND --help`` answer at once.
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -252,10 +253,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
         limit=args.limit, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, match=args.match,
         device=resolve_device(args.device), dtype=args.dtype,
     )
-    evaluate(cfg)
-    print((Path(args.out) / "table.md").read_text())
-    print(f"wrote {args.out}/results.json, table.md, plot.png and predictions/*.jsonl")
+    evaluate(cfg)  # sharded over the processes of torchrun / accelerate launch, when started by one
+    if _rank() == 0:
+        print((Path(args.out) / "table.md").read_text())
+        print(f"wrote {args.out}/results.json, table.md, plot.png and predictions/*.jsonl")
     return 0
+
+
+def _launch(name: str, default: int) -> int:
+    """``RANK`` / ``WORLD_SIZE`` as set by a launcher (torchrun, accelerate launch); ``default`` without one."""
+    try:
+        return int(os.environ.get(name) or default)
+    except ValueError:
+        return default
+
+
+def _rank() -> int:
+    return _launch("RANK", 0)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -353,6 +367,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="output folder, new or empty, or one of this evaluation (rerun the same command to "
                         "resume; required)")
     add_device_args(p_eval)
+    p_eval.epilog = (
+        "over several GPUs (or CPU processes), each process a share of the questions, results merged by the "
+        "first:\n  torchrun --nproc_per_node N -m vlmzip.cli eval ...   (or: accelerate launch --multi_gpu "
+        "--num_processes N -m vlmzip.cli eval ...)"
+    )
     p_eval.set_defaults(func=cmd_eval)
 
     p_bench = command("bench", "prefill / time-to-first-token speedups vs vanilla, with the ideal")
@@ -384,11 +403,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ValueError as err:
-        print(f"vlmzip {args.command}: error: {err}", file=sys.stderr)
+        if not getattr(err, "relayed", False):  # an error of rank 0 relayed to the other processes: said once
+            print(f"vlmzip {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        if _rank() != 0:
+            return 130
         message = f"\nvlmzip {args.command}: interrupted"
-        if args.command == "eval":
+        if args.command == "eval" and _launch("WORLD_SIZE", 1) > 1:
+            message += (f"; the answers so far are kept in {args.out}/predictions. To resume, rerun the same "
+                        "torchrun / accelerate launch command (with any number of processes)")
+        elif args.command == "eval":
             message += (f"; the answers so far are kept in {args.out}/predictions. To resume, rerun the same "
                         f"command:\n  {shlex.join(['vlmzip', *argv])}")
         print(message, file=sys.stderr)

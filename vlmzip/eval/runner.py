@@ -10,6 +10,13 @@ answer or a score (model path and a hash of its weights, data and a hash of data
 refused, as is a folder with no identity.json that is not empty, so nothing of another evaluation (or of
 the user) is ever overwritten. Methods and budgets may differ between runs into one folder: each run
 adds its columns, and results.json / table.md / plot.png cover every column evaluated there.
+
+Launched as several processes (``torchrun --nproc_per_node N -m vlmzip.cli eval ...`` or
+``accelerate launch``; ``vlmzip.eval.distributed``), each answers its share of whole batches and appends to
+its own ``OUT/predictions/<run>.rank<r>-of-<w>.jsonl``; once all have finished, rank 0 merges every
+run's files into ``<run>.jsonl`` (in question order), scores, and writes the same results.json / table.md /
+plot.png as a single process. Every process, whatever the number of processes, skips the questions found
+in any of a run's files, so an interrupted run resumes with the same or another number of processes.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +38,7 @@ from ..api import PAPER_BUDGETS, compressed, paper_budget, plan
 from ..io import generate_answers, load_model
 from ..methods import get_method
 from .data import LAB_DATASETS, Record, ensure_lab_dataset, load_folder, load_image
+from .distributed import Processes, launched
 from .report import plot_accuracy, retention_table
 from .scorers import answer_vocabulary, score_records
 
@@ -126,17 +135,62 @@ def answer_batch(model: nn.Module, processor: Any, records: list[Record], max_ne
     return generate_answers(model, processor, images, [r.question for r in records], max_new_tokens)
 
 
+def prediction_files(folder: Path, key: str) -> list[Path]:
+    """Every predictions file of run ``key`` in ``folder``: ``<key>.jsonl`` (a single process's, or the merge)
+    and the per-process ``<key>.rank<r>-of-<w>.jsonl`` of parallel runs not merged yet."""
+    shard = re.compile(re.escape(key) + r"\.rank\d+-of-\d+\.jsonl")
+    shards = sorted(p for p in folder.glob("*.jsonl") if shard.fullmatch(p.name)) if folder.is_dir() else []
+    return [folder / f"{key}.jsonl", *shards]
+
+
+def own_file(folder: Path, key: str, procs: Processes) -> Path:
+    """The file this process appends run ``key``'s answers to."""
+    return folder / (f"{key}.rank{procs.rank}-of-{procs.world}.jsonl" if procs.parallel else f"{key}.jsonl")
+
+
+def read_run(folder: Path, key: str, own: Path | None = None) -> dict[str, dict[str, Any]]:
+    """Run ``key``'s predictions in all its files, by question id; ``own`` (the file this process appends
+    to, and only it: others may be another process's, being written) is repaired if torn."""
+    done: dict[str, dict[str, Any]] = {}
+    for path in prediction_files(folder, key):
+        done.update(read_predictions(path, repair=path == own))
+    return done
+
+
+def merge_predictions(folder: Path, key: str, records: list[Record]) -> None:
+    """Fold the per-process files of run ``key`` into ``<key>.jsonl`` (question order), then remove them.
+
+    The merged file is written whole and renamed into place before any per-process file goes, so an
+    interruption loses nothing. Nothing happens when there is no per-process file (a single process's run).
+    """
+    files = prediction_files(folder, key)
+    if len(files) == 1:
+        return
+    done = read_run(folder, key)
+    ids = [r.id for r in records]
+    asked = set(ids)
+    order = [i for i in ids if i in done] + [i for i in done if i not in asked]
+    text = "".join(json.dumps(done[i]) + "\n" for i in order)
+    _write_atomically(files[0], lambda p: p.write_text(text))
+    for path in files[1:]:
+        path.unlink()
+
+
 def run_predictions(
-    model: nn.Module, processor: Any, run: Run, records: list[Record], path: Path, cfg: EvalConfig, bar: tqdm
+    model: nn.Module, processor: Any, run: Run, records: list[Record], folder: Path, cfg: EvalConfig, bar: tqdm,
+    procs: Processes | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Answer every record not yet in ``path`` (appending as it goes); return all predictions by id."""
-    done = read_predictions(path, repair=True)
-    todo = [r for r in records if r.id not in done]
+    """Answer this process's share of ``records`` not yet in any of the run's files in ``folder``, appending
+    to this process's own file as it goes; return the run's predictions by id."""
+    procs = procs or Processes()
+    own = own_file(folder, run.key, procs)
+    done = read_run(folder, run.key, own)
+    todo = [r for r in procs.share(records, cfg.batch_size) if r.id not in done]
     if not todo:
         return done
     context = contextlib.nullcontext() if run.method == VANILLA else compressed(model, run.method, **run.knobs)
     bar.set_postfix_str(run.key)
-    with context, path.open("a") as sink:
+    with context, own.open("a") as sink:
         for chunk in batches(todo, cfg.batch_size):
             answers = answer_batch(model, processor, chunk, cfg.max_new_tokens)
             for record, prediction in zip(chunk, answers, strict=True):
@@ -249,46 +303,84 @@ def _write_atomically(path: Path, write: Any) -> None:
 
 
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
-    """Run the evaluation described by ``cfg``; write predictions, results.json, table.md and plot.png."""
+    """Run the evaluation described by ``cfg``; write predictions, results.json, table.md and plot.png.
+
+    Started by ``torchrun`` / ``accelerate launch`` (``RANK`` / ``WORLD_SIZE`` in the environment), each
+    process answers its share and rank 0 writes the results (the module docstring); every process returns
+    them.
+    """
     if cfg.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {cfg.batch_size}")
     if cfg.limit is not None and cfg.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {cfg.limit}")
+    with launched() as procs:
+        return _evaluate(cfg, procs)
+
+
+def _evaluate(cfg: EvalConfig, procs: Processes) -> dict[str, Any]:
     out = Path(cfg.out)
-    check_out_folder(out)
-    folder = data_folder(cfg.data)
+
+    def prepare() -> Path:  # rank 0 first: the folder check, and a lab split generated once, not per process
+        check_out_folder(out)
+        return data_folder(cfg.data)
+
+    folder = procs.on_main(prepare)
     dataset = load_folder(folder)
     records = dataset[: cfg.limit]
     vocabulary = answer_vocabulary(dataset)  # off-vocabulary is judged against the whole dataset, not the subset
-    model, processor = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    model, processor = load_model(cfg.model, device=procs.device(cfg.device), dtype=cfg.dtype)
     if cfg.tokens is None:
         cfg.tokens = [paper_budget(model, t) for t in PAPER_BUDGETS]
     runs = plan_runs(model, cfg.methods, cfg.tokens)
     ident = identity(cfg, folder, weights_sha256(model))
-    check_resumable(out, ident)
-    runs = merge_runs(previous_runs(out), runs)
-    (out / "predictions").mkdir(exist_ok=True)
+    if any(other != ident for other in procs.gather(ident)):
+        raise ValueError("the processes of this launch load different models or data (their identities differ)")
 
-    paths = {run.key: out / "predictions" / f"{run.key}.jsonl" for run in runs}
+    def claim() -> list[Run]:  # rank 0: identity.json, and the columns evaluated there before
+        check_resumable(out, ident)
+        merged = merge_runs(previous_runs(out), runs)
+        (out / "predictions").mkdir(exist_ok=True)
+        return merged
+
+    runs = procs.on_main(claim)
+    predictions_dir = out / "predictions"
+    if not predictions_dir.is_dir():  # rank 0 made it: another node's disk
+        raise ValueError(f"--out {out}: process {procs.rank} does not see the folder the first process made; "
+                         "across nodes, --out must be on a filesystem every node shares")
+
+    share = procs.share(records, cfg.batch_size)
     remaining = 0
-    for run in runs:  # read each predictions file once (per record it made resuming quadratic: minutes)
-        done = read_predictions(paths[run.key])
-        remaining += sum(r.id not in done for r in records)
-    scores: dict[str, dict[str, Any]] = {}
-    with tqdm(total=remaining, unit="q", desc="vlmzip eval", dynamic_ncols=True) as bar:
+    for run in runs:  # read each run's files once (per record it made resuming quadratic: minutes)
+        done = read_run(predictions_dir, run.key)
+        remaining += sum(r.id not in done for r in share)
+    desc = f"vlmzip eval (process 1 of {procs.world})" if procs.parallel else "vlmzip eval"
+    with tqdm(total=remaining, unit="q", desc=desc, dynamic_ncols=True, disable=not procs.main) as bar:
         for run in runs:
-            predictions = run_predictions(model, processor, run, records, paths[run.key], cfg, bar)
+            run_predictions(model, processor, run, records, predictions_dir, cfg, bar, procs)
+    procs.barrier()  # every process has answered its share
+
+    def report() -> dict[str, Any]:  # rank 0: merge, score once, write
+        scores: dict[str, dict[str, Any]] = {}
+        for run in runs:
+            merge_predictions(predictions_dir, run.key, records)
+            predictions = read_run(predictions_dir, run.key)
+            missing = [r.id for r in records if r.id not in predictions]
+            if missing:
+                raise ValueError(f"{run.key}: {len(missing)} question(s) have no answer (first: {missing[0]}); "
+                                 "a process stopped early? Rerun the same command to resume")
             rows = [predictions[r.id] for r in records]
             scores[run.key] = score_records(rows, match=cfg.match, vocabulary=vocabulary)
 
-    results = {
-        "config": asdict(cfg),
-        "identity": ident,
-        "n_questions": len(records),
-        "vanilla_tokens": runs[0].tokens,
-        "runs": [{**asdict(run), "scores": scores[run.key]} for run in runs],
-    }
-    _write_atomically(out / "results.json", lambda p: p.write_text(json.dumps(results, indent=2) + "\n"))
-    _write_atomically(out / "table.md", lambda p: p.write_text(retention_table(results)))
-    _write_atomically(out / "plot.png", lambda p: plot_accuracy(results, p))
-    return results
+        results = {
+            "config": asdict(cfg),
+            "identity": ident,
+            "n_questions": len(records),
+            "vanilla_tokens": runs[0].tokens,
+            "runs": [{**asdict(run), "scores": scores[run.key]} for run in runs],
+        }
+        _write_atomically(out / "results.json", lambda p: p.write_text(json.dumps(results, indent=2) + "\n"))
+        _write_atomically(out / "table.md", lambda p: p.write_text(retention_table(results)))
+        _write_atomically(out / "plot.png", lambda p: plot_accuracy(results, p))
+        return results
+
+    return procs.on_main(report)
