@@ -7,7 +7,7 @@ from PIL import Image
 
 from vlmzip.cli import main
 from vlmzip.methods.base import Selection, TokenLayout
-from vlmzip.viz import model_view, token_overlay
+from vlmzip.viz import GAP, MARGIN, PANEL_SIZE, model_view, token_overlay
 
 
 def test_demo_prints_answers_and_writes_the_overlay(llava_dir, tmp_path, capsys):
@@ -18,7 +18,10 @@ def test_demo_prints_answers_and_writes_the_overlay(llava_dir, tmp_path, capsys)
     text = capsys.readouterr().out
     assert "correct answer" in text and "visual tokens per image: 64 -> 16" in text and "speedup" in text
     picture = Image.open(out)
-    assert picture.size == (112 * 2 + 8, 112)
+    # two panels (the image as the model sees it, the selection), each drawn at PANEL_SIZE, titled, with a legend
+    assert picture.width == 2 * MARGIN + 2 * PANEL_SIZE + GAP
+    assert picture.height > PANEL_SIZE + 100
+    assert "kept tokens drawn over the image" in text
 
 
 def test_demo_default_budget_is_64_of_576_scaled_to_the_model(llava_dir, tmp_path, capsys):

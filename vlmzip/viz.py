@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import colorsys
+from dataclasses import dataclass
+from typing import Any
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from .methods.base import Selection, TokenLayout
 
@@ -20,7 +22,7 @@ def model_view(image: Image.Image, size: int) -> Image.Image:
 
 
 def _palette(n: int) -> list[tuple[int, int, int]]:
-    return [tuple(int(255 * c) for c in colorsys.hsv_to_rgb(i / max(n, 1), 0.65, 1.0)) for i in range(n)]
+    return [tuple(int(255 * c) for c in colorsys.hsv_to_rgb(0.1 + 0.8 * i / max(n, 1), 0.65, 1.0)) for i in range(n)]
 
 
 def token_overlay(
@@ -75,3 +77,268 @@ def side_by_side(left: Image.Image, right: Image.Image, gap: int = 8) -> Image.I
     canvas.paste(right, (left.width + gap, 0))
     return canvas
 
+
+
+# -- figures: titled panels and a legend -------------------------------------------------------------
+
+PANEL_SIZE = 336  # every panel is drawn at this size (pixels), whatever the model's input size
+MARGIN, GAP = 12, 12
+TITLE_FONT, PANEL_FONT, LEGEND_FONT = 18, 14, 13
+METHOD_NAMES = {"visionzip": "VisionZip", "random": "Random", "spatial": "Spatial", "fastv": "FastV",
+                "vanilla": "Vanilla"}
+KEPT_RED = (230, 20, 20)
+SWATCH_GRAY = (175, 175, 175)
+
+# What each mark means, in words a newcomer reads without the code (the legend under every figure).
+LEGEND = {
+    "kept": "kept: this patch's token is sent to the LLM as it is (VisionZip: a dominant token)",
+    "merged": "merged (VisionZip's contextual tokens): one token per colour, sent at its framed patch; it is "
+              "the average of the patches tinted in its colour",
+    "dropped": "dropped: darkened patches send nothing to the LLM",
+}
+
+
+def method_label(method: str) -> str:
+    """A method's name as the papers write it (``visionzip`` -> ``VisionZip``)."""
+    return METHOD_NAMES.get(method, method)
+
+
+def budget_title(method: str, kept: int, total: int) -> str:
+    """The headline of a method's picture: ``"VisionZip, 28 of 256 visual tokens"`` (per image)."""
+    return f"{method_label(method)}, {kept} of {total} visual tokens"
+
+
+def split_note(selection: Selection, layout: TokenLayout, row: int = 0) -> str | None:
+    """How a VisionZip selection splits, e.g. ``"24 dominant (with CLS) + 4 contextual"``; None without a split."""
+    if selection.dominant is None:
+        return None
+    indices = selection.indices[row].tolist()
+    kept = len(indices)
+    cls = " (with CLS, not drawn)" if any(i < layout.num_prefix for i in indices[: selection.dominant]) else ""
+    return f"{selection.dominant} dominant{cls} + {kept - selection.dominant} contextual"
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    return ImageFont.load_default(size=size)
+
+
+def _wrap(text: str, font: ImageFont.ImageFont, width: int) -> list[str]:
+    """``text`` (newlines kept) broken into lines no wider than ``width`` pixels."""
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    lines: list[str] = []
+    for paragraph in text.split("\n"):
+        line = ""
+        for word in paragraph.split(" "):
+            trial = f"{line} {word}" if line else word
+            if line and measure.textlength(trial, font=font) > width:
+                lines.append(line)
+                line = word
+            else:
+                line = trial
+        lines.append(line)
+    return lines
+
+
+def _line_height(font: ImageFont.ImageFont) -> int:
+    top, bottom = font.getbbox("Ag")[1::2]
+    return bottom - top + 5
+
+
+def _swatch(kind: str, size: int = 22) -> Image.Image:
+    cell = Image.new("RGB", (size, size), SWATCH_GRAY)
+    draw = ImageDraw.Draw(cell)
+    if kind == "kept":
+        draw.rectangle((0, 0, size - 1, size - 1), outline=KEPT_RED, width=2)
+    elif kind == "merged":
+        color = _palette(3)[1]
+        tint = Image.new("RGB", (size, size), color)
+        cell = Image.blend(cell, tint, 70 / 255)
+        ImageDraw.Draw(cell).rectangle((0, 0, size - 1, size - 1), outline=color, width=3)
+    elif kind == "dropped":
+        cell = Image.blend(cell, Image.new("RGB", (size, size), (0, 0, 0)), 150 / 255)
+    return cell
+
+
+def figure(panels: list[tuple[str, Image.Image]], title: str, legend: list[str] | tuple[str, ...] = ("kept", "dropped"),
+           panel_size: int = PANEL_SIZE) -> Image.Image:
+    """One picture: ``title`` on top, the ``(caption, image)`` panels side by side (each resized to
+    ``panel_size``), and the legend entries (keys of ``LEGEND``) below, on a white background.
+
+    Width: ``2 * MARGIN + n * panel_size + (n - 1) * GAP`` for n panels.
+    """
+    n = len(panels)
+    width = 2 * MARGIN + n * panel_size + (n - 1) * GAP
+    title_font, panel_font, legend_font = _font(TITLE_FONT), _font(PANEL_FONT), _font(LEGEND_FONT)
+    title_lines = _wrap(title, title_font, width - 2 * MARGIN)
+    captions = [_wrap(caption, panel_font, panel_size) for caption, _ in panels]
+    caption_lines = max(len(c) for c in captions)
+    swatch = 22
+    legend_lines = [_wrap(LEGEND[key], legend_font, width - 2 * MARGIN - swatch - 8) for key in legend]
+    th, ph, lh = _line_height(title_font), _line_height(panel_font), _line_height(legend_font)
+    panels_top = MARGIN + len(title_lines) * th + 8
+    images_top = panels_top + caption_lines * ph + 4
+    legend_top = images_top + panel_size + 10
+    height = legend_top + sum(max(len(lines) * lh, swatch) + 6 for lines in legend_lines) + MARGIN
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, line in enumerate(title_lines):
+        draw.text((MARGIN, MARGIN + i * th), line, fill="black", font=title_font)
+    for p, ((_, image), lines) in enumerate(zip(panels, captions, strict=True)):
+        left = MARGIN + p * (panel_size + GAP)
+        for i, line in enumerate(lines):
+            draw.text((left, panels_top + i * ph), line, fill="black", font=panel_font)
+        canvas.paste(image.convert("RGB").resize((panel_size, panel_size), Image.Resampling.BICUBIC),
+                     (left, images_top))
+    y = legend_top
+    for key, lines in zip(legend, legend_lines, strict=True):
+        canvas.paste(_swatch(key, swatch), (MARGIN, y))
+        for i, line in enumerate(lines):
+            draw.text((MARGIN + swatch + 8, y + i * lh + 2), line, fill="black", font=legend_font)
+        y += max(len(lines) * lh, swatch) + 6
+    return canvas
+
+
+def notice(image: Image.Image, text: str, size: int = PANEL_SIZE) -> Image.Image:
+    """``image`` at ``size``, greyed, with ``text`` written across it (a panel with nothing to draw)."""
+    base = image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+    base = Image.blend(base, Image.new("RGB", base.size, (255, 255, 255)), 0.7)
+    font = _font(PANEL_FONT)
+    lines = _wrap(text, font, size - 24)
+    lh = _line_height(font)
+    draw = ImageDraw.Draw(base)
+    top = (size - len(lines) * lh) // 2
+    for i, line in enumerate(lines):
+        draw.text((12, top + i * lh), line, fill="black", font=font)
+    return base
+
+
+def pixels_to_image(pixel_values: Any, image_processor: Any) -> Image.Image:
+    """One (3, H, W) tensor of processor output back to the picture the vision tower sees (normalisation
+    and rescaling undone), so a figure shows the model's own resize, crop or padding."""
+    import numpy as np
+
+    x = pixel_values.detach().float().cpu().numpy()
+    if getattr(image_processor, "do_normalize", False):
+        mean = np.asarray(image_processor.image_mean, dtype=np.float32).reshape(-1, 1, 1)
+        std = np.asarray(image_processor.image_std, dtype=np.float32).reshape(-1, 1, 1)
+        x = x * std + mean
+    if getattr(image_processor, "do_rescale", False):
+        x = x / image_processor.rescale_factor
+    return Image.fromarray(np.clip(x, 0, 255).round().astype(np.uint8).transpose(1, 2, 0))
+
+
+# -- a model's selections as panels -----------------------------------------------------------------
+
+VIEW_PROMPT = "What is in the image?"
+
+
+@dataclass
+class ModelView:
+    """One image as a model receives it.
+
+    ``image``: what the vision tower sees (LLaVA-NeXT: the base crop, the whole image at the tower's size);
+    ``inputs``: the processor's batch for it; ``total``: visual tokens the vanilla model sends for it;
+    ``crops``: units the tower encodes (1 for LLaVA-1.5; base + high-resolution crops for LLaVA-NeXT).
+    """
+
+    image: Image.Image
+    inputs: dict[str, Any]
+    total: int
+    crops: int
+    layout: TokenLayout
+
+
+def view_of(model: Any, processor: Any, image: Image.Image, prompt: str = VIEW_PROMPT) -> ModelView:
+    """Run the processor on ``image`` and read back the picture the vision tower gets (first crop)."""
+    from .adapters import adapter_for
+    from .io import batch_inputs
+
+    adapter = adapter_for(model)
+    inputs = batch_inputs(processor, [image], [prompt], model)
+    pixels = inputs["pixel_values"][0]
+    crops = 1
+    if pixels.dim() == 4:  # LLaVA-NeXT: (crops, 3, H, W), the base crop first
+        crops = adapter.num_crops(inputs["image_sizes"][0].tolist()) if hasattr(adapter, "num_crops") else len(pixels)
+        pixels = pixels[0]
+    seen = pixels_to_image(pixels, processor.image_processor)
+    return ModelView(seen, inputs, adapter.image_counts(inputs)[0], crops, adapter.unit_layout())
+
+
+def legend_keys(selection: Selection | None, layout: TokenLayout) -> set[str]:
+    """The legend entries a drawn selection needs."""
+    if selection is None:
+        return set()
+    keys = {"kept"}
+    merged = selection.merged_from
+    if selection.dominant is not None and selection.indices.shape[1] > selection.dominant:
+        keys.add("merged")
+    if merged is None:
+        if selection.indices.shape[1] < layout.num_patches:
+            keys.add("dropped")
+    elif bool((merged[0, layout.num_prefix:] < 0).any()):
+        keys.add("dropped")
+    return keys
+
+
+def method_panel(model: Any, view: ModelView, method: str, knobs: dict[str, Any]) -> tuple[str, Image.Image, set[str]]:
+    """(caption, picture, legend keys) of what ``method`` with ``knobs`` sends to the LLM for ``view``'s image.
+
+    Pre-LLM methods: one forward pass of the compressed model records the selection, drawn over the
+    image (LLaVA-NeXT: the base crop's, said in the caption). In-LLM methods choose per question inside
+    the LLM, so their panel says that instead of drawing a selection.
+    """
+    import torch
+
+    from .api import compressed, plan, recorded
+
+    planned = plan(model, method, **knobs)
+    picture = view.image.convert("RGB").resize((PANEL_SIZE, PANEL_SIZE), Image.Resampling.BICUBIC)
+    if not planned.stages:
+        return f"{method_label(method)}, all {view.total} visual tokens", picture, set()
+    stage = planned.stages[0]
+    kept = stage.keep(view.total)
+    caption = budget_title(method, kept, view.total)
+    if stage.spec.stage == "llm":
+        layer = stage.knobs["layer"]
+        text = (f"{method_label(method)} drops visual tokens inside the LLM, before decoder layer {layer}, by the "
+                "attention of each question's last token: which ones depends on the question, so there is no "
+                "selection before the LLM to draw.")
+        return f"{caption} from LLM layer {layer} on", notice(view.image, text), set()
+    with torch.no_grad(), compressed(model, method, **knobs), recorded(model) as selections:
+        model(**view.inputs)
+    if not selections:  # a keep-all budget of a multi-crop image sends the vanilla tokens unchanged
+        return caption + " (all kept)", picture, set()
+    selection = selections[0]  # row 0 of the first unit batch: the image (LLaVA-NeXT: its base crop)
+    note = split_note(selection, view.layout)
+    if view.crops > 1:
+        own = selection.indices.shape[1]
+        caption += (f"\nbase crop drawn: its {own} of {view.layout.vanilla}; the {view.crops - 1} high-resolution "
+                    f"crops send the other {kept - own}")
+    if note:
+        caption += f"\n{note}"
+    overlay = token_overlay(picture, view.layout, selection, num_dominant=selection.dominant)
+    return caption, overlay, legend_keys(selection, view.layout)
+
+
+def legend_order(keys: set[str]) -> list[str]:
+    """The legend entries among ``keys``, in a fixed order (kept, merged, dropped)."""
+    return [k for k in LEGEND if k in keys]
+
+
+def methods_figure(model: Any, processor: Any, image: Image.Image, methods: list[str], tokens: int,
+                   source: str) -> Image.Image:
+    """``vlmzip viz``: one panel per method (its ``tokens``-per-image selection), titled, with the legend."""
+    from .methods import get_method
+
+    view = view_of(model, processor, image)
+    panels, keys = [], set()
+    for method in methods:
+        knobs = {"tokens": tokens} if get_method(method).takes_budget else {}
+        caption, picture, used = method_panel(model, view, method, knobs)
+        panels.append((caption, picture))
+        keys |= used
+    size = view.image.width
+    crops = f", {view.crops} crops (base crop drawn)" if view.crops > 1 else ""
+    title = (f"What each method sends to the LLM: {tokens} of {view.total} visual tokens per image\n"
+             f"{source}, as the model sees it ({size} x {size} px{crops})")
+    return figure(panels, title, legend_order(keys))
