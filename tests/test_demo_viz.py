@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
 import torch
 from PIL import Image
 
 from vlmzip.cli import main
 from vlmzip.methods.base import Selection, TokenLayout
-from vlmzip.viz import GAP, MARGIN, PANEL_SIZE, model_view, token_overlay
+from vlmzip.viz import (
+    GAP,
+    LEGEND,
+    MARGIN,
+    PANEL_SIZE,
+    budget_title,
+    figure,
+    legend_order,
+    method_label,
+    method_panel,
+    model_view,
+    split_note,
+    token_overlay,
+    view_of,
+)
 
 
 def test_demo_prints_answers_and_writes_the_overlay(llava_dir, tmp_path, capsys):
@@ -50,3 +66,146 @@ def test_model_view_matches_a_center_crop():
     image.paste((255, 255, 255), (50, 0, 150, 100))
     view = model_view(image, 50)
     assert view.size == (50, 50) and view.getpixel((25, 25)) == (255, 255, 255)
+
+
+# -- titles, legend and the figure ------------------------------------------------------------------
+
+
+def _red(picture: Image.Image, box: tuple[int, int, int, int]) -> int:
+    """Pixels of the kept-token red (frames and the legend swatch) inside ``box``."""
+    a = np.asarray(picture.crop(box).convert("RGB")).astype(int)
+    return int(((a[..., 0] > 200) & (a[..., 1] < 60) & (a[..., 2] < 60)).sum())
+
+
+def _dark(picture: Image.Image, box: tuple[int, int, int, int]) -> int:
+    a = np.asarray(picture.crop(box).convert("RGB")).astype(int)
+    return int((a.max(axis=-1) < 120).sum())
+
+
+def test_titles_name_the_method_and_budget():
+    assert budget_title("visionzip", 28, 256) == "VisionZip, 28 of 256 visual tokens"
+    assert budget_title("random", 7, 64) == "Random, 7 of 64 visual tokens"
+    assert method_label("my-method") == "my-method"
+    layout = TokenLayout(num_prefix=1, grid=(2, 2), send_prefix=False)
+    split = Selection(features=torch.zeros(1, 3, 1), indices=torch.tensor([[0, 2, 4]]), dominant=2)
+    assert split_note(split, layout) == "2 dominant (with CLS, not drawn) + 1 contextual"
+    assert split_note(Selection(features=torch.zeros(1, 1, 1), indices=torch.tensor([[1]])), layout) is None
+
+
+def test_figure_draws_title_panels_and_legend():
+    panels = [("first", Image.new("RGB", (50, 50), (0, 0, 255))), ("second", Image.new("RGB", (50, 50), (0, 255, 0)))]
+    one = figure(panels, "A title", ["kept"])
+    three = figure(panels, "A title", list(LEGEND))
+    untitled = figure(panels, "", ["kept"])
+    assert one.width == three.width == 2 * MARGIN + 2 * PANEL_SIZE + GAP
+    assert three.height > one.height, "every legend entry gets its line"
+    title_band = (MARGIN, MARGIN, one.width - MARGIN, MARGIN + 14)
+    assert _dark(one, title_band) > 20 and _dark(untitled, title_band) == 0, "the title is written"
+    legend_band = (0, one.height - 45, one.width, one.height)
+    assert _red(one, legend_band) > 20, "the kept swatch (red frame) is in the legend"
+    assert _dark(one, (MARGIN + 40, one.height - 40, one.width, one.height)) > 20, "legend text is written"
+    # each panel is pasted at its column, resized to PANEL_SIZE
+    middle = one.height // 2
+    assert one.getpixel((MARGIN + PANEL_SIZE // 2, middle)) == (0, 0, 255)
+    assert one.getpixel((MARGIN + PANEL_SIZE + GAP + PANEL_SIZE // 2, middle)) == (0, 255, 0)
+    assert legend_order({"dropped", "kept"}) == ["kept", "dropped"]
+
+
+def test_the_picture_is_what_the_processor_gives_the_tower(model, processor):
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (112, 112, 3), dtype=np.uint8))
+    view = view_of(model, processor, image)
+    assert view.image.size == (112, 112) and view.total == 64 and view.crops == 1
+    diff = np.abs(np.asarray(view.image).astype(int) - np.asarray(image).astype(int))
+    assert diff.max() <= 2
+
+
+def test_panel_captions(model, processor):
+    view = view_of(model, processor, Image.new("RGB", (112, 112), (120, 80, 40)))
+    caption, _, keys = method_panel(model, view, "visionzip", {"tokens": 8})
+    assert caption.startswith("VisionZip, 8 of 64 visual tokens\n") and "dominant" in caption
+    assert keys >= {"kept", "merged"}
+    caption, _, keys = method_panel(model, view, "random", {"tokens": 8})
+    assert caption == "Random, 8 of 64 visual tokens" and keys == {"kept", "dropped"}
+    caption, _, keys = method_panel(model, view, "fastv", {"tokens": 8, "layer": 1})
+    assert caption == "FastV, 8 of 64 visual tokens from LLM layer 1 on" and keys == set()
+    caption, _, keys = method_panel(model, view, "vanilla", {})
+    assert caption == "Vanilla, all 64 visual tokens" and keys == set()
+
+
+# -- vlmzip viz end to end --------------------------------------------------------------------------
+
+
+def viz(llava_dir, out, *args):
+    return main(["viz", "--model", str(llava_dir), "--out", str(out), *args])
+
+
+def test_viz_draws_one_panel_per_method(llava_dir, tmp_path, capsys):
+    two, three = tmp_path / "two.png", tmp_path / "three.png"
+    assert viz(llava_dir, two, "--methods", "visionzip,random", "--tokens", "8") == 0
+    assert "visionzip, random at 8 visual tokens per image drawn side by side" in capsys.readouterr().out
+    assert viz(llava_dir, three, "--methods", "visionzip,random,spatial", "--tokens", "8") == 0
+    two, three = Image.open(two), Image.open(three)
+    assert two.width == 2 * MARGIN + 2 * PANEL_SIZE + GAP
+    assert three.width == two.width + PANEL_SIZE + GAP
+    for p in range(3):  # every panel has kept-token frames; random and spatial darken what they drop
+        left = MARGIN + p * (PANEL_SIZE + GAP)
+        body = (left, 60, left + PANEL_SIZE, three.height - 80)
+        assert _red(three, body) > 50, f"panel {p} has no kept-token frames"
+        if p:
+            assert _dark(three, body) > PANEL_SIZE * PANEL_SIZE // 2, f"panel {p} darkens dropped patches"
+
+
+def test_viz_defaults_the_budget_and_the_image(llava_dir, tmp_path, capsys):
+    out = tmp_path / "viz.png"
+    assert viz(llava_dir, out, "--methods", "spatial,vanilla") == 0
+    text = capsys.readouterr().out
+    assert "image:   lab test scene 3" in text and "at 7 visual tokens per image" in text  # 64 of 576 -> 7 of 64
+    assert Image.open(out).width == 2 * MARGIN + 2 * PANEL_SIZE + GAP
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--methods", "visionzip,nope"], "unknown method 'nope'"),
+        (["--image", "DIR"], "is a directory"),
+        (["--image", "DIR/missing.png"], "does not exist"),
+        (["--image", "DIR/broken.png"], "cannot read image"),
+        (["--tokens", "65"], "larger than the 64 visual tokens"),
+        (["--tokens", "0"], "must be >= 1"),
+    ],
+)
+def test_viz_errors_are_clear(llava_dir, tmp_path, capsys, args, message):
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    out = tmp_path / "viz.png"
+    assert viz(llava_dir, out, *[a.replace("DIR", str(tmp_path)) for a in args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def next_dir(tmp_path_factory):
+    from vlmzip.tiny_next import TinyLlavaNextConfig, build_llava_next
+
+    out = tmp_path_factory.mktemp("viz-next")
+    build_llava_next(out, TinyLlavaNextConfig(image_size=84, patch_size=14, vision_layers=2, text_layers=3))
+    return out
+
+
+def test_viz_of_llava_next_draws_the_base_crop_and_explains_in_llm_methods(next_dir, tmp_path, capsys):
+    from vlmzip.io import load_model
+
+    image = tmp_path / "wide.png"
+    Image.new("RGB", (200, 60), (30, 140, 200)).save(image)  # 1 x 3 high-resolution crops + the base crop
+    out = tmp_path / "viz.png"
+    assert main(["viz", "--model", str(next_dir), "--image", str(image), "--methods", "visionzip,random,fastv",
+                 "--tokens", "12", "--out", str(out)]) == 0
+    assert Image.open(out).width == 2 * MARGIN + 3 * PANEL_SIZE + 2 * GAP
+    model, processor = load_model(str(next_dir))
+    view = view_of(model, processor, Image.open(image))
+    assert view.crops == 4 and view.image.size == (84, 84)
+    caption, _, _ = method_panel(model, view, "random", {"tokens": 12})
+    assert caption == (f"Random, 12 of {view.total} visual tokens\nbase crop drawn: its 3 of 36; the 3 "
+                       "high-resolution crops send the other 9")
+    caption, _, keys = method_panel(model, view, "fastv", {"tokens": 12})
+    assert caption == f"FastV, 12 of {view.total} visual tokens from LLM layer 2 on" and keys == set()
