@@ -22,6 +22,7 @@ from vlmzip.viz import (
     model_view,
     split_note,
     token_overlay,
+    view_caption,
     view_of,
 )
 
@@ -115,6 +116,7 @@ def test_the_picture_is_what_the_processor_gives_the_tower(model, processor):
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (112, 112, 3), dtype=np.uint8))
     view = view_of(model, processor, image)
     assert view.image.size == (112, 112) and view.total == 64 and view.crops == 1
+    assert view_caption(view) == "The image as the model sees it: all 64 visual tokens"
     diff = np.abs(np.asarray(view.image).astype(int) - np.asarray(image).astype(int))
     assert diff.max() <= 2
 
@@ -204,6 +206,7 @@ def test_viz_of_llava_next_draws_the_base_crop_and_explains_in_llm_methods(next_
     model, processor = load_model(str(next_dir))
     view = view_of(model, processor, Image.open(image))
     assert view.crops == 4 and view.image.size == (84, 84)
+    assert view_caption(view).startswith("The base crop as the model sees it (the whole image)")
     caption, _, _ = method_panel(model, view, "random", {"tokens": 12})
     assert caption == (f"Random, 12 of {view.total} visual tokens\nbase crop drawn: its 3 of 36; the 3 "
                        "high-resolution crops send the other 9")

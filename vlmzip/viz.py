@@ -264,6 +264,14 @@ def view_of(model: Any, processor: Any, image: Image.Image, prompt: str = VIEW_P
     return ModelView(seen, inputs, adapter.image_counts(inputs)[0], crops, adapter.unit_layout())
 
 
+def view_caption(view: ModelView) -> str:
+    """Caption of the plain picture: what the model sees and how many tokens the vanilla model sends for it."""
+    if view.crops > 1:
+        return (f"The base crop as the model sees it (the whole image); the vanilla model sends {view.total} "
+                f"visual tokens for its {view.crops} crops")
+    return f"The image as the model sees it: all {view.total} visual tokens"
+
+
 def legend_keys(selection: Selection | None, layout: TokenLayout) -> set[str]:
     """The legend entries a drawn selection needs."""
     if selection is None:
