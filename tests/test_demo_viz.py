@@ -10,11 +10,13 @@ from PIL import Image
 from vlmzip.cli import main
 from vlmzip.methods.base import Selection, TokenLayout
 from vlmzip.viz import (
+    CROP_GAP,
     GAP,
     LEGEND,
     MARGIN,
     PANEL_SIZE,
     budget_title,
+    crop_sizes,
     figure,
     legend_order,
     method_label,
@@ -22,6 +24,7 @@ from vlmzip.viz import (
     model_view,
     split_note,
     token_overlay,
+    units_of,
     view_caption,
     view_of,
 )
@@ -194,21 +197,41 @@ def next_dir(tmp_path_factory):
     return out
 
 
-def test_viz_of_llava_next_draws_the_base_crop_and_explains_in_llm_methods(next_dir, tmp_path, capsys):
+def test_viz_of_llava_next_draws_every_crop_and_explains_in_llm_methods(next_dir, tmp_path):
     from vlmzip.io import load_model
 
     image = tmp_path / "wide.png"
-    Image.new("RGB", (200, 60), (30, 140, 200)).save(image)  # 1 x 3 high-resolution crops + the base crop
+    Image.new("RGB", (200, 60), (30, 140, 200)).save(image)  # the base crop + 1 x 3 high-resolution crops
     out = tmp_path / "viz.png"
     assert main(["viz", "--model", str(next_dir), "--image", str(image), "--methods", "visionzip,random,fastv",
                  "--tokens", "12", "--out", str(out)]) == 0
-    assert Image.open(out).width == 2 * MARGIN + 3 * PANEL_SIZE + 2 * GAP
+    base, cell = crop_sizes((1, 3))
+    panel = base + GAP + 3 * (cell + CROP_GAP) - CROP_GAP  # base crop, gap, the three crops in a row
+    picture = Image.open(out)
+    assert picture.width == 2 * MARGIN + 3 * panel + 2 * GAP
+    random_crops = MARGIN + panel + GAP + base + GAP  # where the random panel's high-resolution crops start
+    assert _red(picture, (random_crops, 60, random_crops + 3 * cell, picture.height - 80)) > 20
+
     model, processor = load_model(str(next_dir))
     view = view_of(model, processor, Image.open(image))
-    assert view.crops == 4 and view.image.size == (84, 84)
-    assert view_caption(view).startswith("The base crop as the model sees it (the whole image)")
-    caption, _, _ = method_panel(model, view, "random", {"tokens": 12})
-    assert caption == (f"Random, 12 of {view.total} visual tokens\nbase crop drawn: its 3 of 36; the 3 "
-                       "high-resolution crops send the other 9")
+    assert view.crops == 4 and view.grid == (1, 3) and len(view.crop_images) == 4
+    assert view.image.size == (84, 84)
+    assert view_caption(view).startswith("As the model sees it: the base crop (the whole image) and 1 x 3")
+    caption, drawn, keys = method_panel(model, view, "random", {"tokens": 12})
+    assert caption == (f"Random, 12 of {view.total} visual tokens\nleft: the base crop, 3 of its 36 tokens; right: "
+                       "the 1 x 3 high-resolution crops, 9 tokens")
+    assert drawn.size == (panel, PANEL_SIZE) and keys == {"kept", "dropped"}
+    caption, _, keys = method_panel(model, view, "visionzip", {"tokens": 24})  # 6 per crop: 5 + 1 contextual
+    assert caption.endswith("base crop: 5 dominant (with CLS, not drawn) + 1 contextual") and "merged" in keys
     caption, _, keys = method_panel(model, view, "fastv", {"tokens": 12})
     assert caption == f"FastV, 12 of {view.total} visual tokens from LLM layer 2 on" and keys == set()
+
+
+def test_crop_selections_are_found_by_share():
+    # 10 tokens over 4 crops: shares 3, 3, 2, 2 -> the adapter runs the method twice (3 per crop, then 2)
+    first = Selection(features=torch.zeros(2, 3, 1), indices=torch.tensor([[1, 2, 3], [4, 5, 6]]))
+    second = Selection(features=torch.zeros(2, 2, 1), indices=torch.tensor([[7, 8], [9, 10]]))
+    units = units_of([first, second], [3, 3, 2, 2])
+    assert [(sel is first, row) for sel, row in units] == [(True, 0), (True, 1), (False, 0), (False, 1)]
+    with pytest.raises(RuntimeError, match="expected 2 recorded crop batches"):
+        units_of([first], [3, 3, 2, 2])

@@ -199,7 +199,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .compare import compare_answers, describe
     from .io import load_model
     from .lab import scenes
-    from .viz import figure, legend_order, method_label, method_panel, view_caption, view_of
+    from .viz import figure, legend_order, method_label, method_panel, plain_picture, view_caption, view_of
 
     image, _, qas = scenes.sample(scenes.SPLITS["test"].seed, args.index)
     wanted = [q for q in qas if q.type == args.type] if args.type else qas
@@ -220,7 +220,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     headline = caption.split("\n")[0]
     title = (f"{headline}\nlab test scene {args.index}: {qa.question} (correct: {qa.answer}); answers: vanilla "
              f"{result.vanilla_answer!r}, {method_label(args.method)} {result.method_answer!r}")
-    panels = [(view_caption(view), view.image), (caption, picture)]
+    panels = [(view_caption(view), plain_picture(view)), (caption, picture)]
     figure(panels, title, legend_order(keys)).save(args.out)
     if keys:
         print(f"kept tokens drawn over the image: {args.out}")
