@@ -81,7 +81,7 @@ def test_help_imports_neither_torch_nor_transformers():
     code = (
         "import sys\n"
         "from vlmzip.cli import build_parser, main\n"
-        "for argv in ([], ['list'], ['run'], ['demo'], ['eval'], ['bench'], ['lab'], ['lab', 'train']):\n"
+        "for argv in ([], ['list'], ['run'], ['demo'], ['viz'], ['eval'], ['bench'], ['lab'], ['lab', 'train']):\n"
         "    assert main([*argv, '--help']) == 0, argv\n"
         "heavy = sorted(m for m in ('torch', 'transformers', 'vlmzip.api') if m in sys.modules)\n"
         "assert not heavy, heavy\n"
@@ -102,7 +102,8 @@ def _commands(parser, prefix=()):
 def test_every_option_says_its_default_and_help_has_no_markup(capsys):
     parser = build_parser()
     commands = list(_commands(parser))
-    assert {" ".join(words) for words, _ in commands} >= {"", "run", "demo", "eval", "bench", "list", "lab train"}
+    names = {" ".join(words) for words, _ in commands}
+    assert names >= {"", "run", "demo", "viz", "eval", "bench", "list", "lab train"}
     for words, command in commands:
         assert main([*words, "--help"]) == 0
         text = capsys.readouterr().out
@@ -125,6 +126,7 @@ def test_every_option_says_its_default_and_help_has_no_markup(capsys):
     [
         ["run", "--model", "MODEL", "--repeats", "1"],
         ["demo", "--model", "MODEL", "--repeats", "1", "--out", "OUT/demo.png"],
+        ["viz", "--model", "MODEL", "--out", "OUT/viz.png"],
         ["eval", "--model", "MODEL", "--out", "OUT/eval", "--limit", "1"],
         ["bench", "--model", "MODEL", "--repeats", "1"],
         ["lab", "train", "--out", "OUT/lab", "--steps", "1"],

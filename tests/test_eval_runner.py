@@ -12,7 +12,7 @@ from transformers import LlavaForConditionalGeneration
 
 from vlmzip.cli import main
 from vlmzip.eval.data import load_folder
-from vlmzip.eval.report import retention_table
+from vlmzip.eval.report import accuracy_figure, plot_accuracy, retention_table
 from vlmzip.lab.scenes import write_split
 
 ARGS = ["--methods", "vanilla,visionzip,random", "--tokens", "16,8", "--limit", "6", "--max-new-tokens", "3"]
@@ -119,6 +119,24 @@ def test_retention_table_percentages():
     assert "| presence | count | POPE F1 | Avg |" in table
     assert "| visionzip | 64 | 40.0 (50.0%) | 50.0 (100.0%) | 60.0 (75.0%) | 45.0 (75.0%) |" in table
     assert "**Retain 64 tokens (11.1%)**" in table
+
+
+def test_accuracy_plot_ticks_the_budgets_run(tmp_path):
+    def scores(acc):
+        return {"per_type": {"count": {"accuracy": acc}}, "macro_accuracy": acc}
+
+    results = {
+        "config": {"data": "d"}, "n_questions": 4,
+        "runs": [{"method": "vanilla", "tokens": 256, "scores": scores(0.8)}]
+        + [{"method": m, "tokens": t, "scores": scores(0.5)} for m in ("visionzip", "random") for t in (85, 57, 28)],
+    }
+    fig = accuracy_figure(results)
+    ax = fig.axes[0]
+    assert list(ax.get_xticks()) == [28, 57, 85]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["28", "57", "85"]
+    assert ax.get_xlabel() == "visual tokens per image (of 256)"
+    plot_accuracy(results, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").stat().st_size > 0
 
 
 def test_eval_default_budgets_are_the_papers_scaled_to_the_model(llava_dir, data_dir, tmp_path):

@@ -24,6 +24,7 @@ examples:
   vlmzip run --image FILE --prompt "What is in the image?" --method visionzip --tokens 64
   vlmzip eval --methods vanilla,visionzip,random --out runs/eval
   vlmzip bench --model arch:llava-1.5-7b --device cuda --dtype float16
+  vlmzip viz --image FILE --methods visionzip,random,spatial --tokens 64
   vlmzip list                      registered methods and their knobs
   vlmzip lab train --out runs/lab  retrain the lab mini-VLM (resumable)
 
@@ -196,11 +197,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .adapters import adapter_for
     from .compare import compare_answers, describe
     from .io import load_model
     from .lab import scenes
-    from .viz import model_view, side_by_side, token_overlay
+    from .viz import figure, legend_order, method_label, method_panel, plain_picture, view_caption, view_of
 
     image, _, qas = scenes.sample(scenes.SPLITS["test"].seed, args.index)
     wanted = [q for q in qas if q.type == args.type] if args.type else qas
@@ -208,23 +208,49 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise ValueError(f"test scene {args.index} has no {args.type!r} question; try another --index")
     qa = wanted[0]
     model, processor = load_model(args.model, device=resolve_device(args.device), dtype=args.dtype)
-    result = compare_answers(model, processor, image, qa.question, args.method, method_knobs(args, model),
+    knobs = method_knobs(args, model)
+    result = compare_answers(model, processor, image, qa.question, args.method, knobs,
                              repeats=args.repeats, max_new_tokens=args.max_new_tokens)
     print(f"model:   {model_name(args)}  [{type(model).__name__}]")
     print(f"scene:   lab test image {args.index}; question type {qa.type}")
     print(f"question: {qa.question}   (correct answer: {qa.answer!r})")
     print(describe(result, args.method, args.repeats))
 
-    view = model_view(image, processor.image_processor.crop_size["height"])
-    layout = adapter_for(model).unit_layout()
-    if result.selection is None:
-        print(f"{args.method} acts inside the LLM: no pre-LLM selection to draw")
-        return 0
-    share, kept = result.knobs.get("contextual_share"), result.selection.indices.shape[1]
-    num_dominant = None if share is None else kept - round(kept * share)
-    overlay = token_overlay(view, layout, result.selection, num_dominant=num_dominant)
-    side_by_side(view, overlay).save(args.out)
-    print(f"kept tokens drawn over the image: {args.out}")
+    view = view_of(model, processor, image, qa.question)
+    caption, picture, keys = method_panel(model, view, args.method, knobs)
+    headline = caption.split("\n")[0]
+    title = (f"{headline}\nlab test scene {args.index}: {qa.question} (correct: {qa.answer}); answers: vanilla "
+             f"{result.vanilla_answer!r}, {method_label(args.method)} {result.method_answer!r}")
+    panels = [(view_caption(view), plain_picture(view)), (caption, picture)]
+    figure(panels, title, legend_order(keys)).save(args.out)
+    if keys:
+        print(f"kept tokens drawn over the image: {args.out}")
+    else:
+        print(f"{args.method} keeps every token before the LLM (nothing to draw); picture: {args.out}")
+    return 0
+
+
+def cmd_viz(args: argparse.Namespace) -> int:
+    from .api import paper_budget
+    from .io import load_model, read_image
+    from .lab import scenes
+    from .methods import get_method
+    from .viz import methods_figure
+
+    device = resolve_device(args.device)
+    for method in args.methods:
+        get_method(method)  # an unknown name fails before the model loads
+    if args.image:
+        image, source = read_image(args.image), args.image
+    else:
+        image, source = scenes.sample(scenes.SPLITS["test"].seed, 3)[0], "lab test scene 3"
+    model, processor = load_model(args.model, device=device, dtype=args.dtype)
+    tokens = args.tokens or paper_budget(model, 64)
+    picture = methods_figure(model, processor, image, args.methods, tokens, source)
+    picture.save(args.out)
+    print(f"model:   {model_name(args)}  [{type(model).__name__}]")
+    print(f"image:   {source}")
+    print(f"{', '.join(args.methods)} at {tokens} visual tokens per image drawn side by side: {args.out}")
     return 0
 
 
@@ -347,6 +373,17 @@ def build_parser() -> argparse.ArgumentParser:
     p_demo.add_argument("--out", default="vlmzip-demo.png", help="where to write the kept-token picture")
     add_device_args(p_demo)
     p_demo.set_defaults(func=cmd_demo)
+
+    p_viz = command("viz", "draw what each method sends to the LLM, side by side, over the image the model sees")
+    p_viz.add_argument("--model", help="checkpoint folder (default: the lab mini-VLM)")
+    p_viz.add_argument("--image", help="image file (default: lab test scene 3, the demo's)")
+    p_viz.add_argument("--methods", type=_csv(str), default="visionzip,random,spatial",
+                       help="comma-separated methods, one panel each")
+    p_viz.add_argument("--tokens", type=positive_int,
+                       help="visual tokens per image sent to the LLM (default: 64 of 576, scaled to the model)")
+    p_viz.add_argument("--out", default="vlmzip-viz.png", help="where to write the picture")
+    add_device_args(p_viz)
+    p_viz.set_defaults(func=cmd_viz)
 
     p_lab = command("lab", "the offline lab: train the mini-VLM")
     lab_commands = p_lab.add_subparsers(dest="lab_command", required=True, metavar="LAB_COMMAND")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import colorsys
+from dataclasses import dataclass, field
+from typing import Any
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from .methods.base import Selection, TokenLayout
 
@@ -20,7 +22,7 @@ def model_view(image: Image.Image, size: int) -> Image.Image:
 
 
 def _palette(n: int) -> list[tuple[int, int, int]]:
-    return [tuple(int(255 * c) for c in colorsys.hsv_to_rgb(i / max(n, 1), 0.65, 1.0)) for i in range(n)]
+    return [tuple(int(255 * c) for c in colorsys.hsv_to_rgb(0.1 + 0.8 * i / max(n, 1), 0.65, 1.0)) for i in range(n)]
 
 
 def token_overlay(
@@ -75,3 +77,361 @@ def side_by_side(left: Image.Image, right: Image.Image, gap: int = 8) -> Image.I
     canvas.paste(right, (left.width + gap, 0))
     return canvas
 
+
+
+# -- figures: titled panels and a legend -------------------------------------------------------------
+
+PANEL_SIZE = 336  # every panel is drawn at this size (pixels), whatever the model's input size
+MARGIN, GAP = 12, 12
+CROP_GAP = 2  # between LLaVA-NeXT's high-resolution crops
+TITLE_FONT, PANEL_FONT, LEGEND_FONT = 18, 14, 13
+METHOD_NAMES = {"visionzip": "VisionZip", "random": "Random", "spatial": "Spatial", "fastv": "FastV",
+                "vanilla": "Vanilla"}
+KEPT_RED = (230, 20, 20)
+SWATCH_GRAY = (175, 175, 175)
+
+# What each mark means, in words a newcomer reads without the code (the legend under every figure).
+LEGEND = {
+    "kept": "kept: this patch's token is sent to the LLM as it is (VisionZip: a dominant token)",
+    "merged": "merged (VisionZip's contextual tokens): one token per colour, sent at its framed patch; it is "
+              "the average of the patches tinted in its colour",
+    "dropped": "dropped: darkened patches send nothing to the LLM",
+}
+
+
+def method_label(method: str) -> str:
+    """A method's name as the papers write it (``visionzip`` -> ``VisionZip``)."""
+    return METHOD_NAMES.get(method, method)
+
+
+def budget_title(method: str, kept: int, total: int) -> str:
+    """The headline of a method's picture: ``"VisionZip, 28 of 256 visual tokens"`` (per image)."""
+    return f"{method_label(method)}, {kept} of {total} visual tokens"
+
+
+def split_note(selection: Selection, layout: TokenLayout, row: int = 0) -> str | None:
+    """How a VisionZip selection splits, e.g. ``"24 dominant (with CLS) + 4 contextual"``; None without a split."""
+    if selection.dominant is None:
+        return None
+    indices = selection.indices[row].tolist()
+    kept = len(indices)
+    cls = " (with CLS, not drawn)" if any(i < layout.num_prefix for i in indices[: selection.dominant]) else ""
+    return f"{selection.dominant} dominant{cls} + {kept - selection.dominant} contextual"
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    return ImageFont.load_default(size=size)
+
+
+def _wrap(text: str, font: ImageFont.ImageFont, width: int) -> list[str]:
+    """``text`` (newlines kept) broken into lines no wider than ``width`` pixels."""
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    lines: list[str] = []
+    for paragraph in text.split("\n"):
+        line = ""
+        for word in paragraph.split(" "):
+            trial = f"{line} {word}" if line else word
+            if line and measure.textlength(trial, font=font) > width:
+                lines.append(line)
+                line = word
+            else:
+                line = trial
+        lines.append(line)
+    return lines
+
+
+def _line_height(font: ImageFont.ImageFont) -> int:
+    top, bottom = font.getbbox("Ag")[1::2]
+    return bottom - top + 5
+
+
+def _swatch(kind: str, size: int = 22) -> Image.Image:
+    cell = Image.new("RGB", (size, size), SWATCH_GRAY)
+    draw = ImageDraw.Draw(cell)
+    if kind == "kept":
+        draw.rectangle((0, 0, size - 1, size - 1), outline=KEPT_RED, width=2)
+    elif kind == "merged":
+        color = _palette(3)[1]
+        tint = Image.new("RGB", (size, size), color)
+        cell = Image.blend(cell, tint, 70 / 255)
+        ImageDraw.Draw(cell).rectangle((0, 0, size - 1, size - 1), outline=color, width=3)
+    elif kind == "dropped":
+        cell = Image.blend(cell, Image.new("RGB", (size, size), (0, 0, 0)), 150 / 255)
+    return cell
+
+
+def figure(panels: list[tuple[str, Image.Image]], title: str, legend: list[str] | tuple[str, ...] = ("kept", "dropped"),
+           panel_size: int = PANEL_SIZE) -> Image.Image:
+    """One picture: ``title`` on top, the ``(caption, image)`` panels side by side (each resized to
+    ``panel_size`` pixels high, keeping its aspect ratio), and the legend entries (keys of ``LEGEND``) below,
+    on a white background.
+
+    Width: ``2 * MARGIN + n * panel_size + (n - 1) * GAP`` for n square panels.
+    """
+    sizes = [(max(1, round(image.width * panel_size / image.height)), panel_size) for _, image in panels]
+    width = 2 * MARGIN + sum(w for w, _ in sizes) + (len(panels) - 1) * GAP
+    title_font, panel_font, legend_font = _font(TITLE_FONT), _font(PANEL_FONT), _font(LEGEND_FONT)
+    title_lines = _wrap(title, title_font, width - 2 * MARGIN)
+    captions = [_wrap(caption, panel_font, w) for (caption, _), (w, _) in zip(panels, sizes, strict=True)]
+    caption_lines = max((len(c) for c in captions), default=0)
+    swatch = 22
+    legend_lines = [_wrap(LEGEND[key], legend_font, width - 2 * MARGIN - swatch - 8) for key in legend]
+    th, ph, lh = _line_height(title_font), _line_height(panel_font), _line_height(legend_font)
+    panels_top = MARGIN + len(title_lines) * th + 8
+    images_top = panels_top + caption_lines * ph + 4
+    legend_top = images_top + panel_size + 10
+    height = legend_top + sum(max(len(lines) * lh, swatch) + 6 for lines in legend_lines) + MARGIN
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, line in enumerate(title_lines):
+        draw.text((MARGIN, MARGIN + i * th), line, fill="black", font=title_font)
+    left = MARGIN
+    for (_, image), lines, size in zip(panels, captions, sizes, strict=True):
+        for i, line in enumerate(lines):
+            draw.text((left, panels_top + i * ph), line, fill="black", font=panel_font)
+        image = image.convert("RGB")
+        canvas.paste(image if image.size == size else image.resize(size, Image.Resampling.BICUBIC), (left, images_top))
+        left += size[0] + GAP
+    y = legend_top
+    for key, lines in zip(legend, legend_lines, strict=True):
+        canvas.paste(_swatch(key, swatch), (MARGIN, y))
+        for i, line in enumerate(lines):
+            draw.text((MARGIN + swatch + 8, y + i * lh + 2), line, fill="black", font=legend_font)
+        y += max(len(lines) * lh, swatch) + 6
+    return canvas
+
+
+def notice(image: Image.Image, text: str) -> Image.Image:
+    """``image`` greyed, with ``text`` written across it (a panel with nothing to draw)."""
+    base = Image.blend(image.convert("RGB"), Image.new("RGB", image.size, (255, 255, 255)), 0.7)
+    font = _font(PANEL_FONT)
+    lines = _wrap(text, font, min(base.width, PANEL_SIZE) - 24)
+    lh = _line_height(font)
+    draw = ImageDraw.Draw(base)
+    top = (base.height - len(lines) * lh) // 2
+    for i, line in enumerate(lines):
+        draw.text((12, top + i * lh), line, fill="black", font=font)
+    return base
+
+
+def pixels_to_image(pixel_values: Any, image_processor: Any) -> Image.Image:
+    """One (3, H, W) tensor of processor output back to the picture the vision tower sees (normalisation
+    and rescaling undone), so a figure shows the model's own resize, crop or padding."""
+    import numpy as np
+
+    x = pixel_values.detach().float().cpu().numpy()
+    if getattr(image_processor, "do_normalize", False):
+        mean = np.asarray(image_processor.image_mean, dtype=np.float32).reshape(-1, 1, 1)
+        std = np.asarray(image_processor.image_std, dtype=np.float32).reshape(-1, 1, 1)
+        x = x * std + mean
+    if getattr(image_processor, "do_rescale", False):
+        x = x / image_processor.rescale_factor
+    return Image.fromarray(np.clip(x, 0, 255).round().astype(np.uint8).transpose(1, 2, 0))
+
+
+# -- a model's selections as panels -----------------------------------------------------------------
+
+VIEW_PROMPT = "What is in the image?"
+
+
+@dataclass
+class ModelView:
+    """One image as a model receives it.
+
+    ``image``: what the vision tower sees (LLaVA-NeXT: the base crop, the whole image at the tower's size);
+    ``inputs``: the processor's batch for it; ``total``: visual tokens the vanilla model sends for it;
+    ``crops``: units the tower encodes (1 for LLaVA-1.5; base + high-resolution crops for LLaVA-NeXT);
+    ``crop_images``: every crop as the tower sees it (base first); ``grid``: (rows, cols) of the
+    high-resolution crops, or None.
+    """
+
+    image: Image.Image
+    inputs: dict[str, Any]
+    total: int
+    crops: int
+    layout: TokenLayout
+    crop_images: list[Image.Image] = field(default_factory=list)
+    grid: tuple[int, int] | None = None
+
+
+def view_of(model: Any, processor: Any, image: Image.Image, prompt: str = VIEW_PROMPT) -> ModelView:
+    """Run the processor on ``image`` and read back the pictures the vision tower gets (every crop)."""
+    from .adapters import adapter_for
+    from .io import batch_inputs
+
+    adapter = adapter_for(model)
+    inputs = batch_inputs(processor, [image], [prompt], model)
+    pixels = inputs["pixel_values"][0]
+    total, layout = adapter.image_counts(inputs)[0], adapter.unit_layout()
+    if pixels.dim() == 3:
+        seen = pixels_to_image(pixels, processor.image_processor)
+        return ModelView(seen, inputs, total, 1, layout, [seen])
+    # LLaVA-NeXT: (crops, 3, H, W), the base crop first, then the high-resolution crops in raster order
+    size = inputs["image_sizes"][0].tolist()
+    crops = adapter.num_crops(size)
+    pictures = [pixels_to_image(pixels[j], processor.image_processor) for j in range(crops)]
+    return ModelView(pictures[0], inputs, total, crops, layout, pictures, tuple(adapter.crop_grid(size)))
+
+
+def view_caption(view: ModelView) -> str:
+    """Caption of the plain picture: what the model sees and how many tokens the vanilla model sends for it."""
+    if view.grid is not None:
+        rows, cols = view.grid
+        return (f"As the model sees it: the base crop (the whole image) and {rows} x {cols} high-resolution "
+                f"crops; the vanilla model sends {view.total} visual tokens for them")
+    return f"The image as the model sees it: all {view.total} visual tokens"
+
+
+def crops_picture(pictures: list[Image.Image], grid: tuple[int, int], height: int = PANEL_SIZE) -> Image.Image:
+    """LLaVA-NeXT's crops side by side, ``height`` pixels high: the base crop, a gap, then the
+    high-resolution crops in their grid, vertically centred (each picture already at its display size,
+    see ``crop_sizes``)."""
+    rows, cols = grid
+    cell = pictures[1].width if len(pictures) > 1 else height
+    step = cell + CROP_GAP  # a thin white line between crops
+    canvas = Image.new("RGB", (height + GAP + cols * step - CROP_GAP, height), "white")
+    canvas.paste(pictures[0].resize((height, height), Image.Resampling.BICUBIC), (0, 0))
+    top = (height - rows * step + CROP_GAP) // 2
+    for j, picture in enumerate(pictures[1:]):
+        row, col = divmod(j, cols)
+        canvas.paste(picture, (height + GAP + col * step, top + row * step))
+    return canvas
+
+
+def crop_sizes(grid: tuple[int, int], height: int = PANEL_SIZE) -> tuple[int, int]:
+    """Display sizes (base crop, each high-resolution crop) of a ``crops_picture`` ``height`` pixels high;
+    the crop grid is at most ``height`` high and ``2 * height`` wide."""
+    rows, cols = grid
+    return height, min((height + CROP_GAP) // rows, (2 * height + CROP_GAP) // cols) - CROP_GAP
+
+
+def units_of(selections: list[Selection], shares: list[int]) -> list[tuple[Selection, int]]:
+    """(selection, row) of each crop of one image, base crop first, from what ``recorded`` collected.
+
+    The LLaVA-NeXT adapter runs the method once per distinct crop share, in the order the shares first
+    appear, with that share's crops as rows in crop order (``LlavaNextImageFeatures.select_crops``).
+    """
+    groups: dict[int, list[int]] = {}
+    for crop, keep in enumerate(shares):
+        groups.setdefault(keep, []).append(crop)
+    if len(groups) != len(selections):
+        raise RuntimeError(f"expected {len(groups)} recorded crop batches, got {len(selections)}")
+    units: list[tuple[Selection, int] | None] = [None] * len(shares)
+    for selection, (keep, crops) in zip(selections, groups.items(), strict=True):
+        if tuple(selection.indices.shape) != (len(crops), keep):
+            raise RuntimeError(f"a recorded crop batch of shape {tuple(selection.indices.shape)}, expected "
+                               f"({len(crops)}, {keep})")
+        for row, crop in enumerate(crops):
+            units[crop] = (selection, row)
+    return units  # type: ignore[return-value]
+
+
+def legend_keys(selection: Selection | None, layout: TokenLayout, row: int = 0) -> set[str]:
+    """The legend entries a drawn selection needs."""
+    if selection is None:
+        return set()
+    keys = {"kept"}
+    merged = selection.merged_from
+    if selection.dominant is not None and selection.indices.shape[1] > selection.dominant:
+        keys.add("merged")
+    if merged is None:
+        if selection.indices.shape[1] < layout.num_patches:
+            keys.add("dropped")
+    elif bool((merged[row, layout.num_prefix:] < 0).any()):
+        keys.add("dropped")
+    return keys
+
+
+def method_panel(model: Any, view: ModelView, method: str, knobs: dict[str, Any]) -> tuple[str, Image.Image, set[str]]:
+    """(caption, picture, legend keys) of what ``method`` with ``knobs`` sends to the LLM for ``view``'s image.
+
+    Pre-LLM methods: one forward pass of the compressed model records the selection, drawn over the
+    image (LLaVA-NeXT: the base crop's, said in the caption). In-LLM methods choose per question inside
+    the LLM, so their panel says that instead of drawing a selection.
+    """
+    import torch
+
+    from .api import compressed, plan, recorded
+
+    planned = plan(model, method, **knobs)
+    picture = plain_picture(view)
+    if not planned.stages:
+        return f"{method_label(method)}, all {view.total} visual tokens", picture, set()
+    stage = planned.stages[0]
+    kept = stage.keep(view.total)
+    caption = budget_title(method, kept, view.total)
+    if stage.spec.stage == "llm":
+        layer = stage.knobs["layer"]
+        text = (f"{method_label(method)} drops visual tokens inside the LLM, before decoder layer {layer}, by the "
+                "attention of each question's last token: which ones depends on the question, so there is no "
+                "selection before the LLM to draw.")
+        return f"{caption} from LLM layer {layer} on", notice(picture, text), set()
+    with torch.no_grad(), compressed(model, method, **knobs), recorded(model) as selections:
+        model(**view.inputs)
+    if not selections:  # a keep-all budget of a multi-crop image sends the vanilla tokens unchanged
+        return caption + " (all kept)", picture, set()
+    if view.grid is not None:
+        return multi_crop_panel(view, selections, kept, caption)
+    selection = selections[0]
+    note = split_note(selection, view.layout)
+    if note:
+        caption += f"\n{note}"
+    overlay = token_overlay(picture, view.layout, selection, num_dominant=selection.dominant)
+    return caption, overlay, legend_keys(selection, view.layout)
+
+
+def plain_picture(view: ModelView) -> Image.Image:
+    """What the model sees, at display size: the image, or LLaVA-NeXT's crops side by side."""
+    if view.grid is None:
+        return view.image.convert("RGB").resize((PANEL_SIZE, PANEL_SIZE), Image.Resampling.BICUBIC)
+    base, cell = crop_sizes(view.grid)
+    pictures = [view.crop_images[0]] + [p.resize((cell, cell), Image.Resampling.BICUBIC) for p in view.crop_images[1:]]
+    return crops_picture(pictures, view.grid)
+
+
+def multi_crop_panel(view: ModelView, selections: list[Selection], kept: int,
+                     caption: str) -> tuple[str, Image.Image, set[str]]:
+    """A LLaVA-NeXT image's panel: each crop's selection drawn on that crop (base crop, then the grid)."""
+    from .adapters.llava_next import split_evenly
+
+    assert view.grid is not None
+    shares = split_evenly(kept, view.crops)
+    units = units_of(selections, shares)
+    base, cell = crop_sizes(view.grid)
+    pictures, keys = [], set()
+    for crop, (selection, row) in enumerate(units):
+        size = base if crop == 0 else cell
+        picture = view.crop_images[crop].convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+        pictures.append(token_overlay(picture, view.layout, selection, row=row, num_dominant=selection.dominant))
+        keys |= legend_keys(selection, view.layout, row)
+    rows, cols = view.grid
+    caption += (f"\nleft: the base crop, {shares[0]} of its {view.layout.vanilla} tokens; right: the {rows} x {cols} "
+                f"high-resolution crops, {kept - shares[0]} tokens")
+    note = split_note(units[0][0], view.layout, units[0][1])
+    if note:
+        caption += f"\nbase crop: {note}"
+    return caption, crops_picture(pictures, view.grid), keys
+
+
+def legend_order(keys: set[str]) -> list[str]:
+    """The legend entries among ``keys``, in a fixed order (kept, merged, dropped)."""
+    return [k for k in LEGEND if k in keys]
+
+
+def methods_figure(model: Any, processor: Any, image: Image.Image, methods: list[str], tokens: int,
+                   source: str) -> Image.Image:
+    """``vlmzip viz``: one panel per method (its ``tokens``-per-image selection), titled, with the legend."""
+    from .methods import get_method
+
+    view = view_of(model, processor, image)
+    panels, keys = [], set()
+    for method in methods:
+        knobs = {"tokens": tokens} if get_method(method).takes_budget else {}
+        caption, picture, used = method_panel(model, view, method, knobs)
+        panels.append((caption, picture))
+        keys |= used
+    size = view.image.width
+    crops = f"; LLaVA-NeXT: base crop + {view.grid[0]} x {view.grid[1]} crops" if view.grid is not None else ""
+    title = (f"What each method sends to the LLM: {tokens} of {view.total} visual tokens per image\n"
+             f"{source}, as the model sees it ({size} x {size} px{crops})")
+    return figure(panels, title, legend_order(keys))

@@ -72,12 +72,19 @@ def retention_table(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_accuracy(results: dict[str, Any], path: str | Path) -> None:
-    """PNG: mean accuracy over question types vs visual tokens per image, one line per method."""
+def budgets_run(results: dict[str, Any]) -> list[int]:
+    """The visual-token counts of the compressed runs, ascending (the plot's x ticks)."""
+    return sorted({int(run["tokens"]) for run in results["runs"][1:]})
+
+
+def accuracy_figure(results: dict[str, Any]) -> Any:
+    """The matplotlib figure of ``plot_accuracy``: mean accuracy over question types vs visual tokens per
+    image, one line per method, the x axis ticked at the budgets actually run."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter, NullLocator
 
     runs = results["runs"]
     vanilla = runs[0]
@@ -91,11 +98,26 @@ def plot_accuracy(results: dict[str, Any], path: str | Path) -> None:
     ax.axhline(100 * vanilla["scores"]["macro_accuracy"], color="gray", linestyle="--",
                label=f"vanilla ({vanilla['tokens']} tokens)")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("visual tokens per image")
+    budgets = budgets_run(results)
+    if budgets:  # ticks at the budgets run, written as plain numbers (not powers of 2)
+        ax.set_xticks(budgets, [str(b) for b in budgets])
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        if len(budgets) == 1:
+            ax.set_xlim(budgets[0] / 2, budgets[0] * 2)
+    ax.set_xlabel(f"visual tokens per image (of {vanilla['tokens']})")
     ax.set_ylabel("accuracy, mean over question types (%)")
     ax.set_title(f"{results['config']['data']} ({results['n_questions']} questions)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
+    return fig
+
+
+def plot_accuracy(results: dict[str, Any], path: str | Path) -> None:
+    """PNG: mean accuracy over question types vs visual tokens per image, one line per method."""
+    fig = accuracy_figure(results)  # selects the Agg backend before pyplot is imported here
+    import matplotlib.pyplot as plt
+
     fig.savefig(path)
     plt.close(fig)
