@@ -173,3 +173,13 @@ def test_image_path_that_is_a_directory(llava_dir, tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert f"vlmzip run: error: image path {tmp_path} is a directory" in err and "does not exist" not in err
+
+
+def test_budget_errors_speak_in_flags(llava_dir, capsys):
+    from vlmzip.cli import main
+
+    assert main(["run", "--model", str(llava_dir), "--tokens", "100000", "--repeats", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--tokens 100000 is larger than the 64 visual tokens" in err and "choose --tokens <= 64" in err
+    assert main(["run", "--model", str(llava_dir), "--method", "fastv", "--layer", "5", "--repeats", "1"]) == 2
+    assert "--layer 5 is outside this LLM's decoder layers" in capsys.readouterr().err

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -85,7 +86,7 @@ def resolve_device(name: str) -> str:
 def parse_knobs(args: argparse.Namespace) -> dict[str, Any]:
     """Collect the method knobs given on the command line (``--tokens`` etc. and ``--knob k=v``)."""
     knobs: dict[str, Any] = {}
-    for name in ("tokens", "dominant", "contextual"):
+    for name in ("tokens", "ratio", "dominant", "contextual", "layer"):
         value = getattr(args, name, None)
         if value is not None:
             knobs[name] = value
@@ -103,8 +104,8 @@ def method_knobs(args: argparse.Namespace, model: nn.Module) -> dict[str, Any]:
     from .api import paper_budget
 
     knobs = parse_knobs(args)
-    if not knobs and args.method != "vanilla":
-        knobs = {"tokens": paper_budget(model, 64)}
+    if not {"tokens", "ratio", "dominant", "contextual"} & set(knobs) and args.method != "vanilla":
+        knobs = {**knobs, "tokens": paper_budget(model, 64)}
         if knobs["tokens"] != 64:
             patches = adapter_for(model).unit_layout().num_patches
             print(f"budget:  {knobs['tokens']} tokens = the papers' 64 of 576, as the same share of {patches} patches")
@@ -126,9 +127,14 @@ def add_method_args(parser: argparse.ArgumentParser) -> None:
         "--tokens", type=int, help="visual tokens per image sent to the LLM (default: 64 of 576, scaled to the model)"
     )
     parser.add_argument(
+        "--ratio", type=float, help="or: that share of each image's visual tokens, 0 < r <= 1 (default: none)"
+    )
+    parser.add_argument(
         "--dominant", type=int, help="VisionZip: dominant tokens, CLS included (default: from --tokens)"
     )
     parser.add_argument("--contextual", type=int, help="VisionZip: contextual tokens (default: from --tokens)")
+    parser.add_argument("--layer", type=int, help="in-LLM methods (fastv): prune from decoder layer K on "
+                        "(default: the method's, 2)")
     parser.add_argument(
         "--knob", action="append", metavar="KEY=VALUE", help="any other method knob, repeatable (default: none)"
     )
@@ -429,6 +435,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+FLAG_KNOBS = ("tokens", "ratio", "dominant", "contextual", "layer", "seed")
+
+
+def as_flags(message: str) -> str:
+    """A library error in the command line's words: ``tokens=100000`` becomes ``--tokens 100000``."""
+    for knob in FLAG_KNOBS:
+        message = re.sub(rf"(?<![\w-]){knob}=(\S+)", rf"--{knob} \1", message)
+        message = re.sub(rf"(?<![\w-]){knob} <=", f"--{knob} <=", message)
+    return message
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``vlmzip`` command; returns the exit code: 2 with a message on bad input (argparse's
     usage errors included), 130 after Ctrl-C."""
@@ -441,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ValueError as err:
         if not getattr(err, "relayed", False):  # an error of rank 0 relayed to the other processes: said once
-            print(f"vlmzip {args.command}: error: {err}", file=sys.stderr)
+            print(f"vlmzip {args.command}: error: {as_flags(str(err))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         if _rank() != 0:
