@@ -231,3 +231,10 @@ def test_two_threads_share_one_compressed_model(deep_dir, processor, batch_input
             parallel = list(pool.map(lambda c: model(**c).logits, calls * 3))
     for i, out in enumerate(parallel):
         torch.testing.assert_close(out, sequential[i % 3], atol=1e-5, rtol=1e-5)
+
+
+def test_sliding_window_llms_are_refused_for_in_llm_methods(llava_dir):
+    model = load(llava_dir)
+    model.model.language_model.config.layer_types = ["full_attention", "sliding_attention"]
+    with pytest.raises(ValueError, match="sliding-window"):
+        vlmzip.compress(model, "fastv", layer=1)

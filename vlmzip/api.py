@@ -157,6 +157,11 @@ def plan(model: nn.Module, method: MethodArg, **knobs: Any) -> Plan:
     if layers != sorted(set(layers)):
         raise ValueError(f"in-LLM stages must act at increasing layers, got {layers}")
     if llm:
+        if "sliding_attention" in (getattr(adapter.language_model().config, "layer_types", None) or []):
+            raise ValueError(
+                "in-LLM methods do not support LLMs with sliding-window attention layers (their masks differ per "
+                "layer); use a pre-LLM method, or a config with use_sliding_window=False"
+            )
         kind = adapter.language_model().config._attn_implementation
         if kind not in llm_hooks.SUPPORTED_ATTENTION:
             raise ValueError(
