@@ -1,0 +1,120 @@
+"""The merging / pooling / diversity methods: hypothesis invariants, hand-checked cases, end to end."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import vlmzip
+from vlmzip.methods.base import TokenLayout, VisionTokens, get_method
+from vlmzip.methods.pool import output_grid, pool
+
+NEW = 3
+
+
+def units(batch, grid, dim, prefix, send, seed, duplicates=False):
+    gen = torch.Generator().manual_seed(seed)
+    total = grid[0] * grid[1] + prefix
+    hidden = torch.randn(batch, total, dim, generator=gen)
+    keys = torch.randn(batch, total, 5, generator=gen)
+    if duplicates:  # only three distinct tokens per unit
+        hidden = hidden[:, torch.arange(total) % 3]
+        keys = keys[:, torch.arange(total) % 3]
+    layout = TokenLayout(num_prefix=prefix, grid=grid, send_prefix=send)
+    seeds = torch.arange(batch, dtype=torch.int64) * 7919 + seed
+    return VisionTokens(hidden=hidden, layout=layout, keys=keys, seeds=seeds)
+
+
+def run(name, tokens, keep, **knobs):
+    spec = get_method(name)
+    return spec.fn(tokens, keep, **spec.resolve(dict(knobs)))
+
+
+def check_selection(sel, tokens, keep):
+    batch, total, dim = tokens.hidden.shape
+    assert sel.features.shape == (batch, keep, dim)
+    assert torch.isfinite(sel.features).all()
+    assert sel.indices.shape == (batch, keep)
+    candidates = set(tokens.vanilla_indices().tolist())
+    for row in sel.indices:
+        assert len(set(row.tolist())) == keep, "indices unique"
+        assert set(row.tolist()) <= candidates, "indices among the tokens the vanilla model sends"
+    if sel.merged_from is not None:
+        assert sel.merged_from.shape == (batch, total)
+        assert int(sel.merged_from.min()) >= -1 and int(sel.merged_from.max()) < keep
+        for b in range(batch):
+            slots = sel.merged_from[b]
+            for k, index in enumerate(sel.indices[b].tolist()):
+                assert slots[index] == k, "an output's representative maps to that output"
+            assert set(slots[slots >= 0].tolist()) <= set(range(keep))
+            outside = [i for i in range(total) if i not in candidates]
+            assert (slots[outside] == -1).all(), "tokens the vanilla model does not send map nowhere"
+
+
+@st.composite
+def cases(draw):
+    grid = (draw(st.integers(1, 7)), draw(st.integers(1, 7)))
+    prefix = draw(st.integers(0, 1))
+    send = draw(st.booleans()) if prefix else False
+    vanilla = grid[0] * grid[1] + (prefix if send else 0)
+    keep = draw(st.integers(1, vanilla))
+    return grid, prefix, send, keep, draw(st.integers(1, 3)), draw(st.booleans()), draw(st.integers(0, 99))
+
+
+@settings(max_examples=60, deadline=None)
+@given(cases())
+def test_pool_invariants(case):
+    grid, prefix, send, keep, batch, dup, seed = case
+    tokens = units(batch, grid, 4, prefix, send, seed, duplicates=dup)
+    sel = run("pool", tokens, keep)
+    check_selection(sel, tokens, keep)
+    assert sel.merged_from is not None
+
+
+def test_pool_constant_grid_is_that_constant():
+    tokens = units(2, (5, 7), 3, 1, False, 0)
+    tokens.hidden[:, 1:] = torch.tensor([1.5, -2.0, 3.0])
+    for keep in (1, 4, 6, 7, 13, 35):
+        sel = pool(tokens, keep)
+        torch.testing.assert_close(sel.features, torch.tensor([1.5, -2.0, 3.0]).expand(2, keep, 3))
+
+
+def test_pool_4x4_to_4_is_the_2x2_block_means():
+    hidden = torch.arange(16, dtype=torch.float32).reshape(1, 16, 1)
+    tokens = VisionTokens(hidden=hidden, layout=TokenLayout(num_prefix=0, grid=(4, 4), send_prefix=False))
+    sel = pool(tokens, 4)
+    assert sel.features.flatten().tolist() == [2.5, 4.5, 10.5, 12.5]
+    assert sel.merged_from[0].tolist() == [0, 0, 1, 1, 0, 0, 1, 1, 2, 2, 3, 3, 2, 2, 3, 3]
+
+
+def test_pool_grid_choice():
+    assert output_grid((24, 24), 64) == (8, 8)
+    assert output_grid((24, 24), 144) == (12, 12)
+    assert output_grid((4, 8), 8) == (2, 4)
+    h, w = output_grid((8, 8), 7)  # prime: pooled to a cover, extras dropped
+    assert h * w >= 7 and abs(h - w) <= 1
+
+
+def test_pool_sends_cls_first_when_the_model_does():
+    tokens = units(1, (4, 4), 3, 1, True, 0)
+    sel = pool(tokens, 5)
+    assert sel.indices[0, 0] == 0
+    torch.testing.assert_close(sel.features[:, 0], tokens.hidden[:, 0])
+
+
+END_TO_END = ["pool"]
+
+
+@pytest.mark.parametrize("name", END_TO_END)
+def test_compresses_the_tiny_llava_and_generates(model, batch_inputs, name):
+    inputs, _, _ = batch_inputs
+    vlmzip.compress(model, name, tokens=16)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        out = model.generate(**inputs, max_new_tokens=NEW, do_sample=False)
+    assert logits.shape[1] == inputs["input_ids"].shape[1] - (64 - 16)
+    assert torch.isfinite(logits).all()
+    assert out.shape == (inputs["input_ids"].shape[0], inputs["input_ids"].shape[1] + NEW)
+    vlmzip.decompress(model)
