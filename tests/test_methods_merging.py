@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 import vlmzip
 from vlmzip.methods.base import TokenLayout, VisionTokens, get_method
+from vlmzip.methods.divprune import divprune
 from vlmzip.methods.pool import output_grid, pool
 
 NEW = 3
@@ -104,7 +105,32 @@ def test_pool_sends_cls_first_when_the_model_does():
     torch.testing.assert_close(sel.features[:, 0], tokens.hidden[:, 0])
 
 
-END_TO_END = ["pool"]
+@settings(max_examples=60, deadline=None)
+@given(cases())
+def test_divprune_invariants(case):
+    grid, prefix, send, keep, batch, dup, seed = case
+    tokens = units(batch, grid, 4, prefix, send, seed, duplicates=dup)
+    check_selection(run("divprune", tokens, keep), tokens, keep)
+
+
+def test_divprune_picks_distinct_tokens_before_duplicates():
+    base = torch.eye(4)  # four mutually orthogonal directions, each repeated
+    hidden = base[torch.tensor([0, 0, 1, 0, 2, 2, 1, 3, 3])].unsqueeze(0).repeat(2, 1, 1)
+    hidden[1] = hidden[1].flip(0)
+    tokens = VisionTokens(hidden=hidden, layout=TokenLayout(num_prefix=0, grid=(3, 3), send_prefix=False))
+    sel = divprune(tokens, 4)
+    for b in range(2):
+        assert sorted(hidden[b, sel.indices[b]].argmax(dim=1).tolist()) == [0, 1, 2, 3]
+    assert (sel.indices[:, 1:] > sel.indices[:, :-1]).all(), "positional order"
+
+
+def test_divprune_first_pick_is_the_most_isolated_token():
+    hidden = torch.tensor([[[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [0.9, 0.1]]])
+    tokens = VisionTokens(hidden=hidden, layout=TokenLayout(num_prefix=0, grid=(2, 2), send_prefix=False))
+    assert divprune(tokens, 1).indices.tolist() == [[2]]
+
+
+END_TO_END = ["pool", "divprune"]
 
 
 @pytest.mark.parametrize("name", END_TO_END)
