@@ -11,6 +11,7 @@ import vlmzip
 from vlmzip.methods.base import TokenLayout, VisionTokens, get_method
 from vlmzip.methods.divprune import divprune
 from vlmzip.methods.pool import output_grid, pool
+from vlmzip.methods.tome import tome
 
 NEW = 3
 
@@ -130,7 +131,44 @@ def test_divprune_first_pick_is_the_most_isolated_token():
     assert divprune(tokens, 1).indices.tolist() == [[2]]
 
 
-END_TO_END = ["pool", "divprune"]
+@settings(max_examples=60, deadline=None)
+@given(cases(), st.integers(0, 4), st.booleans())
+def test_tome_invariants(case, r, with_keys):
+    grid, prefix, send, keep, batch, dup, seed = case
+    tokens = units(batch, grid, 4, prefix, send, seed, duplicates=dup)
+    if not with_keys:
+        tokens.keys = None
+    sel = run("tome", tokens, keep, r=r)
+    check_selection(sel, tokens, keep)
+    for b in range(batch):  # every output is the mean of the vanilla tokens merged into it (sizes weight)
+        for k in range(keep):
+            members = (sel.merged_from[b] == k).nonzero().flatten()
+            torch.testing.assert_close(sel.features[b, k], tokens.hidden[b, members].mean(0), atol=1e-5, rtol=1e-5)
+    if prefix and send and keep >= 2:
+        assert (sel.indices[:, 0] == 0).all() and (sel.merged_from[:, 0] == 0).all(), "CLS protected"
+        assert ((sel.merged_from[:, 1:] == 0).sum(1) == 0).all()
+
+
+def test_tome_merges_exact_duplicates_first():
+    tokens = units(3, (4, 4), 6, 0, False, 1)
+    tokens.keys[:, 9] = tokens.keys[:, 4] * 3.0  # same direction: cosine similarity 1 (A slot 4, B slot 9)
+    sel = tome(tokens, 15)
+    assert (sel.merged_from[:, 4] == sel.merged_from[:, 9]).all()
+    assert ((sel.merged_from == sel.merged_from[:, 4:5]).sum(1) == 2).all(), "that pair and nothing else"
+    torch.testing.assert_close(sel.features[0, int(sel.merged_from[0, 9])], tokens.hidden[0, [4, 9]].mean(0))
+    assert (sel.indices[:, 1:] > sel.indices[:, :-1]).all(), "positional order"
+
+
+def test_tome_sizes_weight_later_merges():
+    hidden = torch.tensor([[[0.0], [0.0], [3.0]]])
+    keys = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [1.0, 0.01]]])
+    tokens = VisionTokens(hidden=hidden, keys=keys,
+                          layout=TokenLayout(num_prefix=0, grid=(1, 3), send_prefix=False))
+    sel = tome(tokens, 1)
+    torch.testing.assert_close(sel.features, torch.tensor([[[1.0]]]))  # (0 + 0 + 3) / 3, not (0 + 3) / 2
+
+
+END_TO_END = ["pool", "divprune", "tome"]
 
 
 @pytest.mark.parametrize("name", END_TO_END)
