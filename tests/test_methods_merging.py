@@ -9,7 +9,9 @@ from hypothesis import strategies as st
 
 import vlmzip
 from vlmzip.methods.base import TokenLayout, VisionTokens, get_method
+from vlmzip.methods.cluster import cluster_aggregate
 from vlmzip.methods.divprune import divprune
+from vlmzip.methods.kmeans import kmeans
 from vlmzip.methods.pool import output_grid, pool
 from vlmzip.methods.tome import tome
 
@@ -168,7 +170,102 @@ def test_tome_sizes_weight_later_merges():
     torch.testing.assert_close(sel.features, torch.tensor([[[1.0]]]))  # (0 + 0 + 3) / 3, not (0 + 3) / 2
 
 
-END_TO_END = ["pool", "divprune", "tome"]
+def blobs(batch, per, centres, dim, seed, spread=0.05):
+    gen = torch.Generator().manual_seed(seed)
+    means = torch.randn(batch, centres, dim, generator=gen) * 10
+    truth = torch.randperm(per * centres, generator=gen) % centres
+    x = means[:, truth] + spread * torch.randn(batch, per * centres, dim, generator=gen)
+    return x, truth
+
+
+def same_partition(labels, truth):
+    pairs = set(zip(labels.tolist(), truth.tolist(), strict=True))
+    return len(pairs) == len(set(truth.tolist())) == len(set(labels.tolist()))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_kmeans_recovers_well_separated_clusters(seed):
+    x, truth = blobs(3, 9, 5, 4, seed)
+    labels, centres = kmeans(x, 5, torch.tensor([11, 12, 13]) + seed, seed=seed)
+    for b in range(3):
+        assert same_partition(labels[b], truth)
+        for c in range(5):
+            torch.testing.assert_close(centres[b, c], x[b, labels[b] == c].mean(0))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 30), st.integers(1, 4), st.data())
+def test_kmeans_never_empty_never_nan(batch, num, distinct, data):
+    k = data.draw(st.integers(1, num))
+    gen = torch.Generator().manual_seed(num * 10 + distinct)
+    x = torch.randn(batch, distinct, 3, generator=gen)[:, torch.arange(num) % distinct]  # duplicates
+    seeds = torch.arange(batch)
+    labels, centres = kmeans(x, k, seeds, seed=data.draw(st.integers(0, 5)), iters=data.draw(st.integers(0, 5)))
+    assert torch.isfinite(centres).all()
+    for b in range(batch):
+        assert sorted(set(labels[b].tolist())) == list(range(k)), "every cluster has a member"
+
+
+def test_kmeans_is_deterministic_per_unit_whatever_the_batch():
+    x, _ = blobs(4, 6, 4, 3, 0, spread=2.0)
+    seeds = torch.tensor([5, 6, 7, 8])
+    labels, centres = kmeans(x, 4, seeds, seed=3)
+    again, _ = kmeans(x.flip(0), 4, seeds.flip(0), seed=3)
+    assert torch.equal(labels, again.flip(0))
+    single, _ = kmeans(x[2:3], 4, seeds[2:3], seed=3)
+    assert torch.equal(single[0], labels[2])
+
+
+def test_kmeans_rejects_impossible_k():
+    with pytest.raises(ValueError, match="k-means needs"):
+        kmeans(torch.zeros(1, 3, 2), 4)
+
+
+@settings(max_examples=60, deadline=None)
+@given(cases(), st.sampled_from(["random", "position"]))
+def test_cluster_aggregate_invariants(case, order):
+    grid, prefix, send, keep, batch, dup, seed = case
+    tokens = units(batch, grid, 4, prefix, send, seed, duplicates=dup)
+    sel = run("cluster_aggregate", tokens, keep, order=order, seed=seed)
+    check_selection(sel, tokens, keep)
+    for b in range(batch):  # every output is the mean of its cluster, and every cluster has a member
+        for k in range(keep):
+            members = (sel.merged_from[b] == k).nonzero().flatten()
+            assert members.numel() >= 1
+            torch.testing.assert_close(sel.features[b, k], tokens.hidden[b, members].mean(0), atol=1e-5, rtol=1e-5)
+
+
+def test_cluster_aggregate_orders():
+    x, truth = blobs(2, 4, 4, 3, 1)
+    order = torch.argsort(truth, stable=True)  # the clusters are contiguous runs of 4 in raster order
+    tokens = VisionTokens(hidden=x[:, order], layout=TokenLayout(num_prefix=0, grid=(4, 4), send_prefix=False),
+                          seeds=torch.tensor([1, 2]))
+    by_position = cluster_aggregate(tokens, 4, order="position")
+    assert by_position.merged_from.tolist() == [[0] * 4 + [1] * 4 + [2] * 4 + [3] * 4] * 2
+    shuffled = cluster_aggregate(tokens, 4, order="random")
+    assert any(not torch.equal(cluster_aggregate(tokens, 4, seed=s).merged_from, by_position.merged_from)
+               for s in range(3)), "random order is not the positional one"
+    for b in range(2):  # the same clusters, permuted
+        assert sorted(shuffled.features[b].tolist()) == sorted(by_position.features[b].tolist())
+    again = cluster_aggregate(tokens, 4, order="random", seed=0)
+    assert torch.equal(again.features, shuffled.features), "seeded"
+
+
+@pytest.mark.parametrize(("name", "knobs", "message"), [
+    ("cluster_aggregate", {"order": "foo"}, "order must be one of"),
+    ("cluster_aggregate", {"iters": -1}, "iters must be"),
+    ("cluster_aggregate", {"tol": "x"}, "tol must be"),
+    ("cluster_aggregate", {"seed": 1.5}, "seed must be"),
+    ("tome", {"r": -2}, "r must be"),
+    ("pool", {"size": 2}, "has no knob 'size'"),
+])
+def test_impossible_knobs_are_clear_errors(model, name, knobs, message):
+    with pytest.raises(ValueError, match=message):
+        vlmzip.compress(model, name, tokens=16, **knobs)
+    assert not vlmzip.is_compressed(model)
+
+
+END_TO_END = ["pool", "divprune", "tome", "cluster_aggregate"]
 
 
 @pytest.mark.parametrize("name", END_TO_END)
