@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from .base import Knob, MethodSpec, Selection, VisionTokens, register
-from .kmeans import cluster_means, kmeans, squared_distances
+from .kmeans import cluster_means, kmeans, nearest_in_groups, squared_distances
 from .sampling import hashed_scores
 
 ORDERS = ("random", "position")
@@ -23,12 +23,8 @@ ORDERS = ("random", "position")
 
 def nearest_members(x: torch.Tensor, labels: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
     """(B, k) position of each cluster's member nearest its centre (first in position order on ties)."""
-    k = centres.shape[1]
     dist = squared_distances(x, centres).gather(2, labels.unsqueeze(-1)).squeeze(-1)  # (B, N)
-    by_dist = dist.argsort(dim=1, stable=True)
-    perm = by_dist.gather(1, labels.gather(1, by_dist).argsort(dim=1, stable=True))  # grouped by cluster
-    counts = torch.zeros_like(centres[..., 0], dtype=torch.long).scatter_add_(1, labels, torch.ones_like(labels))
-    return perm.gather(1, counts.cumsum(1) - counts)[:, :k]
+    return nearest_in_groups(dist, labels, centres.shape[1])
 
 
 def cluster_aggregate(

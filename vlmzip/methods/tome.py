@@ -10,10 +10,12 @@ One round, as ``bipartite_soft_matching`` + ``merge_wavg`` in facebookresearch/T
   of features and keys, sizes added; the others stay.
 - A CLS token the model sends is protected (never merged away), as ToMe's ``class_token``.
 
+An output's index (for position ids and visualisations) is the member nearest its group's mean grid cell.
+
 Differences from ``merge.py``, for a one-shot use before the LLM: ``r`` per round defaults to as many as
 a round allows (``min(tokens - keep, A's size)``), so the rounds are few; after each round the tokens
-are put back in positional order of their representative (the B token a group merged into, or the kept
-A token), so the next split alternates over neighbours and the LLM receives them in raster order.
+are put back in order of their members' mean raster position, so the next split alternates over
+neighbours and the LLM receives them in (mean) raster order.
 """
 
 from __future__ import annotations
@@ -23,15 +25,16 @@ from typing import Any
 import torch
 
 from .base import Knob, MethodSpec, Selection, VisionTokens, positive_int, register
+from .kmeans import cluster_means, nearest_in_groups
 
 
 def match_round(
-    x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor, rep: torch.Tensor, r: int, protect: bool
+    x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor, pos: torch.Tensor, r: int, protect: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One bipartite-matching round on (B, t, D) tokens, (B, t, Dm) metric, (B, t) sizes, (B, t) representatives.
+    """One bipartite-matching round on (B, t, D) tokens, (B, t, Dm) metric, (B, t) sizes, (B, t) mean positions.
 
-    Returns the ``t - r`` tokens left (in positional order of their representatives): features, metric,
-    sizes, representatives, and (B, t) the new slot of each old slot.
+    Returns the ``t - r`` tokens left (in order of their members' mean raster position): features, metric,
+    sizes, mean positions, and (B, t) the new slot of each old slot.
     """
     batch, t, _ = x.shape
     device = x.device
@@ -60,9 +63,10 @@ def match_round(
     msums.scatter_add_(1, target.unsqueeze(-1).expand(-1, -1, m.shape[-1]),
                        metric.float() * weights.unsqueeze(-1))
     new_size = torch.zeros(batch, t, dtype=torch.float32, device=device).scatter_add_(1, target, weights)
+    new_pos = torch.zeros(batch, t, dtype=torch.float32, device=device).scatter_add_(1, target, pos * weights)
 
-    # Survivors, in positional order of their representatives; a departed slot sorts last.
-    key = rep.masked_fill(gone, torch.iinfo(rep.dtype).max)
+    # Survivors, in order of their members' mean raster position; a departed slot sorts last.
+    key = (new_pos / new_size.clamp(min=1)).masked_fill(gone, float("inf"))
     keep_slots = key.argsort(dim=1, stable=True)[:, : t - r]  # (B, t - r) old slots that survive
     new_slot_of_survivor = torch.empty_like(target)
     new_slot_of_survivor.scatter_(1, keep_slots, torch.arange(t - r, device=device).expand(batch, -1))
@@ -72,7 +76,7 @@ def match_round(
     index = keep_slots.unsqueeze(-1)
     x_out = (sums.gather(1, index.expand(-1, -1, x.shape[-1])) / sizes.unsqueeze(-1)).to(x.dtype)
     m_out = (msums.gather(1, index.expand(-1, -1, m.shape[-1])) / sizes.unsqueeze(-1)).to(metric.dtype)
-    return x_out, m_out, sizes, rep.gather(1, keep_slots), new_slot
+    return x_out, m_out, sizes, (new_pos.gather(1, keep_slots) / sizes), new_slot
 
 
 def tome(tokens: VisionTokens, keep: int, r: int = 0) -> Selection:
@@ -87,18 +91,34 @@ def tome(tokens: VisionTokens, keep: int, r: int = 0) -> Selection:
     x = hidden[:, candidates]
     metric = (tokens.keys if tokens.keys is not None else hidden)[:, candidates]
     size = torch.ones(batch, candidates.numel(), device=device)
-    rep = candidates.expand(batch, -1).clone()
+    pos = candidates.float().expand(batch, -1)
     slot = torch.arange(candidates.numel(), device=device).repeat(batch, 1)  # each candidate's current slot
     protect = tokens.layout.send_prefix and tokens.layout.num_prefix > 0 and keep >= 2
     while x.shape[1] > keep:
         t = x.shape[1]
         allowed = (t - int(protect)) // 2 if protect else t // 2
         step = min(t - keep, allowed, r if r > 0 else allowed)
-        x, metric, size, rep, new_slot = match_round(x, metric, size, rep, step, protect)
+        x, metric, size, pos, new_slot = match_round(x, metric, size, pos, step, protect)
         slot = new_slot.gather(1, slot)
     merged_from = torch.full((batch, total), -1, dtype=torch.long, device=device)
     merged_from[:, candidates] = slot
-    return Selection(features=x, indices=rep, merged_from=merged_from)
+    return Selection(features=x, indices=candidates[central_members(tokens, slot, keep)], merged_from=merged_from)
+
+
+def central_members(tokens: VisionTokens, slot: torch.Tensor, keep: int) -> torch.Tensor:
+    """(B, keep) position among the candidates of each group's member nearest the group's mean grid cell.
+
+    ``slot`` (B, N): each candidate's output slot. A prefix (CLS) token sits at cell (-1, -1).
+    """
+    candidates = tokens.vanilla_indices()
+    patch = (candidates - tokens.layout.num_prefix).float()
+    width = tokens.layout.grid[1]
+    cells = torch.stack([torch.div(patch, width, rounding_mode="floor"), patch.remainder(width)], dim=-1)
+    cells = torch.where((patch < 0).unsqueeze(-1), torch.full_like(cells, -1.0), cells)
+    cells = cells.expand(slot.shape[0], -1, -1)
+    centres = cluster_means(cells, slot, keep)  # (B, keep, 2)
+    dist = (cells - centres.gather(1, slot.unsqueeze(-1).expand(-1, -1, 2))).pow(2).sum(-1)
+    return nearest_in_groups(dist, slot, keep)
 
 
 def resolve(knobs: dict[str, Any]) -> dict[str, Any]:
