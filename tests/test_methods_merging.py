@@ -146,6 +146,8 @@ def test_tome_invariants(case, r, with_keys):
         for k in range(keep):
             members = (sel.merged_from[b] == k).nonzero().flatten()
             torch.testing.assert_close(sel.features[b, k], tokens.hidden[b, members].mean(0), atol=1e-5, rtol=1e-5)
+        means = [float((sel.merged_from[b] == k).nonzero().float().mean()) for k in range(keep)]
+        assert means == sorted(means), "in order of the members' mean raster position"
     if prefix and send and keep >= 2:
         assert (sel.indices[:, 0] == 0).all() and (sel.merged_from[:, 0] == 0).all(), "CLS protected"
         assert ((sel.merged_from[:, 1:] == 0).sum(1) == 0).all()
@@ -158,7 +160,8 @@ def test_tome_merges_exact_duplicates_first():
     assert (sel.merged_from[:, 4] == sel.merged_from[:, 9]).all()
     assert ((sel.merged_from == sel.merged_from[:, 4:5]).sum(1) == 2).all(), "that pair and nothing else"
     torch.testing.assert_close(sel.features[0, int(sel.merged_from[0, 9])], tokens.hidden[0, [4, 9]].mean(0))
-    assert (sel.indices[:, 1:] > sel.indices[:, :-1]).all(), "positional order"
+    assert sel.indices[0].tolist() == [0, 1, 2, 3, 5, 6, 4, 7, 8, 10, 11, 12, 13, 14, 15], (
+        "ordered by the members' mean raster position (4 and 9: 6.5), sent at the member nearest their mean cell")
 
 
 def test_tome_sizes_weight_later_merges():
@@ -279,3 +282,21 @@ def test_compresses_the_tiny_llava_and_generates(model, batch_inputs, name):
     assert torch.isfinite(logits).all()
     assert out.shape == (inputs["input_ids"].shape[0], inputs["input_ids"].shape[1] + NEW)
     vlmzip.decompress(model)
+
+
+def test_viz_draws_the_merging_methods(llava_dir, tmp_path, capsys):
+    from vlmzip.cli import main
+
+    out = tmp_path / "viz.png"
+    assert main(["viz", "--model", str(llava_dir), "--out", str(out), "--methods",
+                 "pool,tome,divprune,cluster_aggregate", "--tokens", "8"]) == 0
+    assert out.exists()
+
+
+def test_viz_legend_marks_merged_outputs():
+    from vlmzip.viz import kept_outputs, legend_keys
+
+    tokens = units(1, (4, 4), 3, 1, False, 0)
+    pooled, picked = pool(tokens, 4), divprune(tokens, 4)
+    assert kept_outputs(pooled) == 0 and "merged" in legend_keys(pooled, tokens.layout)
+    assert kept_outputs(picked) is None and legend_keys(picked, tokens.layout) == {"kept", "dropped"}
