@@ -268,7 +268,7 @@ def test_impossible_knobs_are_clear_errors(model, name, knobs, message):
     assert not vlmzip.is_compressed(model)
 
 
-END_TO_END = ["pool", "divprune", "tome", "cluster_aggregate"]
+END_TO_END = ["pool", "divprune", "tome", "cluster_aggregate", "cluster_saliency"]
 
 
 @pytest.mark.parametrize("name", END_TO_END)
@@ -289,7 +289,7 @@ def test_viz_draws_the_merging_methods(llava_dir, tmp_path, capsys):
 
     out = tmp_path / "viz.png"
     assert main(["viz", "--model", str(llava_dir), "--out", str(out), "--methods",
-                 "pool,tome,divprune,cluster_aggregate", "--tokens", "8"]) == 0
+                 "pool,tome,divprune,cluster_aggregate,cluster_saliency", "--tokens", "8"]) == 0
     assert out.exists()
 
 
@@ -300,3 +300,55 @@ def test_viz_legend_marks_merged_outputs():
     pooled, picked = pool(tokens, 4), divprune(tokens, 4)
     assert kept_outputs(pooled) == 0 and "merged" in legend_keys(pooled, tokens.layout)
     assert kept_outputs(picked) is None and legend_keys(picked, tokens.layout) == {"kept", "dropped"}
+
+
+def with_saliency(tokens, seed):
+    gen = torch.Generator().manual_seed(seed + 1)
+    scores = torch.rand(tokens.hidden.shape[:2], generator=gen)
+    if tokens.layout.num_prefix:
+        tokens.cls_attention = scores
+    else:
+        tokens.received_attention = scores
+    return tokens
+
+
+@settings(max_examples=60, deadline=None)
+@given(cases(), st.sampled_from([1, 2, 3]), st.integers(1, 8))
+def test_cluster_saliency_invariants(case, variant, k):
+    grid, prefix, send, keep, batch, dup, seed = case
+    tokens = with_saliency(units(batch, grid, 4, prefix, send, seed, duplicates=dup), seed)
+    sel = run("cluster_saliency", tokens, keep, variant=variant, k=k, seed=seed)
+    check_selection(sel, tokens, keep)
+    for b in range(batch):
+        means = []
+        for slot in range(keep):
+            members = (sel.merged_from[b] == slot).nonzero().flatten()
+            torch.testing.assert_close(sel.features[b, slot], tokens.hidden[b, members].mean(0), atol=1e-5, rtol=1e-5)
+            means.append(float(members.float().mean()))
+        assert means == sorted(means), "positional order (aggregates at their mean position)"
+        if variant != 3:
+            assert int((sel.merged_from[b] >= 0).sum()) == keep, "a pure selection"
+
+
+def test_cluster_saliency_keeps_the_most_salient_of_each_cluster():
+    x, truth = blobs(1, 6, 3, 4, 2)
+    order = torch.argsort(truth, stable=True)  # clusters: positions 0-5, 6-11, 12-17
+    saliency = torch.arange(18.0).flip(0).unsqueeze(0)  # earlier tokens more salient
+    tokens = VisionTokens(hidden=x[:, order], layout=TokenLayout(num_prefix=0, grid=(3, 6), send_prefix=False),
+                          received_attention=saliency, seeds=torch.tensor([4]))
+    static = run("cluster_saliency", tokens, 6, k=3)
+    assert static.indices.tolist() == [[0, 1, 6, 7, 12, 13]], "two of each cluster, its most salient"
+    plain_top = saliency.topk(6).indices.sort().values
+    assert plain_top.tolist() == [[0, 1, 2, 3, 4, 5]], "(saliency alone would take one cluster)"
+    coarse = run("cluster_saliency", tokens, 6, k=3, variant=3)
+    assert (coarse.merged_from >= 0).all(), "variant 3 loses nothing"
+    dynamic = run("cluster_saliency", tokens, 6, k=3, variant=2)
+    kept = dynamic.indices[0].tolist()
+    assert sum(i < 6 for i in kept) >= sum(i >= 12 for i in kept), "the more salient cluster gets more"
+
+
+def test_cluster_saliency_knob_errors(model):
+    with pytest.raises(ValueError, match="variant must be"):
+        vlmzip.compress(model, "cluster_saliency", tokens=16, variant=4)
+    with pytest.raises(ValueError, match="k must be"):
+        vlmzip.compress(model, "cluster_saliency", tokens=16, k=0)

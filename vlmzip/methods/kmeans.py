@@ -97,13 +97,13 @@ def cluster_means(x: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor
 
 
 def nearest_in_groups(dist: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
-    """(B, N) distances, (B, N) labels of k non-empty groups -> (B, k) position of each group's nearest member
-    (the first in position order on ties). No host sync."""
+    """(B, N) distances, (B, N) labels of k groups -> (B, k) position of each group's nearest member (the
+    first in position order on ties; meaningless for an empty group). No host sync."""
     by_dist = dist.argsort(dim=1, stable=True)
     perm = by_dist.gather(1, labels.gather(1, by_dist).argsort(dim=1, stable=True))  # grouped by label
     counts = torch.zeros(labels.shape[0], k, dtype=torch.long, device=labels.device)
     counts.scatter_add_(1, labels, torch.ones_like(labels))
-    return perm.gather(1, counts.cumsum(1) - counts)
+    return perm.gather(1, (counts.cumsum(1) - counts).clamp(max=labels.shape[1] - 1))  # empty groups: junk
 
 
 def assign(x: torch.Tensor, centres: torch.Tensor, k: int) -> torch.Tensor:
