@@ -86,15 +86,16 @@ MARGIN, GAP = 12, 12
 CROP_GAP = 2  # between LLaVA-NeXT's high-resolution crops
 TITLE_FONT, PANEL_FONT, LEGEND_FONT = 18, 14, 13
 METHOD_NAMES = {"visionzip": "VisionZip", "random": "Random", "spatial": "Spatial", "fastv": "FastV",
-                "vanilla": "Vanilla"}
+                "vanilla": "Vanilla", "pool": "Pooling", "tome": "ToMe", "divprune": "DivPrune",
+                "cluster_aggregate": "Cluster & Aggregate", "cluster_saliency": "Cluster & Saliency"}
 KEPT_RED = (230, 20, 20)
 SWATCH_GRAY = (175, 175, 175)
 
 # What each mark means, in words a newcomer reads without the code (the legend under every figure).
 LEGEND = {
     "kept": "kept: this patch's token is sent to the LLM as it is (VisionZip: a dominant token)",
-    "merged": "merged (VisionZip's contextual tokens): one token per colour, sent at its framed patch; it is "
-              "the average of the patches tinted in its colour",
+    "merged": "merged (VisionZip's contextual tokens; pooled, ToMe or cluster tokens): one token per colour, "
+              "sent at its framed patch; it is the average of the patches tinted in its colour",
     "dropped": "dropped: darkened patches send nothing to the LLM",
 }
 
@@ -107,6 +108,19 @@ def method_label(method: str) -> str:
 def budget_title(method: str, kept: int, total: int) -> str:
     """The headline of a method's picture: ``"VisionZip, 28 of 256 visual tokens"`` (per image)."""
     return f"{method_label(method)}, {kept} of {total} visual tokens"
+
+
+def kept_outputs(selection: Selection, row: int = 0) -> int | None:
+    """How many leading outputs to draw as kept tokens (the rest as merged groups, one colour each).
+
+    VisionZip's dominant count; 0 for a merging method that marks no split (pooling, ToMe, clusters) when
+    some output averages several tokens; None (all kept) for a pure selection.
+    """
+    if selection.dominant is not None or selection.merged_from is None:
+        return selection.dominant
+    slots = selection.merged_from[row]
+    counts = slots[slots >= 0].bincount(minlength=selection.indices.shape[1])
+    return 0 if bool((counts > 1).any()) else None
 
 
 def split_note(selection: Selection, layout: TokenLayout, row: int = 0) -> str | None:
@@ -332,7 +346,8 @@ def legend_keys(selection: Selection | None, layout: TokenLayout, row: int = 0) 
         return set()
     keys = {"kept"}
     merged = selection.merged_from
-    if selection.dominant is not None and selection.indices.shape[1] > selection.dominant:
+    split = kept_outputs(selection, row)
+    if split is not None and selection.indices.shape[1] > split:
         keys.add("merged")
     if merged is None:
         if selection.indices.shape[1] < layout.num_patches:
@@ -376,7 +391,7 @@ def method_panel(model: Any, view: ModelView, method: str, knobs: dict[str, Any]
     note = split_note(selection, view.layout)
     if note:
         caption += f"\n{note}"
-    overlay = token_overlay(picture, view.layout, selection, num_dominant=selection.dominant)
+    overlay = token_overlay(picture, view.layout, selection, num_dominant=kept_outputs(selection))
     return caption, overlay, legend_keys(selection, view.layout)
 
 
@@ -402,7 +417,8 @@ def multi_crop_panel(view: ModelView, selections: list[Selection], kept: int,
     for crop, (selection, row) in enumerate(units):
         size = base if crop == 0 else cell
         picture = view.crop_images[crop].convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
-        pictures.append(token_overlay(picture, view.layout, selection, row=row, num_dominant=selection.dominant))
+        split = kept_outputs(selection, row)
+        pictures.append(token_overlay(picture, view.layout, selection, row=row, num_dominant=split))
         keys |= legend_keys(selection, view.layout, row)
     rows, cols = view.grid
     caption += (f"\nleft: the base crop, {shares[0]} of its {view.layout.vanilla} tokens; right: the {rows} x {cols} "
