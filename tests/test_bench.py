@@ -10,7 +10,8 @@ from conftest import random_image
 
 import vlmzip
 from vlmzip.bench import bench_prefill, compare_ttft, interleaved, llm_prefill_macs
-from vlmzip.bench.prefill import prefill_lengths
+from vlmzip.bench.prefill import compression_overhead, kv_cache_bytes, peak_memory, prefill_cache, prefill_lengths
+from vlmzip.cli import main
 from vlmzip.io import batch_inputs
 
 
@@ -68,3 +69,48 @@ def test_ideal_counts_each_layers_tokens_for_in_llm_methods(model, processor) ->
         assert prefill_lengths(model, make_inputs(1)) == [prompt, prompt - 48], "layer 1 holds 16 of 64"
     assert row.tokens == 16
     assert row.ideal == pytest.approx(llm_prefill_macs(prompt, cfg) / llm_prefill_macs([prompt, prompt - 48], cfg))
+
+
+def test_rows_carry_memory_kv_decode_and_overhead(model, processor) -> None:
+    image = random_image(5)
+
+    def make_inputs(batch_size: int) -> dict:
+        return batch_inputs(processor, [image] * batch_size, ["what color ?"] * batch_size, model)
+
+    inputs = make_inputs(1)
+    prompt = inputs["input_ids"].shape[1]
+    (vz, fv) = bench_prefill(model, make_inputs, [("visionzip", {"tokens": 16}), ("fastv", {"tokens": 16, "layer": 1})],
+                             [1], repeats=1)
+    cfg = model.config.text_config
+    per_token = 2 * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4  # k + v, fp32
+    assert vz.vanilla_kv_cache_bytes == fv.vanilla_kv_cache_bytes == 2 * prompt * per_token
+    assert vz.kv_cache_bytes == 2 * (prompt - 48) * per_token, "every layer holds 16 of 64 visual tokens"
+    assert fv.kv_cache_bytes == (prompt + prompt - 48) * per_token, "layer 0 keeps all, layer 1 holds 16"
+    assert vz.decode_tokens_per_s > 0 and vz.vanilla_decode_tokens_per_s > 0
+    assert vz.overhead_share is not None and vz.overhead_share > 0 and fv.overhead_share is None
+    assert vz.ideal_speedup_llm > 1 and vz.ideal_speedup > 1
+    assert vz.vanilla_peak_memory_bytes is None or vz.vanilla_peak_memory_bytes > 0
+    with vlmzip.compressed(model, "visionzip", tokens=16):
+        assert kv_cache_bytes(prefill_cache(model, inputs)) == vz.kv_cache_bytes
+        assert compression_overhead(model, inputs) > 0
+        assert type(model._vlmzip).select is not None and "select" not in vars(model._vlmzip), "timers removed"
+    assert compression_overhead(model, inputs) is None  # vanilla: nothing to time
+    peak = peak_memory(model, lambda: model(**inputs))
+    assert peak is None or peak > sum(p.nbytes for p in model.parameters())
+
+
+def test_bench_out_writes_json_rows(llava_dir, tmp_path, capsys) -> None:
+    import json
+
+    argv = ["bench", "--model", str(llava_dir), "--methods", "visionzip", "--tokens", "16", "--batch-sizes", "1",
+            "--repeats", "1", "--out", str(tmp_path / "b")]
+    assert main(argv) == 0
+    assert "| decode tok/s |" in capsys.readouterr().out
+    data = json.loads((tmp_path / "b" / "bench.json").read_text())
+    assert data["command"].startswith("vlmzip bench --model") and data["device"].startswith("cpu")
+    (row,) = data["rows"]
+    for key in ("method", "tokens", "batch_size", "ttft_speedup", "forward_speedup", "ideal_speedup",
+                "ideal_speedup_llm", "overhead_share", "peak_memory_bytes", "vanilla_peak_memory_bytes",
+                "kv_cache_bytes", "vanilla_kv_cache_bytes", "decode_tokens_per_s", "vanilla_decode_tokens_per_s"):
+        assert key in row, key
+    assert (row["method"], row["tokens"], row["batch_size"]) == ("visionzip", 16, 1)
