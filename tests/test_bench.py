@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import Iterator
 
 import pytest
+import torch
 from conftest import random_image
 
 import vlmzip
@@ -114,3 +115,20 @@ def test_bench_out_writes_json_rows(llava_dir, tmp_path, capsys) -> None:
                 "kv_cache_bytes", "vanilla_kv_cache_bytes", "decode_tokens_per_s", "vanilla_decode_tokens_per_s"):
         assert key in row, key
     assert (row["method"], row["tokens"], row["batch_size"]) == ("visionzip", 16, 1)
+
+
+def test_arch_memory_check_refuses_with_a_depth_that_fits(monkeypatch) -> None:
+    import vlmzip.io as io
+
+    monkeypatch.setattr(io, "available_memory", lambda device: int(21.3e9))
+    with pytest.raises(ValueError, match=r"arch:llava-1.5-7b in float32 needs ~3\d\.\d GB .* 21\.3 GB available on "
+                                         r"cpu; --layers (\d+) fits") as err:
+        io.load_model("arch:llava-1.5-7b", dtype="float32")
+    fits = int(err.value.args[0].rsplit("--layers ", 1)[1].split()[0])
+    total, per_layer, depth = io.weight_bytes(*io.arch_builders()["llava-1.5-7b"], torch.float32)
+    assert depth == 32 and 6.5e9 < total / 4 < 7.5e9  # ~7B parameters in 4 bytes each
+    with pytest.raises(ValueError, match=f"with {fits + 1} decoder layers"):
+        io.load_model("arch:llava-1.5-7b", dtype="float32", layers=fits + 1)
+    monkeypatch.setattr(io, "available_memory", lambda device: int(1e9))
+    with pytest.raises(ValueError, match="not even --layers 1 fits"):
+        io.load_model("arch:llava-1.5-7b", dtype="bfloat16", layers=1)
