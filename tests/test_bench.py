@@ -11,7 +11,14 @@ from conftest import random_image
 
 import vlmzip
 from vlmzip.bench import bench_prefill, compare_ttft, interleaved, llm_prefill_macs
-from vlmzip.bench.prefill import compression_overhead, kv_cache_bytes, peak_memory, prefill_cache, prefill_lengths
+from vlmzip.bench.prefill import (
+    compression_overhead,
+    count_flops,
+    kv_cache_bytes,
+    peak_memory,
+    prefill_cache,
+    prefill_lengths,
+)
 from vlmzip.cli import main
 from vlmzip.io import batch_inputs
 
@@ -132,3 +139,20 @@ def test_arch_memory_check_refuses_with_a_depth_that_fits(monkeypatch) -> None:
     monkeypatch.setattr(io, "available_memory", lambda device: int(1e9))
     with pytest.raises(ValueError, match="not even --layers 1 fits"):
         io.load_model("arch:llava-1.5-7b", dtype="bfloat16", layers=1)
+
+
+def test_counted_flops_match_the_analytic_llm_and_give_the_end_to_end_ideal(model, processor) -> None:
+    image = random_image(6)
+    inputs = batch_inputs(processor, [image] * 2, ["what color ?", "how many shapes are there ?"], model)
+    cfg = model.config.text_config
+    for knobs in ({}, {"method": "visionzip", "tokens": 16}, {"method": "fastv", "tokens": 16, "layer": 1}):
+        context = vlmzip.compressed(model, **knobs) if knobs else contextlib.nullcontext()
+        with context:
+            lengths = prefill_lengths(model, inputs)
+            counted = count_flops(model, lambda: model(**inputs))
+        analytic = 2 * 2 * llm_prefill_macs(lengths, cfg)  # 2 FLOPs per multiply-add, 2 sequences
+        assert counted.llm_layers == pytest.approx(analytic, rel=0.03), knobs
+        assert counted.total > counted.llm_layers  # + vision tower, projector, head
+    (row,) = bench_prefill(model, lambda b: inputs, [("visionzip", {"tokens": 16})], [2], repeats=1)
+    assert row.ideal_kind == "flops" and row.ideal_speedup == pytest.approx(row.vanilla_flops / row.flops)
+    assert 1 < row.ideal_speedup < row.ideal_speedup_llm, "the vision tower's cost is the same on both sides"
