@@ -95,12 +95,14 @@ def test_rows_carry_memory_kv_decode_and_overhead(model, processor) -> None:
     assert vz.kv_cache_bytes == 2 * (prompt - 48) * per_token, "every layer holds 16 of 64 visual tokens"
     assert fv.kv_cache_bytes == (prompt + prompt - 48) * per_token, "layer 0 keeps all, layer 1 holds 16"
     assert vz.decode_tokens_per_s > 0 and vz.vanilla_decode_tokens_per_s > 0
-    assert vz.overhead_share is not None and vz.overhead_share > 0 and fv.overhead_share is None
+    assert vz.overhead_of == "vision_tower" and 0 < vz.overhead_share
+    assert fv.overhead_of == "llm" and 0 < fv.overhead_share < 1, "the LLM's time includes the pruning"
     assert vz.ideal_speedup_llm > 1 and vz.ideal_speedup > 1
     assert vz.vanilla_peak_memory_bytes is None or vz.vanilla_peak_memory_bytes > 0
     with vlmzip.compressed(model, "visionzip", tokens=16):
         assert kv_cache_bytes(prefill_cache(model, inputs)) == vz.kv_cache_bytes
-        assert compression_overhead(model, inputs) > 0
+        share, of = compression_overhead(model, inputs)
+        assert share > 0 and of == "vision_tower"
         assert type(model._vlmzip).select is not None and "select" not in vars(model._vlmzip), "timers removed"
     assert compression_overhead(model, inputs) is None  # vanilla: nothing to time
     peak = peak_memory(model, lambda: model(**inputs))

@@ -130,24 +130,30 @@ def _tower_module(adapter: Any) -> nn.Module:
     return seen.tower if isinstance(getattr(seen, "tower", None), nn.Module) else seen.visual
 
 
-def compression_overhead(model: nn.Module, inputs: dict[str, torch.Tensor]) -> float | None:
-    """Share of the vision tower's time spent compressing, in one forward of a compressed ``model``.
+def compression_overhead(model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[float, str] | None:
+    """Compression time as a share of the stage it shortens, in one forward of a compressed ``model``:
+    ``(share, "vision_tower")`` or ``(share, "llm")``; None for the vanilla model.
 
-    Compression time = the pre-LLM method's ``state.select`` (selection / merging) + the adapter's signal
-    capture (its tower call minus the tower module's own forward: hooks' q/k turned into attention, keys,
-    seeds). Vision tower time = the tower module's forward. None for a model without a pre-LLM stage
-    (in-LLM methods prune inside the decoder; their cost is not measured here).
+    Pre-LLM methods: the method's ``state.select`` (selection / merging) + the adapter's signal capture
+    (its tower call minus the tower module's own forward: hooks' q/k turned into attention, keys, seeds),
+    over the vision tower module's forward. In-LLM methods (no pre-LLM stage): the pruner's work before
+    each decoder layer (``Pruner.before_layer``: scoring, pruning, the pruned segments' masks) over the
+    language model's forward (which includes it).
     """
     state = getattr(model, STATE_ATTR, None)
-    if state is None or state.pre is None:
+    if state is None or (state.pre is None and state.pruner is None):
         return None
     device = next(model.parameters()).device
     adapter = state.adapter
-    seen = adapter.tower
-    capture_name = "tokens" if hasattr(seen, "tokens") else "run"
-    tower = _tower_module(adapter)
-    select, capture, body = _Clock(device), _Clock(device), _Clock(device)
-    patches = [(state, "select", select), (seen, capture_name, capture), (tower, "forward", body)]
+    work, extra, base = _Clock(device), _Clock(device), _Clock(device)
+    if state.pre is not None:
+        seen = adapter.tower
+        capture_name = "tokens" if hasattr(seen, "tokens") else "run"
+        patches = [(state, "select", work), (seen, capture_name, extra), (_tower_module(adapter), "forward", base)]
+        of = "vision_tower"
+    else:
+        patches = [(state.pruner, "before_layer", work), (adapter.language_model(), "forward", base)]
+        of = "llm"
     saved = [(obj, name, obj.__dict__.get(name, _ABSENT)) for obj, name, _ in patches]
     for obj, name, clock in patches:  # instance attributes shadowing the methods, restored below
         object.__setattr__(obj, name, clock.wrap(getattr(obj, name)))
@@ -159,9 +165,10 @@ def compression_overhead(model: nn.Module, inputs: dict[str, torch.Tensor]) -> f
                 del obj.__dict__[name]
             else:
                 obj.__dict__[name] = before
-    if body.seconds <= 0:
+    if base.seconds <= 0:
         return None
-    return (select.seconds + max(capture.seconds - body.seconds, 0.0)) / body.seconds
+    capture = max(extra.seconds - base.seconds, 0.0) if of == "vision_tower" else 0.0
+    return (work.seconds + capture) / base.seconds, of
 
 
 def peak_memory(model: nn.Module, fn: Callable[[], Any]) -> int | None:
@@ -212,7 +219,7 @@ class BenchRow:
     method_forward_ms: float
     vanilla_ttft_ms: float
     method_ttft_ms: float
-    overhead_share: float | None  # compression time / vision tower time, median over the rounds
+    overhead_share: float | None  # compression time / time of the stage it shortens, median over the rounds
     decode_tokens_per_s: float  # batch_size * 32 new tokens / (generate(33 new) - TTFT), medians
     vanilla_decode_tokens_per_s: float
     kv_cache_bytes: int  # every layer's keys + values after prefill
@@ -221,6 +228,7 @@ class BenchRow:
     vanilla_peak_memory_bytes: int | None
     flops: int | None = None  # counted FLOPs of one whole forward (see count_flops)
     vanilla_flops: int | None = None
+    overhead_of: str | None = None  # that stage: "vision_tower" (pre-LLM methods) or "llm" (in-LLM methods)
     ideal_kind: str = "llm_macs"  # what ideal_speedup divides: "flops" (counted, end to end) or "llm_macs"
 
     # the names the table and the older tests use
@@ -267,8 +275,8 @@ def bench_prefill(
             return model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
 
         def overhead(inputs: dict[str, torch.Tensor] = inputs) -> float:
-            share = compression_overhead(model, inputs)
-            return float("nan") if share is None else share
+            found = compression_overhead(model, inputs)
+            return float("nan") if found is None else found[0]
 
         measures = {
             "forward": partial(timed, forward, device), "ttft": partial(timed, ttft, device),
@@ -294,6 +302,7 @@ def bench_prefill(
                 del cache
                 peak = peak_memory(model, forward)
                 flops = count_flops(model, forward).total
+                found = compression_overhead(model, inputs)
             tokens = planned.final_tokens if planned.final_tokens is not None else knobs.get("tokens")
             ideal_llm = llm_prefill_macs(full, text_cfg) / llm_prefill_macs(kept, text_cfg)
             new = batch_size * DECODE_TOKENS
@@ -310,6 +319,7 @@ def bench_prefill(
                     kv_cache_bytes=kv, vanilla_kv_cache_bytes=vanilla_kv,
                     peak_memory_bytes=peak, vanilla_peak_memory_bytes=vanilla_peak,
                     flops=flops, vanilla_flops=vanilla_flops, ideal_kind="flops",
+                    overhead_of=None if found is None else found[1],
                 )
             )
     return rows
@@ -325,6 +335,9 @@ def _mb(n: int | None) -> str:
     return "n/a" if n is None else f"{n / 2**20:.1f}"
 
 
+_STAGE = {"vision_tower": "tower", "llm": "LLM", None: "?"}
+
+
 def format_rows(rows: list[BenchRow], vanilla_tokens: int | None, repeats: int, device: str) -> str:
     """A markdown table of the rows (ratios are vanilla / method: > 1 is faster)."""
     counted = any(r.ideal_kind == "flops" for r in rows)
@@ -334,7 +347,8 @@ def format_rows(rows: list[BenchRow], vanilla_tokens: int | None, repeats: int, 
         "forward: model(**inputs) = vision tower + compression + LLM prefill; TTFT: generate(max_new_tokens=1); "
         + ("ideal: counted FLOPs of one whole forward vanilla / method; LLM ideal: LLM prefill multiply-adds; "
            if counted else "ideal: LLM prefill multiply-adds vanilla / method; ")
-        + "overhead: compression time / vision tower time; decode: tokens/s over 32 new tokens (whole batch); "
+        + "overhead: compression time / the vision tower's time (pre-LLM methods) or the LLM's (in-LLM methods); "
+        "decode: tokens/s over 32 new tokens (whole batch); "
         "KV: cache MiB after prefill; peak: MiB over one forward; vanilla -> method.",
         "",
         f"| batch | method | visual tokens | forward speedup | TTFT speedup | {ideal_name} | achieved / ideal "
@@ -342,7 +356,7 @@ def format_rows(rows: list[BenchRow], vanilla_tokens: int | None, repeats: int, 
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        overhead = "n/a" if r.overhead_share is None else f"{100 * r.overhead_share:.1f}%"
+        overhead = "n/a" if r.overhead_share is None else f"{100 * r.overhead_share:.1f}% of {_STAGE[r.overhead_of]}"
         lines.append(
             f"| {r.batch_size} | {r.method} | {vanilla_tokens or 'per image'} -> {r.tokens} | "
             f"{r.forward_speedup:.2f}x | {r.ttft_speedup:.2f}x | {r.ideal_speedup:.2f}x | "
