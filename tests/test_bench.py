@@ -6,11 +6,20 @@ import contextlib
 from collections.abc import Iterator
 
 import pytest
+import torch
 from conftest import random_image
 
 import vlmzip
 from vlmzip.bench import bench_prefill, compare_ttft, interleaved, llm_prefill_macs
-from vlmzip.bench.prefill import prefill_lengths
+from vlmzip.bench.prefill import (
+    compression_overhead,
+    count_flops,
+    kv_cache_bytes,
+    peak_memory,
+    prefill_cache,
+    prefill_lengths,
+)
+from vlmzip.cli import main
 from vlmzip.io import batch_inputs
 
 
@@ -68,3 +77,84 @@ def test_ideal_counts_each_layers_tokens_for_in_llm_methods(model, processor) ->
         assert prefill_lengths(model, make_inputs(1)) == [prompt, prompt - 48], "layer 1 holds 16 of 64"
     assert row.tokens == 16
     assert row.ideal == pytest.approx(llm_prefill_macs(prompt, cfg) / llm_prefill_macs([prompt, prompt - 48], cfg))
+
+
+def test_rows_carry_memory_kv_decode_and_overhead(model, processor) -> None:
+    image = random_image(5)
+
+    def make_inputs(batch_size: int) -> dict:
+        return batch_inputs(processor, [image] * batch_size, ["what color ?"] * batch_size, model)
+
+    inputs = make_inputs(1)
+    prompt = inputs["input_ids"].shape[1]
+    (vz, fv) = bench_prefill(model, make_inputs, [("visionzip", {"tokens": 16}), ("fastv", {"tokens": 16, "layer": 1})],
+                             [1], repeats=1)
+    cfg = model.config.text_config
+    per_token = 2 * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4  # k + v, fp32
+    assert vz.vanilla_kv_cache_bytes == fv.vanilla_kv_cache_bytes == 2 * prompt * per_token
+    assert vz.kv_cache_bytes == 2 * (prompt - 48) * per_token, "every layer holds 16 of 64 visual tokens"
+    assert fv.kv_cache_bytes == (prompt + prompt - 48) * per_token, "layer 0 keeps all, layer 1 holds 16"
+    assert vz.decode_tokens_per_s > 0 and vz.vanilla_decode_tokens_per_s > 0
+    assert vz.overhead_of == "vision_tower" and 0 < vz.overhead_share
+    assert fv.overhead_of == "llm" and 0 < fv.overhead_share < 1, "the LLM's time includes the pruning"
+    assert vz.ideal_speedup_llm > 1 and vz.ideal_speedup > 1
+    assert vz.vanilla_peak_memory_bytes is None or vz.vanilla_peak_memory_bytes > 0
+    with vlmzip.compressed(model, "visionzip", tokens=16):
+        assert kv_cache_bytes(prefill_cache(model, inputs)) == vz.kv_cache_bytes
+        share, of = compression_overhead(model, inputs)
+        assert share > 0 and of == "vision_tower"
+        assert type(model._vlmzip).select is not None and "select" not in vars(model._vlmzip), "timers removed"
+    assert compression_overhead(model, inputs) is None  # vanilla: nothing to time
+    peak = peak_memory(model, lambda: model(**inputs))
+    assert peak is None or peak > sum(p.nbytes for p in model.parameters())
+
+
+def test_bench_out_writes_json_rows(llava_dir, tmp_path, capsys) -> None:
+    import json
+
+    argv = ["bench", "--model", str(llava_dir), "--methods", "visionzip", "--tokens", "16", "--batch-sizes", "1",
+            "--repeats", "1", "--out", str(tmp_path / "b")]
+    assert main(argv) == 0
+    assert "| decode tok/s |" in capsys.readouterr().out
+    data = json.loads((tmp_path / "b" / "bench.json").read_text())
+    assert data["command"].startswith("vlmzip bench --model") and data["device"].startswith("cpu")
+    (row,) = data["rows"]
+    for key in ("method", "tokens", "batch_size", "ttft_speedup", "forward_speedup", "ideal_speedup",
+                "ideal_speedup_llm", "overhead_share", "peak_memory_bytes", "vanilla_peak_memory_bytes",
+                "kv_cache_bytes", "vanilla_kv_cache_bytes", "decode_tokens_per_s", "vanilla_decode_tokens_per_s"):
+        assert key in row, key
+    assert (row["method"], row["tokens"], row["batch_size"]) == ("visionzip", 16, 1)
+
+
+def test_arch_memory_check_refuses_with_a_depth_that_fits(monkeypatch) -> None:
+    import vlmzip.io as io
+
+    monkeypatch.setattr(io, "available_memory", lambda device: int(21.3e9))
+    with pytest.raises(ValueError, match=r"arch:llava-1.5-7b in float32 needs ~3\d\.\d GB .* 21\.3 GB available on "
+                                         r"cpu; --layers (\d+) fits") as err:
+        io.load_model("arch:llava-1.5-7b", dtype="float32")
+    fits = int(err.value.args[0].rsplit("--layers ", 1)[1].split()[0])
+    total, per_layer, depth = io.weight_bytes(*io.arch_builders()["llava-1.5-7b"], torch.float32)
+    assert depth == 32 and 6.5e9 < total / 4 < 7.5e9  # ~7B parameters in 4 bytes each
+    with pytest.raises(ValueError, match=f"with {fits + 1} decoder layers"):
+        io.load_model("arch:llava-1.5-7b", dtype="float32", layers=fits + 1)
+    monkeypatch.setattr(io, "available_memory", lambda device: int(1e9))
+    with pytest.raises(ValueError, match="not even --layers 1 fits"):
+        io.load_model("arch:llava-1.5-7b", dtype="bfloat16", layers=1)
+
+
+def test_counted_flops_match_the_analytic_llm_and_give_the_end_to_end_ideal(model, processor) -> None:
+    image = random_image(6)
+    inputs = batch_inputs(processor, [image] * 2, ["what color ?", "how many shapes are there ?"], model)
+    cfg = model.config.text_config
+    for knobs in ({}, {"method": "visionzip", "tokens": 16}, {"method": "fastv", "tokens": 16, "layer": 1}):
+        context = vlmzip.compressed(model, **knobs) if knobs else contextlib.nullcontext()
+        with context:
+            lengths = prefill_lengths(model, inputs)
+            counted = count_flops(model, lambda: model(**inputs))
+        analytic = 2 * 2 * llm_prefill_macs(lengths, cfg)  # 2 FLOPs per multiply-add, 2 sequences
+        assert counted.llm_layers == pytest.approx(analytic, rel=0.03), knobs
+        assert counted.total > counted.llm_layers  # + vision tower, projector, head
+    (row,) = bench_prefill(model, lambda b: inputs, [("visionzip", {"tokens": 16})], [2], repeats=1)
+    assert row.ideal_kind == "flops" and row.ideal_speedup == pytest.approx(row.vanilla_flops / row.flops)
+    assert 1 < row.ideal_speedup < row.ideal_speedup_llm, "the vision tower's cost is the same on both sides"

@@ -308,7 +308,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
     from .api import PAPER_BUDGETS, paper_budget, plan
-    from .bench import bench_prefill, format_rows
+    from .bench import bench_prefill, format_rows, write_json
     from .io import batch_inputs, load_model
 
     args.device = resolve_device(args.device)
@@ -330,6 +330,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     depth = "" if args.layers is None else f", LLM reduced to {args.layers} decoder layers (cost per layer is uniform)"
     print(f"model: {model_name(args)} ({args.dtype}{depth}); image {image.width}x{image.height}")
     print(format_rows(rows, plan(model, "vanilla").tokens, args.repeats, device))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        command = shlex.join(["vlmzip", *getattr(args, "argv", sys.argv[1:])])
+        write_json(rows, out / "bench.json", device=device, command=command,
+                   model=model_name(args), dtype=args.dtype, layers=args.layers, repeats=args.repeats,
+                   image_size=[image.width, image.height], vanilla_tokens=plan(model, "vanilla").tokens)
+        print(f"wrote {out / 'bench.json'}")
     return 0
 
 
@@ -430,6 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="resize the timed image to N x N pixels (default: the lab scene's 336)")
     p_bench.add_argument("--prompt", default="What color is the small object?",
                          help="the question sent with each image")
+    p_bench.add_argument("--out", default=None,
+                         help="also write DIR/bench.json, one object per row (default: print the table only)")
     add_device_args(p_bench)
     p_bench.set_defaults(func=cmd_bench)
     return parser
@@ -454,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as stop:  # --help (0) or a usage error argparse has already printed (2)
         return stop.code if isinstance(stop.code, int) else 0 if stop.code is None else 2
+    args.argv = argv
     try:
         return args.func(args)
     except ValueError as err:

@@ -47,6 +47,60 @@ def arch_builders() -> dict[str, tuple[Any, Any]]:
     return builders
 
 
+ACTIVATION_MARGIN = (0.10, 2e9)  # activations, KV cache and logits: 10 % of the weights + 2 GB
+
+
+def available_memory(device: str) -> int | None:
+    """Bytes free for a new model on ``device``: CUDA ``mem_get_info``; CPU: MemAvailable of /proc/meminfo.
+    None where it cannot be read (no check then)."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return int(torch.cuda.mem_get_info(dev)[0])
+    if dev.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
+
+
+def weight_bytes(build: Any, cfg: Any, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(all weights, one decoder layer's weights, decoder layers) in bytes of ``dtype``, counted on a model
+    built on the ``meta`` device (nothing allocated)."""
+    model, _ = build(cfg=cfg, device="meta", dtype=dtype)
+    size = dtype.itemsize
+    layers = adapter_for(model).language_model().layers
+    total = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
+    return total * size, sum(p.numel() for p in layers[0].parameters()) * size, len(layers)
+
+
+def check_memory(name: str, build: Any, cfg: Any, device: str, dtype: str, layers: int | None) -> None:
+    """Refuse, with a depth that fits, an ``arch:`` model whose weights + activation margin exceed the
+    memory available on ``device``."""
+    free = available_memory(device)
+    if free is None:
+        return
+    total, per_layer, depth = weight_bytes(build, cfg, getattr(torch, dtype))
+    share, fixed = ACTIVATION_MARGIN
+
+    def needed(n: int) -> float:
+        return (total - (depth - n) * per_layer) * (1 + share) + fixed
+
+    if needed(depth) <= free:
+        return
+    fits = [n for n in range(1, depth) if needed(n) <= free]
+    at = "" if layers is None else f" with {depth} decoder layers"
+    advice = (f"--layers {fits[-1]} fits" if fits else
+              "not even --layers 1 fits; try --dtype bfloat16, or a machine with more memory")
+    raise ValueError(
+        f"arch:{name} in {dtype}{at} needs ~{needed(depth) / 1e9:.1f} GB (weights {total / 1e9:.1f} GB + "
+        f"activation margin), {free / 1e9:.1f} GB available on {device}; {advice}"
+    )
+
+
 def load_model(
     path: str | Path | None, device: str = "cpu", dtype: str = "float32", layers: int | None = None
 ) -> tuple[nn.Module, object]:
@@ -67,6 +121,7 @@ def load_model(
             if layers < 1:
                 raise ValueError(f"--layers must be >= 1, got {layers}")
             cfg = replace(cfg, text_layers=layers)
+        check_memory(name, build, cfg, device, dtype, layers)
         return build(cfg=cfg, device=device, dtype=getattr(torch, dtype))
     if layers is not None:
         raise ValueError("--layers applies to arch:NAME models built from config, not to a checkpoint folder")

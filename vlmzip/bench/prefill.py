@@ -4,16 +4,22 @@ plus the ideal speedup from counting the LLM's multiply-adds at the real shapes.
 
 from __future__ import annotations
 
+import json
+import math
+import re
 import statistics
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..api import compressed, plan
+from ..adapters import adapter_for
+from ..api import STATE_ATTR, compressed, plan
 from .timing import interleaved, timed
 
 
@@ -39,22 +45,204 @@ def llm_prefill_macs(seq_len: int | list[int], text_config: Any) -> float:
 
 def prefill_lengths(model: nn.Module, inputs: dict[str, torch.Tensor]) -> list[int]:
     """Each decoder layer's sequence length in one prefill of ``inputs`` (read off its KV cache)."""
+    return [int(layer.keys.shape[2]) for layer in prefill_cache(model, inputs).layers]
+
+
+def prefill_cache(model: nn.Module, inputs: dict[str, torch.Tensor]) -> Any:
+    """The KV cache (a DynamicCache) that one prefill of ``inputs`` leaves: ``generate(max_new_tokens=1)``."""
     out = model.generate(**inputs, max_new_tokens=1, do_sample=False, return_dict_in_generate=True)
-    return [int(layer.keys.shape[2]) for layer in out.cache.layers]
+    return out.cache
+
+
+def kv_cache_bytes(cache: Any) -> int:
+    """Bytes of every layer's keys + values (in-LLM methods: later layers hold fewer tokens)."""
+    return sum(int(layer.keys.nbytes) + int(layer.values.nbytes) for layer in cache.layers)
+
+
+def _cpu_sdpa_flops(query: Any, key: Any, value: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    """FLOPs of the CPU fused attention (FlopCounterMode counts only the CUDA kernels): scores and weighted
+    sum, 2 * 2 * b * h * s_q * s_k * d, the full square as the analytic formula counts it."""
+    batch, heads, queries, dim = query
+    return 4 * batch * heads * queries * key[-2] * dim
+
+
+@dataclass
+class FlopCount:
+    """Counted FLOPs of one call: all of them, and the LLM decoder layers' share."""
+
+    total: int
+    llm_layers: int
+
+
+def count_flops(model: nn.Module, fn: Callable[[], Any]) -> FlopCount:
+    """FLOPs of ``fn()`` (e.g. one forward: vision tower, projector, method, LLM, head) counted by
+    ``torch.utils.flop_counter.FlopCounterMode``: matrix multiplies, convolutions and attention, 2 per
+    multiply-add; elementwise ops are not counted. ``llm_layers``: the decoder layers' part."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    state = getattr(model, STATE_ATTR, None)
+    lm = (state.adapter if state is not None else adapter_for(model)).language_model()
+    lm_name = next(name for name, module in model.named_modules() if module is lm)
+    layer = re.compile(rf"^{re.escape(type(model).__name__)}\.{re.escape(lm_name)}\.layers\.\d+$")
+    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        fn()
+    counts = counter.get_flop_counts()
+    return FlopCount(
+        total=int(counter.get_total_flops()),
+        llm_layers=int(sum(sum(ops.values()) for name, ops in counts.items() if layer.match(name))),
+    )
+
+
+DECODE_TOKENS = 32
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _Clock:
+    """Wall seconds spent inside wrapped calls (CUDA synchronised around each on a GPU)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.seconds = device, 0.0
+
+    def wrap(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed_call(*args: Any, **kwargs: Any) -> Any:
+            _sync(self.device)
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                _sync(self.device)
+                self.seconds += time.perf_counter() - start
+
+        return timed_call
+
+
+_ABSENT = object()
+
+
+def _tower_module(adapter: Any) -> nn.Module:
+    """The vision tower's nn.Module behind an adapter (LLaVA / LLaVA-NeXT: ``.tower``; Qwen: ``.visual``)."""
+    seen = adapter.tower
+    return seen.tower if isinstance(getattr(seen, "tower", None), nn.Module) else seen.visual
+
+
+def compression_overhead(model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[float, str] | None:
+    """Compression time as a share of the stage it shortens, in one forward of a compressed ``model``:
+    ``(share, "vision_tower")`` or ``(share, "llm")``; None for the vanilla model.
+
+    Pre-LLM methods: the method's ``state.select`` (selection / merging) + the adapter's signal capture
+    (its tower call minus the tower module's own forward: hooks' q/k turned into attention, keys, seeds),
+    over the vision tower module's forward. In-LLM methods (no pre-LLM stage): the pruner's work before
+    each decoder layer (``Pruner.before_layer``: scoring, pruning, the pruned segments' masks) over the
+    language model's forward (which includes it).
+    """
+    state = getattr(model, STATE_ATTR, None)
+    if state is None or (state.pre is None and state.pruner is None):
+        return None
+    device = next(model.parameters()).device
+    adapter = state.adapter
+    work, extra, base = _Clock(device), _Clock(device), _Clock(device)
+    if state.pre is not None:
+        seen = adapter.tower
+        capture_name = "tokens" if hasattr(seen, "tokens") else "run"
+        patches = [(state, "select", work), (seen, capture_name, extra), (_tower_module(adapter), "forward", base)]
+        of = "vision_tower"
+    else:
+        patches = [(state.pruner, "before_layer", work), (adapter.language_model(), "forward", base)]
+        of = "llm"
+    saved = [(obj, name, obj.__dict__.get(name, _ABSENT)) for obj, name, _ in patches]
+    for obj, name, clock in patches:  # instance attributes shadowing the methods, restored below
+        object.__setattr__(obj, name, clock.wrap(getattr(obj, name)))
+    try:
+        model(**inputs)
+    finally:
+        for obj, name, before in saved:
+            if before is _ABSENT:
+                del obj.__dict__[name]
+            else:
+                obj.__dict__[name] = before
+    if base.seconds <= 0:
+        return None
+    capture = max(extra.seconds - base.seconds, 0.0) if of == "vision_tower" else 0.0
+    return (work.seconds + capture) / base.seconds, of
+
+
+def peak_memory(model: nn.Module, fn: Callable[[], Any]) -> int | None:
+    """Peak memory in bytes while ``fn()`` runs.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` (the caching allocator's peak of live tensors, weights
+    included), reset before. CPU: this process's peak resident set (VmHWM in /proc/self/status, weights
+    included) after resetting it through /proc/self/clear_refs; None where Linux does not allow that.
+    On the CPU, memory the allocator keeps from earlier calls counts as resident, so small differences
+    between configurations are within noise.
+    """
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return int(torch.cuda.max_memory_allocated(device))
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak resident set to the current one
+        fn()
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 @dataclass
 class BenchRow:
-    """Medians for one (method, budget, batch size) against vanilla timed in the same rounds."""
+    """Medians for one (method, budget, batch size) against vanilla timed in the same rounds.
+
+    Speedups are vanilla / method (> 1 is faster). ``ideal_speedup``: vanilla / method of the counted
+    FLOPs of one whole forward (``bench_prefill`` always counts them; ``ideal_kind`` says which ideal).
+    """
 
     method: str
     tokens: int | None  # visual tokens per image the LLM ends with (None: varies per image)
     batch_size: int
-    forward_ratio: float  # vanilla / method, model(...) (vision + compression + prefill)
-    ttft_ratio: float  # vanilla / method, generate(max_new_tokens=1)
-    ideal: float  # LLM prefill MACs vanilla / method (per layer: in-LLM methods prune between layers)
+    forward_speedup: float  # model(...) (vision + compression + prefill)
+    ttft_speedup: float  # generate(max_new_tokens=1)
+    ideal_speedup: float
+    ideal_speedup_llm: float  # LLM prefill MACs (per layer: in-LLM methods prune between layers)
     vanilla_forward_ms: float
     method_forward_ms: float
+    vanilla_ttft_ms: float
+    method_ttft_ms: float
+    overhead_share: float | None  # compression time / time of the stage it shortens, median over the rounds
+    decode_tokens_per_s: float  # batch_size * 32 new tokens / (generate(33 new) - TTFT), medians
+    vanilla_decode_tokens_per_s: float
+    kv_cache_bytes: int  # every layer's keys + values after prefill
+    vanilla_kv_cache_bytes: int
+    peak_memory_bytes: int | None  # one forward (see peak_memory)
+    vanilla_peak_memory_bytes: int | None
+    flops: int | None = None  # counted FLOPs of one whole forward (see count_flops)
+    vanilla_flops: int | None = None
+    overhead_of: str | None = None  # that stage: "vision_tower" (pre-LLM methods) or "llm" (in-LLM methods)
+    ideal_kind: str = "llm_macs"  # what ideal_speedup divides: "flops" (counted, end to end) or "llm_macs"
+
+    # the names the table and the older tests use
+    @property
+    def forward_ratio(self) -> float:
+        return self.forward_speedup
+
+    @property
+    def ttft_ratio(self) -> float:
+        return self.ttft_speedup
+
+    @property
+    def ideal(self) -> float:
+        return self.ideal_speedup_llm
 
 
 @torch.no_grad()
@@ -68,7 +256,8 @@ def bench_prefill(
     """Time every (method, knobs) at every batch size, each round interleaving vanilla and method.
 
     ``make_inputs(batch_size)`` returns processor outputs on the model's device. One warm-up round
-    is discarded.
+    is discarded. Each round times, in order: forward, TTFT, generate with exactly 32 + 1 new tokens
+    (decode = that minus TTFT), and on the method side the compression overhead.
     """
     device = next(model.parameters()).device
     rows = []
@@ -81,43 +270,100 @@ def bench_prefill(
         def ttft(inputs: dict[str, torch.Tensor] = inputs) -> Any:
             return model.generate(**inputs, max_new_tokens=1, do_sample=False)
 
-        measures = {"forward": partial(timed, forward, device), "ttft": partial(timed, ttft, device)}
-        full = prefill_lengths(model, inputs)
+        def decode(inputs: dict[str, torch.Tensor] = inputs) -> Any:
+            n = DECODE_TOKENS + 1
+            return model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+
+        def overhead(inputs: dict[str, torch.Tensor] = inputs) -> float:
+            found = compression_overhead(model, inputs)
+            return float("nan") if found is None else found[0]
+
+        measures = {
+            "forward": partial(timed, forward, device), "ttft": partial(timed, ttft, device),
+            "decode": partial(timed, decode, device), "overhead": overhead,
+        }
+        full_cache = prefill_cache(model, inputs)
+        full = [int(layer.keys.shape[2]) for layer in full_cache.layers]
+        vanilla_kv = kv_cache_bytes(full_cache)
+        del full_cache
+        vanilla_peak = peak_memory(model, forward)
+        vanilla_flops = count_flops(model, forward).total
         for method, knobs in runs:
             planned = plan(model, method, **knobs)
             vanilla, squeezed = interleaved(measures, partial(compressed, model, method, **knobs), repeats)
-            v = {name: statistics.median(seconds) for name, seconds in vanilla.items()}
-            m = {name: statistics.median(seconds) for name, seconds in squeezed.items()}
+            v = {name: statistics.median(seconds) for name, seconds in vanilla.items() if name != "overhead"}
+            m = {name: statistics.median(seconds) for name, seconds in squeezed.items() if name != "overhead"}
+            shares = [s for s in squeezed["overhead"] if not math.isnan(s)]
             text_cfg = planned.adapter.language_model().config
             with compressed(model, method, **knobs):
-                kept = prefill_lengths(model, inputs)
+                cache = prefill_cache(model, inputs)
+                kept = [int(layer.keys.shape[2]) for layer in cache.layers]
+                kv = kv_cache_bytes(cache)
+                del cache
+                peak = peak_memory(model, forward)
+                flops = count_flops(model, forward).total
+                found = compression_overhead(model, inputs)
             tokens = planned.final_tokens if planned.final_tokens is not None else knobs.get("tokens")
+            ideal_llm = llm_prefill_macs(full, text_cfg) / llm_prefill_macs(kept, text_cfg)
+            new = batch_size * DECODE_TOKENS
             rows.append(
                 BenchRow(
                     method=method, tokens=tokens, batch_size=batch_size,
-                    forward_ratio=v["forward"] / m["forward"], ttft_ratio=v["ttft"] / m["ttft"],
-                    ideal=llm_prefill_macs(full, text_cfg) / llm_prefill_macs(kept, text_cfg),
+                    forward_speedup=v["forward"] / m["forward"], ttft_speedup=v["ttft"] / m["ttft"],
+                    ideal_speedup=vanilla_flops / flops, ideal_speedup_llm=ideal_llm,
                     vanilla_forward_ms=1e3 * v["forward"], method_forward_ms=1e3 * m["forward"],
+                    vanilla_ttft_ms=1e3 * v["ttft"], method_ttft_ms=1e3 * m["ttft"],
+                    overhead_share=statistics.median(shares) if shares else None,
+                    decode_tokens_per_s=new / max(m["decode"] - m["ttft"], 1e-9),
+                    vanilla_decode_tokens_per_s=new / max(v["decode"] - v["ttft"], 1e-9),
+                    kv_cache_bytes=kv, vanilla_kv_cache_bytes=vanilla_kv,
+                    peak_memory_bytes=peak, vanilla_peak_memory_bytes=vanilla_peak,
+                    flops=flops, vanilla_flops=vanilla_flops, ideal_kind="flops",
+                    overhead_of=None if found is None else found[1],
                 )
             )
     return rows
 
 
+def write_json(rows: list[BenchRow], path: str | Path, **meta: Any) -> None:
+    """``{**meta, "rows": [each row's fields]}`` as JSON (meta: device, command, model, ...)."""
+    data = {**meta, "rows": [asdict(r) for r in rows]}
+    Path(path).write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _mb(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / 2**20:.1f}"
+
+
+_STAGE = {"vision_tower": "tower", "llm": "LLM", None: "?"}
+
+
 def format_rows(rows: list[BenchRow], vanilla_tokens: int | None, repeats: int, device: str) -> str:
     """A markdown table of the rows (ratios are vanilla / method: > 1 is faster)."""
+    counted = any(r.ideal_kind == "flops" for r in rows)
+    ideal_name = "ideal (FLOPs)" if counted else "ideal (LLM MACs)"
     lines = [
         f"Device: {device}; medians of {repeats} interleaved rounds; ratios = vanilla / method (> 1 is faster).",
-        "forward: model(**inputs) = vision tower + compression + LLM prefill; "
-        "TTFT: generate(max_new_tokens=1); ideal: LLM prefill multiply-adds vanilla / method.",
+        "forward: model(**inputs) = vision tower + compression + LLM prefill; TTFT: generate(max_new_tokens=1); "
+        + ("ideal: counted FLOPs of one whole forward vanilla / method; LLM ideal: LLM prefill multiply-adds; "
+           if counted else "ideal: LLM prefill multiply-adds vanilla / method; ")
+        + "overhead: compression time / the vision tower's time (pre-LLM methods) or the LLM's (in-LLM methods); "
+        "decode: tokens/s over 32 new tokens (whole batch); "
+        "KV: cache MiB after prefill; peak: MiB over one forward; vanilla -> method.",
         "",
-        "| batch | method | visual tokens | forward speedup | TTFT speedup | ideal (LLM MACs) | achieved / ideal "
-        "| vanilla forward ms | method forward ms |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| batch | method | visual tokens | forward speedup | TTFT speedup | {ideal_name} | achieved / ideal "
+        "| LLM ideal | vanilla forward ms | method forward ms | overhead | decode tok/s | KV MiB | peak MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        overhead = "n/a" if r.overhead_share is None else f"{100 * r.overhead_share:.1f}% of {_STAGE[r.overhead_of]}"
         lines.append(
-            f"| {r.batch_size} | {r.method} | {vanilla_tokens or 'per image'} -> {r.tokens} | {r.forward_ratio:.2f}x | "
-            f"{r.ttft_ratio:.2f}x | {r.ideal:.2f}x | {r.forward_ratio / r.ideal:.2f} | "
-            f"{r.vanilla_forward_ms:.1f} | {r.method_forward_ms:.1f} |"
+            f"| {r.batch_size} | {r.method} | {vanilla_tokens or 'per image'} -> {r.tokens} | "
+            f"{r.forward_speedup:.2f}x | {r.ttft_speedup:.2f}x | {r.ideal_speedup:.2f}x | "
+            f"{r.forward_speedup / r.ideal_speedup:.2f} | {r.ideal_speedup_llm:.2f}x | "
+            f"{r.vanilla_forward_ms:.1f} | {r.method_forward_ms:.1f} | {overhead} | "
+            f"{r.vanilla_decode_tokens_per_s:.0f} -> {r.decode_tokens_per_s:.0f} | "
+            f"{_mb(r.vanilla_kv_cache_bytes)} -> {_mb(r.kv_cache_bytes)} | "
+            f"{_mb(r.vanilla_peak_memory_bytes)} -> {_mb(r.peak_memory_bytes)} |"
         )
     return "\n".join(lines) + "\n"
