@@ -159,14 +159,10 @@ class CompressionState:
             call["position_ids"] = sequence.shrink_positions(call["position_ids"], shrunk.columns)
         return shrunk
 
-    def prefill_plan(self, ids: torch.Tensor, counts: list[int] | None = None,
-                     kept: list[int] | None = None) -> llm_hooks.PrefillPlan:
-        """Where the visual tokens sit in the LLM's (already shrunk) ids, and each in-LLM stage's keeps.
-
-        From the images' vanilla ``counts``, or from the tokens each image ``kept`` after the pre-LLM stage.
-        """
-        if kept is None:
-            kept = [self.pre_keep(c, i) for i, c in enumerate(counts or [])]
+    def prefill_plan(self, ids: torch.Tensor, counts: list[int]) -> llm_hooks.PrefillPlan:
+        """Where the visual tokens sit in the LLM's (already shrunk) ids, and each in-LLM stage's keeps,
+        from the images' vanilla ``counts``."""
+        kept = [self.pre_keep(c, i) for i, c in enumerate(counts)]
         spans = sequence.image_spans(ids, self.adapter.image_token_id, kept, kept)
         batch, length = ids.shape
         visual = torch.zeros(batch, length, dtype=torch.bool)

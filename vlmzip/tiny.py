@@ -122,9 +122,9 @@ def build_processor(cfg: TinyLlavaConfig, tokenizer: PreTrainedTokenizerFast) ->
     )
 
 
-def llava_config(cfg: TinyLlavaConfig, tokenizer: PreTrainedTokenizerFast) -> LlavaConfig:
-    """The transformers LlavaConfig (CLIP vision + Llama text) for these sizes and this tokenizer."""
-    vision = CLIPVisionConfig(
+def clip_vision_config(cfg: TinyLlavaConfig) -> CLIPVisionConfig:
+    """The CLIP tower's config for these sizes (shared by the LLaVA and LLaVA-NeXT builders)."""
+    return CLIPVisionConfig(
         hidden_size=cfg.vision_hidden,
         intermediate_size=cfg.vision_intermediate or 4 * cfg.vision_hidden,
         num_hidden_layers=cfg.vision_layers,
@@ -133,7 +133,11 @@ def llava_config(cfg: TinyLlavaConfig, tokenizer: PreTrainedTokenizerFast) -> Ll
         patch_size=cfg.patch_size,
         projection_dim=cfg.vision_hidden,
     )
-    text = LlamaConfig(
+
+
+def llama_text_config(cfg: TinyLlavaConfig, tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
+    """The Llama LM's config for these sizes and this tokenizer (shared by the LLaVA and LLaVA-NeXT builders)."""
+    return LlamaConfig(
         vocab_size=max(len(tokenizer), cfg.vocab_size or 0),
         hidden_size=cfg.text_hidden,
         intermediate_size=cfg.text_intermediate or 4 * cfg.text_hidden,
@@ -146,6 +150,11 @@ def llava_config(cfg: TinyLlavaConfig, tokenizer: PreTrainedTokenizerFast) -> Ll
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
     )
+
+
+def llava_config(cfg: TinyLlavaConfig, tokenizer: PreTrainedTokenizerFast) -> LlavaConfig:
+    """The transformers LlavaConfig (CLIP vision + Llama text) for these sizes and this tokenizer."""
+    vision, text = clip_vision_config(cfg), llama_text_config(cfg, tokenizer)
     patches = (cfg.image_size // cfg.patch_size) ** 2
     return LlavaConfig(
         vision_config=vision,

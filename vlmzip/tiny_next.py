@@ -18,8 +18,6 @@ from pathlib import Path
 
 import torch
 from transformers import (
-    CLIPVisionConfig,
-    LlamaConfig,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
     LlavaNextProcessor,
@@ -27,7 +25,7 @@ from transformers import (
 )
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
-from .tiny import CHAT_TEMPLATE, TinyLlavaConfig, build_tokenizer
+from .tiny import CHAT_TEMPLATE, TinyLlavaConfig, build_tokenizer, clip_vision_config, llama_text_config
 
 # LLaVA-NeXT's pinpoints, (height, width) in units of the crop size (336 px for the real model).
 PINPOINT_CROPS = ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))
@@ -80,28 +78,7 @@ def build_next_processor(cfg: TinyLlavaNextConfig, tokenizer: PreTrainedTokenize
 
 def llava_next_config(cfg: TinyLlavaNextConfig, tokenizer: PreTrainedTokenizerFast) -> LlavaNextConfig:
     """The transformers LlavaNextConfig (CLIP vision + Llama text + pinpoints) for these sizes."""
-    vision = CLIPVisionConfig(
-        hidden_size=cfg.vision_hidden,
-        intermediate_size=cfg.vision_intermediate or 4 * cfg.vision_hidden,
-        num_hidden_layers=cfg.vision_layers,
-        num_attention_heads=cfg.vision_heads,
-        image_size=cfg.image_size,
-        patch_size=cfg.patch_size,
-        projection_dim=cfg.vision_hidden,
-    )
-    text = LlamaConfig(
-        vocab_size=max(len(tokenizer), cfg.vocab_size or 0),
-        hidden_size=cfg.text_hidden,
-        intermediate_size=cfg.text_intermediate or 4 * cfg.text_hidden,
-        num_hidden_layers=cfg.text_layers,
-        num_attention_heads=cfg.text_heads,
-        num_key_value_heads=cfg.text_kv_heads,
-        max_position_embeddings=cfg.max_positions,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
-    )
+    vision, text = clip_vision_config(cfg), llama_text_config(cfg, tokenizer)
     return LlavaNextConfig(
         vision_config=vision,
         text_config=text,
