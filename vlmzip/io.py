@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch import nn
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoModelForImageTextToText
 
 from .adapters import adapter_for
 from .paths import cache_dir, checkpoint_dir
@@ -129,13 +129,8 @@ def load_model(
     if not (folder / "config.json").exists():
         raise ValueError(f"{folder} is not a model folder (no config.json); pass --model DIR of a saved checkpoint")
     model = AutoModelForImageTextToText.from_pretrained(folder, dtype=getattr(torch, dtype)).to(device).eval()
-    adapter_for(model)  # fail early, with the list of supported classes
-    if type(model).__name__.startswith("Qwen2"):
-        from .tiny_qwen import load_processor  # falls back to an image-only processor without torchvision
-
-        return model, load_processor(folder)
-    processor = AutoProcessor.from_pretrained(folder)
-    return model, processor
+    adapter = adapter_for(model)  # fail early, with the list of supported classes
+    return model, adapter.load_processor(folder)
 
 
 def read_image(path: str | Path) -> Image.Image:

@@ -65,6 +65,12 @@ class Adapter:
     def prepare_generate(self, state: Any, kwargs: dict[str, Any], original_ids: torch.Tensor, shrunk: Any) -> None:
         """The same for a shrunk ``generate`` call."""
 
+    def load_processor(self, folder: Any) -> Any:
+        """The processor saved with this model in ``folder`` (default: ``AutoProcessor``)."""
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(folder)
+
     def describe_positions(self) -> str:
         return "1-D positions, renumbered contiguously over the shrunk sequence (as the released VisionZip code)"
 

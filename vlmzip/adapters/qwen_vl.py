@@ -311,6 +311,13 @@ class QwenVLAdapter(Adapter):
         deltas = (deltas.cpu() + removed).repeat_interleave(repeat, dim=0)
         return gathered.to(device), deltas.to(device)
 
+    def load_processor(self, folder: Any) -> Any:
+        """``AutoProcessor`` where transformers can build Qwen's (its video processor needs torchvision);
+        otherwise the same processor without video support (``vlmzip.tiny_qwen.load_processor``)."""
+        from ..tiny_qwen import load_processor
+
+        return load_processor(folder)
+
     def describe_positions(self) -> str:
         return (
             "M-RoPE (t, h, w): every kept token keeps its vanilla position (a merged token its target's), "
