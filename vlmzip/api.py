@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from . import llm_hooks, runtime
+from . import compose, llm_hooks, runtime
 from .adapters import Adapter, adapter_for
 from .methods import get_method, registered
 from .methods.base import Selection, check_knobs, parse_budget
@@ -136,8 +136,10 @@ def plan(model: nn.Module, method: MethodArg, **knobs: Any) -> Plan:
     """Validate ``method`` (a name, or a list of (name, knobs) applied in order) for this model, changing nothing.
 
     Raises ``ValueError`` for an unknown method or knob, a bad budget, an unsupported model or attention
-    setting, or stages in the wrong order (pre-LLM first, then in-LLM by layer).
+    setting, or stages in the wrong order (pre-LLM first, then in-LLM by layer). A string such as
+    ``"visionzip@128+fastv"`` is a composition (``vlmzip.compose``): ``knobs`` go to its last stage.
     """
+    method, knobs = compose.expand(model, method, knobs)
     adapter = adapter_for(model)
     stages = [s for s in _stages(method, knobs) if s.method != "vanilla"]
     pre = [s for s in stages if s.spec.stage != "llm"]
@@ -200,7 +202,8 @@ def compress(model: nn.Module, method: MethodArg, *, padding_side: str | None = 
     ``method`` is a registered method's name with its knobs, e.g.
     ``vlmzip.compress(model, "visionzip", dominant=54, contextual=10)`` (every later ``model(...)`` /
     ``model.generate(...)`` sends 64 visual tokens per image to the LLM), or a list applied in order,
-    e.g. ``[("visionzip", {"tokens": 128}), ("fastv", {"tokens": 64})]``. ``padding_side``: the side your
+    e.g. ``[("visionzip", {"tokens": 128}), ("fastv", {"tokens": 64})]``, or the same as one string,
+    ``"visionzip@128+fastv"`` with ``tokens=64`` (``@N``: tokens of the papers' 576). ``padding_side``: the side your
     tokenizer pads on (``processor.tokenizer.padding_side``; default "left", as batched generation needs);
     rows that shrink by different amounts are padded there. Raises ``ValueError`` for an unknown method or
     knob, a bad budget, an unsupported model, or a model that is already compressed.

@@ -407,7 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_eval.add_argument("--model", help="checkpoint folder (default: the lab mini-VLM)")
     p_eval.add_argument("--data", default="lab-test", help="dataset folder, or lab-test / lab-val / lab-test-small")
     p_eval.add_argument("--methods", type=_csv(str), default="vanilla,visionzip",
-                        help="comma-separated methods; vanilla is always evaluated, once, as the reference")
+                        help="comma-separated methods or compositions (visionzip@128+fastv: VisionZip to the "
+                        "papers' 128 of 576, then fastv at each budget); vanilla is always evaluated, once, as "
+                        "the reference")
     p_eval.add_argument("--tokens", type=_csv(int), help=PAPER_BUDGETS_HELP)
     p_eval.add_argument("--limit", type=int, help="evaluate only the first N questions (default: all)")
     p_eval.add_argument("--batch-size", type=int, default=8, help="questions per generate call")
