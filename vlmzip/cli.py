@@ -283,12 +283,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg = EvalConfig(
         data=args.data, out=args.out, model=args.model, methods=args.methods, tokens=args.tokens,
         limit=args.limit, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, match=args.match,
-        device=resolve_device(args.device), dtype=args.dtype,
+        device=resolve_device(args.device), dtype=args.dtype, multi_turn=args.multi_turn,
     )
     evaluate(cfg)  # sharded over the processes of torchrun / accelerate launch, when started by one
     if _rank() == 0:
         print((Path(args.out) / "table.md").read_text())
-        print(f"wrote {args.out}/results.json, table.md, plot.png and predictions/*.jsonl")
+        plot = "" if args.multi_turn else " plot.png,"
+        print(f"wrote {args.out}/results.json, table.md,{plot} and predictions/*.jsonl")
     return 0
 
 
@@ -416,6 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_eval.add_argument("--max-new-tokens", type=int, default=8, help="length limit of each answer")
     p_eval.add_argument("--match", default="exact", choices=["exact", "relaxed"],
                         help="exact: normalised answer equals a gold answer; relaxed: or starts with one")
+    p_eval.add_argument("--multi-turn", action="store_true",
+                        help="two questions about different objects of one image per conversation, turn 2 "
+                        "continuing turn 1's KV cache; --limit counts conversations")
     p_eval.add_argument("--out", required=True,
                         help="output folder, new or empty, or one of this evaluation (rerun the same command to "
                         "resume; required)")

@@ -62,6 +62,7 @@ class EvalConfig:
     match: str = "exact"
     device: str = "cpu"
     dtype: str = "float32"
+    multi_turn: bool = False  # two-turn conversations on one KV cache (vlmzip.eval.multiturn)
 
 
 @dataclass
@@ -331,6 +332,10 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         raise ValueError(f"--batch-size must be >= 1, got {cfg.batch_size}")
     if cfg.limit is not None and cfg.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {cfg.limit}")
+    if cfg.multi_turn:
+        from .multiturn import evaluate_multi_turn
+
+        return evaluate_multi_turn(cfg)
     with launched() as procs:
         return _evaluate(cfg, procs)
 
