@@ -25,6 +25,7 @@ import contextlib
 import hashlib
 import json
 import re
+import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -103,13 +104,27 @@ def plan_runs(model: nn.Module, methods: list[str], tokens: list[int]) -> list[R
             continue
         spec = get_method(last_stage(name))
         sweep = [{"tokens": t} for t in tokens] if spec.takes_budget and not fixed_budget(name) else [{}]
+        reach = _sent_before_last(model, name)
         for knobs in sweep:
+            if reach is not None and knobs.get("tokens", 0) > reach:
+                warnings.warn(f"{name}: skipping budget {knobs['tokens']}, more than the {reach} visual tokens "
+                              "its earlier stage sends", stacklevel=2)
+                continue
             planned = plan(model, name, **knobs)
             key = f"{name}@{knobs['tokens']}" if knobs else name
             avg = planned.layer_avg_tokens if has_llm_stage(name) else None
             nominal = knobs.get("tokens", planned.final_tokens)
             runs.append(Run(key, name, knobs, planned.final_tokens, avg, nominal, planned.tokens))
     return runs
+
+
+def _sent_before_last(model: nn.Module, method: str) -> int | None:
+    """For a composition whose last stage takes the run's budget: the visual tokens its earlier stages
+    leave per image (budgets above it are skipped); None otherwise."""
+    if not is_composition(method) or fixed_budget(method):
+        return None
+    earlier = method.rsplit("+", 1)[0]
+    return plan(model, earlier).final_tokens if "+" in method else None
 
 
 def data_folder(data: str) -> Path:
