@@ -113,3 +113,18 @@ def test_cli_multi_turn_writes_both_turns_and_resumes(lab, small_dir, tmp_path, 
     assert main([a for a in args if a != "--multi-turn"]) == 2  # a normal eval cannot resume into it
     assert "multi_turn: True there, none now" in capsys.readouterr().err
 
+
+
+def test_turn2_from_scratch_is_a_separate_evaluation(small_dir, tmp_path, capsys):
+    out = tmp_path / "mt"
+    base = ["eval", "--multi-turn", "--data", str(small_dir), "--out", str(out), "--methods", "vanilla",
+            "--limit", "3", "--max-new-tokens", "4"]
+    assert main([*base, "--turn2-from-scratch"]) == 0
+    scratch = json.loads((out / "results.json").read_text())
+    assert "recomputed from the full two-turn prompt" in (out / "table.md").read_text()
+    assert main(base) == 2 and "turn2_from_scratch: True there, none now" in capsys.readouterr().err
+    assert main([*base, "--out", str(tmp_path / "cached")]) == 0
+    cached = json.loads((tmp_path / "cached" / "results.json").read_text())
+    assert scratch["runs"][0]["turn2"] == cached["runs"][0]["turn2"]  # vanilla: the same answers either way
+    assert main(["eval", "--turn2-from-scratch", "--out", str(tmp_path / "x")]) == 2
+    assert "add --multi-turn" in capsys.readouterr().err

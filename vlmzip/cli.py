@@ -284,7 +284,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         data=args.data, out=args.out, model=args.model, methods=args.methods, tokens=args.tokens,
         limit=args.limit, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, match=args.match,
         device=resolve_device(args.device), dtype=args.dtype, multi_turn=args.multi_turn,
+        turn2_from_scratch=args.turn2_from_scratch,
     )
+    if args.turn2_from_scratch and not args.multi_turn:
+        raise ValueError("--turn2-from-scratch is a --multi-turn option; add --multi-turn")
     evaluate(cfg)  # sharded over the processes of torchrun / accelerate launch, when started by one
     if _rank() == 0:
         print((Path(args.out) / "table.md").read_text())
@@ -420,6 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_eval.add_argument("--multi-turn", action="store_true",
                         help="two questions about different objects of one image per conversation, turn 2 "
                         "continuing turn 1's KV cache; --limit counts conversations")
+    p_eval.add_argument("--turn2-from-scratch", action="store_true",
+                        help="with --multi-turn: recompute turn 2 from its full prompt and the image instead of "
+                        "turn 1's cache (in-LLM methods then choose their tokens for question 2): the control")
     p_eval.add_argument("--out", required=True,
                         help="output folder, new or empty, or one of this evaluation (rerun the same command to "
                         "resume; required)")

@@ -198,9 +198,11 @@ def multi_turn_table(results: dict[str, Any]) -> str:
     def pct(value: float, ref: float) -> float | None:
         return 100 * value / ref if ref > 0 else None
 
+    how = ("recomputed from the full two-turn prompt and the image" if results["config"].get("turn2_from_scratch")
+           else "continuing turn 1's KV cache")
     lines = [
         f"Data: {results['config']['data']} ({results['n_conversations']} two-turn conversations, turn 2 "
-        f"continuing turn 1's KV cache); model: {results['identity']['model']}; scorer: "
+        f"{how}); model: {results['identity']['model']}; scorer: "
         f"{results['config']['match']} match.",
         "Cells: accuracy over conversations (% of vanilla's same turn). Drop: vanilla's turn 2 minus this turn 2, "
         "in points. t2 - t1: turn-2 retention minus turn-1 retention, in points (negative: the second question "
@@ -221,8 +223,9 @@ def multi_turn_table(results: dict[str, Any]) -> str:
 
 def evaluate_multi_turn(cfg: Any) -> dict[str, Any]:
     """``vlmzip eval --multi-turn``: every run of ``cfg`` (an ``EvalConfig``) on the dataset's two-turn
-    conversations; writes ``OUT/predictions/<run>.jsonl`` (resumable, batch by batch), results.json and
-    table.md. One process (a launcher's RANK / WORLD_SIZE > 1 is refused)."""
+    conversations (``cfg.turn2_from_scratch``: turn 2 without turn 1's cache, the control); writes
+    ``OUT/predictions/<run>.jsonl`` (resumable, batch by batch), results.json and table.md.
+    One process (a launcher's WORLD_SIZE > 1 is refused)."""
     from . import runner
 
     if int(os.environ.get("WORLD_SIZE") or 1) > 1:
@@ -241,6 +244,8 @@ def evaluate_multi_turn(cfg: Any) -> dict[str, Any]:
         cfg.tokens = [paper_budget(model, t) for t in PAPER_BUDGETS]
     runs = runner.plan_runs(model, cfg.methods, cfg.tokens)
     ident = {**runner.identity(cfg, folder, runner.weights_sha256(model)), "multi_turn": True}
+    if cfg.turn2_from_scratch:
+        ident["turn2_from_scratch"] = True
     runner.check_resumable(out, ident)
     runs = runner.merge_runs(runner.previous_runs(out), runs)
     predictions_dir = out / "predictions"
@@ -257,8 +262,9 @@ def evaluate_multi_turn(cfg: Any) -> dict[str, Any]:
             with context, (predictions_dir / f"{run.key}.jsonl").open("a") as sink:
                 for start in range(0, len(todo), cfg.batch_size):
                     chunk = todo[start : start + cfg.batch_size]
-                    for conv, answers in zip(chunk, answer_conversations(model, processor, chunk, cfg.max_new_tokens),
-                                             strict=True):
+                    answers_of = answer_conversations(model, processor, chunk, cfg.max_new_tokens,
+                                                      reuse_cache=not cfg.turn2_from_scratch)
+                    for conv, answers in zip(chunk, answers_of, strict=True):
                         row = conversation_rows(conv, answers, run.key)
                         done[run.key][conv.id] = row
                         sink.write(json.dumps(row) + "\n")

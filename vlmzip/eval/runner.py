@@ -64,6 +64,7 @@ class EvalConfig:
     device: str = "cpu"
     dtype: str = "float32"
     multi_turn: bool = False  # two-turn conversations on one KV cache (vlmzip.eval.multiturn)
+    turn2_from_scratch: bool = False  # multi-turn control: turn 2 recomputed from its full prompt and the image
 
 
 @dataclass
