@@ -559,7 +559,7 @@ class Pruner:
         # positions: kept as they were (an extra token takes its anchor's), or renumbered contiguously
         pos_emb = None if step.pos_emb is None else tuple(gather_rows(t, src) for t in step.pos_emb)
         pos_ids = gather_last(step.pos_ids, src) if step.pos_ids is not None else step.full[2]
-        if spec.positions == "renumber":
+        if spec.positions == "renumber" or (spec.positions == "auto" and self._can_renumber(pos_ids)):
             pos_ids, pos_emb = self._renumber(step, pos_ids, new_cols, new_hidden)
 
         record = cache_record(cache, create=cache is not None)
@@ -580,6 +580,10 @@ class Pruner:
             if step.renumbered:
                 record.shift[layer] = self._shift(step, pos_ids)
         return new_hidden
+
+    def _can_renumber(self, pos_ids: torch.Tensor | None) -> bool:
+        """Whether this LLM has 1-D positions to renumber ("auto" keeps multi-axis M-RoPE positions)."""
+        return pos_ids is not None and pos_ids.ndim == 2 and self.rotary is not None
 
     def _renumber(self, step: StepState, pos_ids: torch.Tensor | None, new_cols: torch.Tensor,
                   new_hidden: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:

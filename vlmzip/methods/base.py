@@ -170,8 +170,9 @@ class LLMStep:
 
     ``counts(n, step) -> (kept, after)``: of ``n`` visual tokens an image has when it reaches this step,
     how many the method keeps and how many it has afterwards (kept + inserted). A module-level function,
-    so compressed models stay picklable. ``positions``: "keep" (tokens keep their positions, gaps remain)
-    or "renumber" (positions made contiguous after the step, as SparseVLM 1.0 does). ``group``: steps of
+    so compressed models stay picklable. ``positions``: "keep" (tokens keep their positions, gaps remain),
+    "renumber" (positions made contiguous after the step, as SparseVLM 1.0 does; 1-D RoPE LLMs only) or
+    "auto" (renumber where the LLM has 1-D positions, keep on multi-axis M-RoPE such as Qwen2-VL). ``group``: steps of
     one method share ``LLMTokens.scratch`` within a prefill.
     """
 
