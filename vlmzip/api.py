@@ -176,7 +176,7 @@ def plan(model: nn.Module, method: MethodArg, **knobs: Any) -> Plan:
         tokens = vanilla if not pre else pre[0].keep(vanilla)
         counts = [tokens]
         for step in steps:
-            counts.append(step.plan(counts[-1])[1])
+            counts.append(step.plan(counts[-1], vanilla)[1])
         final = counts[-1]
         bounds = [0, *layers, num_layers]
         avg = sum(counts[i] * (bounds[i + 1] - bounds[i]) for i in range(len(counts))) / num_layers

@@ -467,9 +467,10 @@ class Pruner:
             return rope_ones(rows, captured["position_embeddings"], self.layers[layer - 1].self_attn.scaling)
 
         real = cur_cols >= 0
+        call_cols = torch.where(real, cur_cols - step.past_full, -1)  # columns of this call's sequence
         if plan.real is not None:
             full_real = to_device(plan.real, device)
-            real = real & full_real.gather(1, (cur_cols - step.past_full).clamp(min=0))
+            real = real & full_real.gather(1, call_cols.clamp(min=0))
         inputs = captured.get("inputs")
         inputs_visual = inputs_real = None
         if inputs is not None:
@@ -477,7 +478,7 @@ class Pruner:
             inputs_real = (torch.ones_like(inputs_visual) if plan.real is None else to_device(plan.real, device))
         return LLMTokens(
             hidden=hidden, visual=step.visual, image=step.image, keep=plan.kept_at(j), attention=attention,
-            layer=layer, logits=logits, rope_ones=gravity, cols=cur_cols, real=real, inputs_embeds=inputs,
+            layer=layer, logits=logits, rope_ones=gravity, cols=call_cols, real=real, inputs_embeds=inputs,
             inputs_visual=inputs_visual, inputs_real=inputs_real,
             scratch=step.scratch.setdefault(spec.group, {}),
         )

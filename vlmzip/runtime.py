@@ -171,14 +171,17 @@ class CompressionState:
         visual = torch.zeros(batch, length, dtype=torch.bool)
         image = torch.full((batch, length), -1, dtype=torch.long)
         per_row: list[list[int]] = [[] for _ in range(batch)]
+        vanilla: list[list[int]] = [[] for _ in range(batch)]
         for s in spans:
             visual[s.row, s.start : s.start + s.kept] = True
             image[s.row, s.start : s.start + s.kept] = len(per_row[s.row])
             per_row[s.row].append(s.kept)
+            vanilla[s.row].append(counts[s.image])
         keeps, selected = [], []
         current = per_row
         for step in self.steps:
-            plans = [[step.plan(n, f"an image of row {b}") for n in row] for b, row in enumerate(current)]
+            plans = [[step.plan(n, vanilla[b][i], f"image {i} of row {b}") for i, n in enumerate(row)]
+                     for b, row in enumerate(current)]
             selected.append([[k for k, _ in row] for row in plans])
             current = [[a for _, a in row] for row in plans]
             keeps.append(current)

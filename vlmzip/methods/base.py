@@ -114,7 +114,8 @@ class LLMTokens:
       from its input norm, q/k projections and RoPE on ``hidden`` (masked entries -inf), before softmax.
     - ``rope_ones(rows)``: (B, R) -> (B, R, L) the previous layer's RoPE applied to all-ones queries and
       keys, dot product scaled by 1/sqrt(Dh) (SparseVLM+'s "attention gravity").
-    - ``cols``: (B, L) long, each slot's column in the sequence the LLM received (-1 = padding slot).
+    - ``cols``: (B, L) long, each slot's column in this call's LLM input (-1 = padding slot; an inserted
+      token has its anchor's column).
     - ``real``: (B, L) bool, slots holding a real token (not padding of any kind).
     - ``inputs_embeds``: (B, L0, D) the LLM's input embeddings (columns = ``cols``), for methods whose
       ``MethodSpec.needs`` has "inputs_embeds"; ``inputs_visual`` / ``inputs_real``: (B, L0) bool.
@@ -156,8 +157,11 @@ class LLMSelection:
     extra_image: torch.Tensor | None = None
 
 
-def keep_counts(n: int, step: LLMStep) -> tuple[int, int]:
-    """The default plan of a step: of ``n`` visual tokens of an image, keep ``budget.keep(n)``, add none."""
+def keep_counts(n: int, vanilla: int, step: LLMStep) -> tuple[int, int]:
+    """The default plan of a step: of ``n`` visual tokens of an image, keep ``budget.keep(n)``, add none.
+
+    (``vanilla``: the image's token count in the unmodified model; methods with schedules scale by it.)
+    """
     if step.budget is None:
         return n, n
     kept = step.budget.keep(n)
@@ -168,8 +172,9 @@ def keep_counts(n: int, step: LLMStep) -> tuple[int, int]:
 class LLMStep:
     """One pruning point inside the LLM: before decoder layer ``layer``, ``fn(LLMTokens, **knobs)`` runs.
 
-    ``counts(n, step) -> (kept, after)``: of ``n`` visual tokens an image has when it reaches this step,
-    how many the method keeps and how many it has afterwards (kept + inserted). A module-level function,
+    ``counts(n, vanilla, step) -> (kept, after)``: of ``n`` visual tokens an image has when it reaches this
+    step (``vanilla`` in the unmodified model), how many the method keeps and how many it has afterwards
+    (kept + inserted). A module-level function,
     so compressed models stay picklable. ``positions``: "keep" (tokens keep their positions, gaps remain),
     "renumber" (positions made contiguous after the step, as SparseVLM 1.0 does; 1-D RoPE LLMs only) or
     "auto" (renumber where the LLM has 1-D positions, keep on multi-axis M-RoPE such as Qwen2-VL). ``group``: steps of
@@ -180,16 +185,16 @@ class LLMStep:
     fn: Callable[..., Any]
     knobs: dict[str, Any]
     budget: Budget | None = None
-    counts: Callable[[int, LLMStep], tuple[int, int]] = keep_counts
+    counts: Callable[[int, int, LLMStep], tuple[int, int]] = keep_counts
     positions: str = "keep"
     group: str = ""
     needs: frozenset[str] = field(default_factory=frozenset)
     min_layer: int = 1  # 0 for steps that score with their own layer (LLMTokens.logits), not the previous one
 
-    def plan(self, n: int, image: str = "an image") -> tuple[int, int]:
+    def plan(self, n: int, vanilla: int, image: str = "an image") -> tuple[int, int]:
         """(kept, after) for an image reaching this step with ``n`` tokens (clear error if impossible)."""
         try:
-            return self.counts(n, self)
+            return self.counts(n, vanilla, self)
         except ValueError as err:
             raise ValueError(f"{self.group or 'in-LLM step'}: {err} ({image})") from None
 
