@@ -113,6 +113,8 @@ def method_knobs(args: argparse.Namespace, model: nn.Module) -> dict[str, Any]:
 
 
 def _parse_value(raw: str) -> Any:
+    if raw.lower() in ("true", "false"):
+        return raw.lower() == "true"
     for cast in (int, float):
         try:
             return cast(raw)
