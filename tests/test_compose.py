@@ -84,3 +84,21 @@ def test_run_accepts_a_composition(capsys):
     code = main(["run", "--method", COMPOSITION, "--tokens", "28", "--repeats", "1", "--max-new-tokens", "2"])
     assert code == 0
     assert "visual tokens per image: 256 -> 28" in capsys.readouterr().out
+
+
+def test_seed_000_table_5_composition_plans_and_groups_by_its_nominal_budget(lab):
+    from vlmzip.eval.report import retention_table
+    from vlmzip.eval.runner import plan_runs
+
+    runs = plan_runs(lab[0], ["visionzip@128+sparsevlm", "sparsevlm"], [28])
+    composed, alone = runs[1], runs[2]
+    assert (composed.key, composed.budget, composed.sent_tokens) == ("visionzip@128+sparsevlm@28", 28, 57)
+    planned = vlmzip.plan(lab[0], [("visionzip", {"tokens": 57}), ("sparsevlm", {"tokens": 28})])
+    assert (composed.tokens, composed.layer_avg_tokens) == (planned.final_tokens, planned.layer_avg_tokens)
+    assert alone.tokens != 28 and alone.budget == 28  # SparseVLM's schedule ends elsewhere than its budget
+    scores = {"per_type": {"color": {"accuracy": 0.5}}, "macro_accuracy": 0.5}
+    results = {"config": {"data": "d", "match": "exact"}, "identity": {"model": "m"}, "n_questions": 1,
+               "runs": [{**vars(run), "scores": scores} for run in runs]}
+    table = retention_table(results)
+    assert table.count("**Retain 28 tokens") == 1  # both under their nominal budget, not their final count
+    assert f"| sparsevlm | 28 (sent 256, final {alone.tokens}, layer avg {alone.layer_avg_tokens:.1f}) |" in table
