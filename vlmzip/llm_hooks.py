@@ -107,6 +107,7 @@ class StepState:
     past_full: int = 0  # full columns already in the cache before this call
     call_len: int = 0  # full columns of this call
     full: tuple[Any, Any, Any] = (None, None, None)  # this call's mask, position embeddings, position ids
+    padding: torch.Tensor | None = None  # the caller's (B, full_len) 2-D attention mask, if any
 
 
 SUB = 1 << 20  # causal order of a slot = column * SUB + sub (inserted tokens sort right after their anchor)
@@ -398,6 +399,9 @@ class Pruner:
         full = kwargs.get("attention_mask")
         full_len = full.shape[-1] if full is not None else record_full_len(cache, q_len)
         device = hidden.device
+        if start == 0:  # layer 0's cache holds only kept slots: the LLM's own mask and length count those
+            full_len = record.full_len + int(cache.get_seq_length(0)) - record.cols[0].shape[1] + q_len
+            full = padding_mask(step.padding, full_len, q_len, device)
         new = torch.arange(record.full_len, full_len, device=device).expand(batch, -1)
         cols = torch.cat([record.cols[start].to(device), new], dim=1)
         q_cols = torch.arange(full_len - q_len, full_len, device=device).expand(batch, -1)
@@ -631,6 +635,16 @@ def plan_visual_counts(plan: PrefillPlan, stage: int) -> list[list[int]]:
         n = int(row.max()) + 1 if bool((row >= 0).any()) else 0
         counts.append([int((row == i).sum()) for i in range(n)])
     return counts
+
+
+def padding_mask(padding: torch.Tensor | None, full_len: int, q_len: int, device: torch.device) -> torch.Tensor | None:
+    """(B, 1, Q, full_len) bool causal mask of a call's last ``q_len`` columns from the caller's (B, full_len)
+    2-D attention mask (None: no padding, plain causal)."""
+    if padding is None or padding.ndim != 2 or padding.shape[-1] != full_len:
+        return None
+    cols = torch.arange(full_len, device=device)
+    causal = cols.view(1, -1) <= cols[full_len - q_len :].view(-1, 1)  # (Q, full_len)
+    return (padding.to(device).bool()[:, None, None, :] & causal).contiguous()
 
 
 def record_full_len(cache: Any, q_len: int) -> int:

@@ -254,7 +254,9 @@ class CompressionState:
         pruner = self.pruner
         if pruner is not None:
             past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
-            pruner.current = llm_hooks.StepState(prefill=prefill, past_full=past)
+            mask = call.get("attention_mask")
+            padding = mask if isinstance(mask, torch.Tensor) and mask.ndim == 2 else None
+            pruner.current = llm_hooks.StepState(prefill=prefill, past_full=past, padding=padding)
         try:
             return original(**call)
         finally:

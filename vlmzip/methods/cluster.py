@@ -129,6 +129,38 @@ def quota_select(
     return torch.zeros_like(labels, dtype=torch.bool).scatter_(1, pick, True)
 
 
+def cluster_count(num: int, keep: int, variant: int, k: int) -> int:
+    """Clusters Cluster & Saliency uses for ``num`` tokens and a budget of ``keep``: ``min(k, num)``;
+    variant 3 (one extra mean token per cluster within the budget): ``max(1, min(k, keep // 2))``."""
+    return min(k, num) if variant != 3 else max(1, min(k, keep // 2))
+
+
+def saliency_clusters(
+    x: torch.Tensor, saliency: torch.Tensor, keep: int, variant: int, k: int, seeds: torch.Tensor,
+    seed: int = 0, iters: int = 20, tol: float = 1e-4,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The selection of Cluster & Saliency for units of N tokens: (B, N, D) embeddings, (B, N) saliency.
+
+    k-means++ (``cluster_count`` clusters) on ``x``, then the most salient tokens of each cluster by
+    :func:`quota_select`: quotas proportional to cluster sizes (variants 1, 3) or to size x softmax(mean
+    cluster saliency) (variant 2). Returns ``(picked (B, N) bool, labels (B, N) long, clusters)``; ``keep``
+    tokens are picked (variant 3: ``keep - clusters``, never a cluster's last member, which the caller
+    aggregates with the other unpicked ones).
+    """
+    clusters = cluster_count(x.shape[1], keep, variant, k)
+    labels, _ = kmeans(x, clusters, seeds, seed, iters, tol)
+    saliency = saliency.float()
+    sizes = torch.zeros(x.shape[0], clusters, device=x.device).scatter_add_(1, labels, torch.ones_like(saliency))
+    if variant == 2:
+        mean_saliency = torch.zeros_like(sizes).scatter_add_(1, labels, saliency) / sizes
+        weights = sizes * mean_saliency.softmax(dim=1)
+    else:
+        weights = sizes
+    selected = keep - clusters if variant == 3 else keep
+    picked = quota_select(saliency, labels, weights, selected, spare_last=variant == 3)
+    return picked, labels, clusters
+
+
 def cluster_saliency(
     tokens: VisionTokens, keep: int, variant: int = 1, k: int = 20, seed: int = 0, iters: int = 20, tol: float = 1e-4
 ) -> Selection:
@@ -157,16 +189,8 @@ def cluster_saliency(
     saliency = signal[:, candidates].float()
     x = hidden[:, candidates]
     seeds = (tokens.seeds if tokens.seeds is not None else torch.zeros(batch, dtype=torch.int64)).to(device)
-    clusters = min(k, num) if variant != 3 else max(1, min(k, keep // 2))
-    labels, centres = kmeans(x, clusters, seeds, seed, iters, tol)
-    sizes = torch.zeros(batch, clusters, device=device).scatter_add_(1, labels, torch.ones_like(saliency))
-    if variant == 2:
-        mean_saliency = torch.zeros_like(sizes).scatter_add_(1, labels, saliency) / sizes
-        weights = sizes * mean_saliency.softmax(dim=1)
-    else:
-        weights = sizes
+    picked, labels, clusters = saliency_clusters(x, saliency, keep, variant, k, seeds, seed, iters, tol)
     selected = keep - clusters if variant == 3 else keep
-    picked = quota_select(saliency, labels, weights, selected, spare_last=variant == 3)
 
     positions = torch.arange(num, device=device).expand(batch, -1)
     # picked tokens first, in positional order: (B, selected) candidate positions
