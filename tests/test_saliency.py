@@ -342,3 +342,16 @@ def test_other_families_smoke(family, request):
             alone = model.generate(**one, max_new_tokens=3, do_sample=False)
             assert torch.equal(alone[0, one["input_ids"].shape[1]:], batched[i, inputs["input_ids"].shape[1]:])
         vlmzip.decompress(model)
+
+
+def test_a_second_turn_on_a_layer_0_pruned_cache_is_refused(model, processor):
+    inputs = single(processor)
+    vlmzip.compress(model, "saliency", tokens=8)
+    turn1 = model.generate(**inputs, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
+    follow = processor.tokenizer(" USER: and the shape ? ASSISTANT:", add_special_tokens=False,
+                                 return_tensors="pt")["input_ids"]
+    ids = torch.cat([turn1.sequences, follow], dim=1)
+    with pytest.raises(ValueError, match="pruned before decoder layer 0"):
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), cache=turn1.cache, max_new_tokens=1)
+    with pytest.raises(ValueError, match="pruned before decoder layer 0"), torch.no_grad():
+        model(input_ids=ids[:, -3:], cache=turn1.cache)

@@ -227,6 +227,8 @@ class CompressionState:
         if call.get("labels") is not None and self.llm:
             raise ValueError("in-LLM methods shorten the sequence inside the LLM; labels (training) are not supported")
         cache = call.get("cache", call.get("past_key_values"))
+        if not flags["in_generate"]:
+            refuse_layer0_cache(cache)
         prefill = None
         if has_pixels:
             if flags["in_generate"] and flags.get("counts") is not None:
@@ -336,6 +338,7 @@ class CompressedGenerate:
                 "mm_encoder_outputs (precomputed features would not match the shrunk placeholders)"
             )
         counts = None
+        refuse_layer0_cache(cache)
         if state.adapter.has_images(kwargs):
             counts = state.adapter.image_counts(kwargs)
             shrunk = state.shrink_call(kwargs, ids.cpu(), counts)
@@ -361,6 +364,18 @@ class CompressedGenerate:
             return self.original(*args, **kwargs)
         finally:
             flags["in_generate"], flags["counts"] = False, None
+
+
+def refuse_layer0_cache(cache: Any) -> None:
+    """A clear error for a new call on a cache pruned before decoder layer 0: every layer's cache then holds
+    only kept slots, and transformers would count the past from layer 0's (shorter) length."""
+    record = llm_hooks.cache_record(cache)
+    if record is not None and 0 in record.cols:
+        raise ValueError(
+            "this KV cache was pruned before decoder layer 0 (saliency, cluster_saliency_llm): continuing a "
+            "conversation on it is not supported; run the whole conversation again without the cache, or use "
+            "a method that prunes from layer 1 on (e.g. fastv)"
+        )
 
 
 def _count_from_callers_prompt(model: nn.Module, kwargs: dict[str, Any], removed: int) -> None:
