@@ -355,3 +355,13 @@ def test_a_second_turn_on_a_layer_0_pruned_cache_is_refused(model, processor):
         model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), cache=turn1.cache, max_new_tokens=1)
     with pytest.raises(ValueError, match="pruned before decoder layer 0"), torch.no_grad():
         model(input_ids=ids[:, -3:], cache=turn1.cache)
+
+
+def test_viz_panel_says_where_saliency_prunes(model, processor):
+    from PIL import Image
+
+    from vlmzip.viz import method_panel, view_of
+
+    view = view_of(model, processor, Image.new("RGB", (112, 112), (120, 80, 40)))
+    caption, _, keys = method_panel(model, view, "saliency", {"tokens": 8})
+    assert caption == "Saliency, 8 of 64 visual tokens from LLM layer 0 on" and keys == set()

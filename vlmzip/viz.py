@@ -87,7 +87,8 @@ CROP_GAP = 2  # between LLaVA-NeXT's high-resolution crops
 TITLE_FONT, PANEL_FONT, LEGEND_FONT = 18, 14, 13
 METHOD_NAMES = {"visionzip": "VisionZip", "random": "Random", "spatial": "Spatial", "fastv": "FastV",
                 "vanilla": "Vanilla", "pool": "Pooling", "tome": "ToMe", "divprune": "DivPrune",
-                "cluster_aggregate": "Cluster & Aggregate", "cluster_saliency": "Cluster & Saliency"}
+                "cluster_aggregate": "Cluster & Aggregate", "cluster_saliency": "Cluster & Saliency",
+                "saliency": "Saliency", "cluster_saliency_llm": "Cluster & Saliency (LLM)"}
 KEPT_RED = (230, 20, 20)
 SWATCH_GRAY = (175, 175, 175)
 
