@@ -276,7 +276,7 @@ def test_cluster_saliency_llm_keeps_and_adds_its_plan(layout, variant, k, share)
     logits, visual, image, _, real, sizes, _ = layout
     budget = Budget(ratio=share)
     step = type("Step", (), {"knobs": {"budget": budget, "variant": variant, "k": k}})()
-    plans = [cluster_counts(n, step) for n in sizes]
+    plans = [cluster_counts(n, n, step) for n in sizes]
     assert all(after == budget.keep(n) for (_, after), n in zip(plans, sizes, strict=True))
     hidden = torch.randn(1, visual.shape[1], 4, generator=torch.Generator().manual_seed(len(sizes)))
     tokens = synthetic(logits, visual, image, [[kept for kept, _ in plans]], real, hidden)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 from tqdm import tqdm
@@ -47,7 +48,7 @@ def main() -> None:
             knobs = {key: int(value), "tokens": tokens}
             planned = plan(model, args.method, **knobs)
             runs.append(Run(f"{args.method}[{setting}]@{tokens}", args.method, knobs, planned.final_tokens,
-                            planned.layer_avg_tokens))
+                            planned.layer_avg_tokens, tokens, planned.tokens))
     with tqdm(total=len(runs) * len(records), unit="q") as bar:
         for run in runs:
             run_predictions(model, processor, run, records, out, cfg, bar, Processes())
@@ -57,8 +58,7 @@ def main() -> None:
         merge_predictions(out, run.key, records)
         predictions = read_run(out, run.key)
         scores = score_records([predictions[r.id] for r in records], match=cfg.match, vocabulary=vocabulary)
-        rows.append({"key": run.key, "method": run.key.rsplit("@", 1)[0], "knobs": run.knobs, "tokens": run.tokens,
-                     "layer_avg_tokens": run.layer_avg_tokens, "scores": scores})
+        rows.append({**asdict(run), "method": run.key.rsplit("@", 1)[0], "scores": scores})
     results = {**base, "runs": base["runs"] + rows}
     (Path(args.out) / "results.json").write_text(json.dumps(results, indent=1))
     table = retention_table(results)
