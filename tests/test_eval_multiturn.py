@@ -81,6 +81,19 @@ def test_turn_two_on_the_cache_equals_turn_two_from_scratch(lab, small_dir, meth
     assert any(a2 for _, a2 in cached)
 
 
+@pytest.mark.parametrize("method", ["saliency", "sparsevlm", "fastv"])
+def test_text_guided_multi_turn_batch_equals_singles(lab, small_dir, method):
+    """Text-guided methods keep question 1's tokens for question 2: a batch (left and middle padding)
+    answers both turns as each conversation alone does."""
+    model, processor = lab
+    convs = conversations(load_folder(small_dir))[:5]
+    with vlmzip.compressed(model, method, tokens=28):
+        cached = answer_conversations(model, processor, convs, 6)
+        singles = [answer_conversations(model, processor, [c], 6)[0] for c in convs]
+    assert cached == singles
+    assert any(a2 for _, a2 in cached)
+
+
 def test_cli_multi_turn_writes_both_turns_and_resumes(lab, small_dir, tmp_path, capsys):
     out = tmp_path / "mt"
     args = ["eval", "--multi-turn", "--data", str(small_dir), "--out", str(out), "--methods",

@@ -344,17 +344,40 @@ def test_other_families_smoke(family, request):
         vlmzip.decompress(model)
 
 
-def test_a_second_turn_on_a_layer_0_pruned_cache_is_refused(model, processor):
+def test_a_second_turn_continues_the_layer_0_pruned_cache(model, processor):
+    """After generate, turn 2 on the cache equals the LLM run on the whole conversation with turn 1's image
+    tokens dropped before it (positions renumbered), i.e. saliency stays a pre-LLM shrink across turns."""
+    inputs = single(processor, 1, "is there a red circle left of the square ?")
+    keep = 8
+    with torch.no_grad():
+        embeds, image = input_embeds(model, inputs)
+        top = reference_score(model, embeds, image).topk(keep).indices
+        vlmzip.compress(model, "saliency", tokens=keep)
+        turn1 = model.generate(**inputs, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
+        follow = processor.tokenizer(" USER: and the shape ? ASSISTANT:", add_special_tokens=False,
+                                     return_tensors="pt")["input_ids"]
+        ids = torch.cat([turn1.sequences, follow], dim=1)
+        turn2 = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), cache=turn1.cache,
+                               max_new_tokens=1, do_sample=False, return_dict_in_generate=True, output_logits=True)
+        vlmzip.decompress(model)
+        full, _ = input_embeds(model, {**inputs, "input_ids": ids})
+        kept = torch.cat([(~image).nonzero().squeeze(1), top, torch.arange(image.numel(), ids.shape[1])])
+        expected = reference_logits(model, full, kept)
+    assert torch.equal(turn2.sequences[:, : ids.shape[1]], ids)
+    torch.testing.assert_close(turn2.logits[0], expected[:, -1], atol=1e-4, rtol=1e-4)
+
+
+def test_a_second_turn_on_a_forward_pruned_layer_0_cache_is_refused(model, processor):
     inputs = single(processor)
     vlmzip.compress(model, "saliency", tokens=8)
-    turn1 = model.generate(**inputs, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
-    follow = processor.tokenizer(" USER: and the shape ? ASSISTANT:", add_special_tokens=False,
-                                 return_tensors="pt")["input_ids"]
-    ids = torch.cat([turn1.sequences, follow], dim=1)
+    with torch.no_grad():
+        turn1 = model(**inputs, use_cache=True)
+    ids = torch.cat([inputs["input_ids"], torch.tensor([[5, 6, 7]])], dim=1)
     with pytest.raises(ValueError, match="pruned before decoder layer 0"):
-        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), cache=turn1.cache, max_new_tokens=1)
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), cache=turn1.past_key_values,
+                       max_new_tokens=1)
     with pytest.raises(ValueError, match="pruned before decoder layer 0"), torch.no_grad():
-        model(input_ids=ids[:, -3:], cache=turn1.cache)
+        model(input_ids=ids[:, -3:], cache=turn1.past_key_values)
 
 
 def test_viz_panel_says_where_saliency_prunes(model, processor):

@@ -592,17 +592,23 @@ class Pruner:
 
     def _renumber(self, step: StepState, pos_ids: torch.Tensor | None, new_cols: torch.Tensor,
                   new_hidden: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """Contiguous positions for the new slots: each row's first slot keeps its position, the rest count up."""
+        """Contiguous positions for the new slots, as transformers numbers a sequence without the dropped
+        tokens: each row's first real token keeps its position, the next real ones count up from it, padding
+        (the caller's, or added here) gets 0."""
         if pos_ids is None or pos_ids.ndim != 2 or self.rotary is None:
             raise ValueError(
                 "renumbering positions needs an LLM with 1-D RoPE position ids (LLaVA, LLaVA-NeXT); this LLM "
                 "uses multi-axis positions: pass keep_positions=True"
             )
         real = new_cols >= 0
+        plan = step.prefill
+        if plan is not None and plan.real is not None:
+            call_cols = (new_cols - step.past_full).clamp(min=0)
+            real = real & to_device(plan.real, new_cols.device).gather(1, call_cols)
         first = real.to(torch.int8).argmax(dim=1, keepdim=True)  # the first real slot of each row
         base = pos_ids.gather(1, first)
         counted = real.long().cumsum(dim=1) - 1
-        new_ids = torch.where(real, base + counted, base)
+        new_ids = torch.where(real, base + counted, torch.zeros_like(base))
         step.renumbered = True
         return new_ids, self.rotary(new_hidden, new_ids)
 

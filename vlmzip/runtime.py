@@ -354,6 +354,7 @@ class CompressedGenerate:
         _count_from_callers_prompt(self.model, kwargs, removed)
         out = self._run(args, kwargs, counts)
         _remember_prompt(out, cache, ids.shape[1], columns)
+        _fold_layer0(out, cache)
         return _restore_prompt(out, ids, kwargs["input_ids"].shape[1])
 
     def _run(self, args: tuple, kwargs: dict[str, Any], counts: list[int] | None = None) -> Any:
@@ -366,15 +367,31 @@ class CompressedGenerate:
             flags["in_generate"], flags["counts"] = False, None
 
 
+def _fold_layer0(out: Any, cache: Any) -> None:
+    """After a generate whose only in-LLM step acted before decoder layer 0 with renumbered positions
+    (saliency on a 1-D RoPE LLM), the cache is exactly what dropping those tokens before the LLM gives: fold
+    the kept columns into the prompt map, so a later turn maps onto it like a pre-LLM shrink's."""
+    for candidate in (cache, getattr(out, "cache", None), getattr(out, "past_key_values", None)):
+        record = llm_hooks.cache_record(candidate)
+        if record is None or set(record.cols) != {0} or 0 not in record.shift or record.prompt is None:
+            continue
+        prompt_len, columns = record.prompt
+        kept = record.cols[0].cpu()  # (B, S) LLM-input column of each cached prompt slot, -1 = padding
+        record.prompt = (prompt_len, columns.gather(1, kept.clamp(min=0)).masked_fill(kept < 0, -1))
+        record.cols.clear()
+        record.shift.clear()
+
+
 def refuse_layer0_cache(cache: Any) -> None:
     """A clear error for a new call on a cache pruned before decoder layer 0: every layer's cache then holds
     only kept slots, and transformers would count the past from layer 0's (shorter) length."""
     record = llm_hooks.cache_record(cache)
     if record is not None and 0 in record.cols:
         raise ValueError(
-            "this KV cache was pruned before decoder layer 0 (saliency, cluster_saliency_llm): continuing a "
-            "conversation on it is not supported; run the whole conversation again without the cache, or use "
-            "a method that prunes from layer 1 on (e.g. fastv)"
+            "this KV cache was pruned before decoder layer 0 (saliency, cluster_saliency_llm) by a forward call "
+            "(or with kept M-RoPE positions, or with a later in-LLM stage): continuing a conversation on it is "
+            "supported only after model.generate(...) on a 1-D RoPE LLM; run the whole conversation again "
+            "without the cache, or use a method that prunes from layer 1 on (e.g. fastv)"
         )
 
 
