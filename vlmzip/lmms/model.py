@@ -57,6 +57,11 @@ def cut_at_stops(text: str, until: list[str]) -> str:
     return text.strip()
 
 
+def _where(request: Instance) -> tuple[str, str, int]:
+    """(task, split, document id) of a request: the order ``vlmzip eval`` answers questions in."""
+    return request.args[4], request.args[5], request.args[3]
+
+
 class VlmzipLMM(lmms):
     """lmms-eval model: a vlmzip-supported VLM (LLaVA-1.5, LLaVA-NeXT, Qwen2-VL / 2.5-VL) compressed by
     ``vlmzip.compress(model, method, **knobs)``; one image per question."""
@@ -119,7 +124,8 @@ class VlmzipLMM(lmms):
     def generate_until(self, requests: list[Instance]) -> list[str]:
         """Answer each request ``(context, gen_kwargs, doc_to_visual, doc_id, task, split)``; returns one
         string per request, in the order given."""
-        order = sorted(range(len(requests)), key=lambda i: (requests[i].args[4], requests[i].args[5], requests[i].args[3]))
+        order = sorted(range(len(requests)), key=lambda i: _where(requests[i]))
+
         results: list[str | None] = [None] * len(requests)
         bar = tqdm(total=len(requests), disable=self.rank != 0, desc=f"vlmzip {self.method}")
         start = 0

@@ -97,14 +97,16 @@ def write_task(
             f.write(json.dumps(row) + "\n")
     (folder / "utils.py").write_text(UTILS_PY)
     yaml = folder / f"{name}.yaml"
-    yaml.write_text(TASK_YAML.format(source=data, name=name, jsonl=json.dumps(str(jsonl)), max_new_tokens=max_new_tokens))
+    text = TASK_YAML.format(source=data, name=name, jsonl=json.dumps(str(jsonl)), max_new_tokens=max_new_tokens)
+    yaml.write_text(text)
     return yaml
 
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m vlmzip.lmms.task``: write a local lmms-eval task; errors are one line, exit code 2."""
     parser = argparse.ArgumentParser(prog="python -m vlmzip.lmms.task", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", default="lab-test-small", help="dataset folder or lab split (default: lab-test-small)")
+    parser.add_argument("--data", default="lab-test-small",
+                        help="dataset folder or lab split (default: lab-test-small)")
     parser.add_argument("--out", required=True, help="folder to write the task into (lmms-eval --include_path)")
     parser.add_argument("--name", default="vlmzip_lab", help="task name for --tasks (default: vlmzip_lab)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N questions (default: all)")
