@@ -125,3 +125,38 @@ def test_write_task_refuses_bad_options(tmp_path: Path) -> None:
         write_task("lab-test-small", tmp_path, limit=0)
     with pytest.raises(ValueError, match="--name"):
         write_task("lab-test-small", tmp_path, name="my-task")
+
+
+@pytest.mark.parametrize("family", ["llava-next", "qwen2-vl"])
+def test_other_families_answer_as_vlmzip_does(lmms_eval_cli: Path, family: str, tmp_path: Path) -> None:
+    from vlmzip.api import compressed
+    from vlmzip.io import generate_answers, load_model
+    from vlmzip.lmms.model import VlmzipLMM
+    from vlmzip.tiny_next import TinyLlavaNextConfig, build_llava_next
+    from vlmzip.tiny_qwen import TinyQwenConfig, build_qwen_vl
+
+    if family == "qwen2-vl":
+        build_qwen_vl(tmp_path / "model", TinyQwenConfig(), version="2")
+    else:
+        build_llava_next(tmp_path / "model", TinyLlavaNextConfig(image_size=84, patch_size=14, vision_layers=2,
+                                                                 text_layers=3))
+    write_task("lab-test-small", tmp_path / "task", limit=5)
+    docs = [json.loads(line) for line in (tmp_path / "task/vlmzip_lab.jsonl").open()]
+    words = ["what color is the shape ?", "how many ?", "is there a red circle left of the square ?"]
+    for i, doc in enumerate(docs):  # questions in the tiny models' vocabulary, so that they answer words
+        doc["question"] = words[i % len(words)]
+    lmm = VlmzipLMM(pretrained=str(tmp_path / "model"), method="visionzip", tokens=8, device="cpu", batch_size=2)
+    lmm.task_dict = {"lab": {"test": docs}}
+    gen = {"max_new_tokens": 4, "do_sample": False, "until": []}
+    got = lmm.generate_until(requests("generate_until", docs, [gen] * len(docs)))
+
+    from vlmzip.lmms.task import doc_to_visual
+
+    model, processor = load_model(str(tmp_path / "model"))
+    want = []
+    with compressed(model, "visionzip", tokens=8):
+        for start in range(0, len(docs), 2):  # vlmzip eval's batches of 2
+            batch = docs[start : start + 2]
+            images = [doc_to_visual(d)[0] for d in batch]
+            want += generate_answers(model, processor, images, [d["question"] for d in batch], max_new_tokens=4)
+    assert got == want and any(got)  # random weights: nonsense, but the same nonsense

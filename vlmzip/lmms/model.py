@@ -125,7 +125,6 @@ class VlmzipLMM(lmms):
         """Answer each request ``(context, gen_kwargs, doc_to_visual, doc_id, task, split)``; returns one
         string per request, in the order given."""
         order = sorted(range(len(requests)), key=lambda i: _where(requests[i]))
-
         results: list[str | None] = [None] * len(requests)
         bar = tqdm(total=len(requests), disable=self.rank != 0, desc=f"vlmzip {self.method}")
         start = 0
