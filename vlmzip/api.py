@@ -16,10 +16,10 @@ from typing import Any
 
 from torch import nn
 
-from . import llm_hooks, runtime
+from . import compose, llm_hooks, runtime
 from .adapters import Adapter, adapter_for
 from .methods import get_method, registered
-from .methods.base import Selection, check_knobs, parse_budget
+from .methods.base import LLMStep, Selection, check_knobs, parse_budget
 from .runtime import CompressedForward, CompressedGenerate, CompressionState, InstanceAttr, Stage
 
 STATE_ATTR = "_vlmzip"
@@ -136,8 +136,10 @@ def plan(model: nn.Module, method: MethodArg, **knobs: Any) -> Plan:
     """Validate ``method`` (a name, or a list of (name, knobs) applied in order) for this model, changing nothing.
 
     Raises ``ValueError`` for an unknown method or knob, a bad budget, an unsupported model or attention
-    setting, or stages in the wrong order (pre-LLM first, then in-LLM by layer).
+    setting, or stages in the wrong order (pre-LLM first, then in-LLM by layer). A string such as
+    ``"visionzip@128+fastv"`` is a composition (``vlmzip.compose``): ``knobs`` go to its last stage.
     """
+    method, knobs = compose.expand(model, method, knobs)
     adapter = adapter_for(model)
     stages = [s for s in _stages(method, knobs) if s.method != "vanilla"]
     pre = [s for s in stages if s.spec.stage != "llm"]
@@ -146,13 +148,15 @@ def plan(model: nn.Module, method: MethodArg, **knobs: Any) -> Plan:
         raise ValueError(f"at most one method can act before the LLM, got {[s.method for s in pre]}")
     if stages != pre + llm:
         raise ValueError("list pre-LLM methods before in-LLM ones (e.g. ['visionzip', 'fastv'])")
-    layers = [s.knobs["layer"] for s in llm]
     num_layers = len(adapter.language_model().layers)
-    for s in llm:
-        if not 1 <= s.knobs["layer"] < num_layers:
+    steps = llm_steps(llm, num_layers)
+    layers = [step.layer for step in steps]
+    for step in steps:
+        if not step.min_layer <= step.layer < num_layers:
+            why = " (the scores come from the layer before)" if step.min_layer else ""
             raise ValueError(
-                f"{s.method}: layer={s.knobs['layer']} is outside this LLM's decoder layers 1..{num_layers - 1} "
-                "(the scores come from the layer before)"
+                f"{step.group}: layer={step.layer} is outside this LLM's decoder layers "
+                f"{step.min_layer}..{num_layers - 1}{why}"
             )
     if layers != sorted(set(layers)):
         raise ValueError(f"in-LLM stages must act at increasing layers, got {layers}")
@@ -173,13 +177,18 @@ def plan(model: nn.Module, method: MethodArg, **knobs: Any) -> Plan:
     if vanilla is not None:
         tokens = vanilla if not pre else pre[0].keep(vanilla)
         counts = [tokens]
-        for s in llm:
-            counts.append(s.keep(counts[-1]))
+        for step in steps:
+            counts.append(step.plan(counts[-1], vanilla)[1])
         final = counts[-1]
         bounds = [0, *layers, num_layers]
         avg = sum(counts[i] * (bounds[i + 1] - bounds[i]) for i in range(len(counts))) / num_layers
     name = "+".join(s.method for s in stages) or "vanilla"
     return Plan(name, tuple(stages), adapter, vanilla, tokens, final, avg)
+
+
+def llm_steps(llm: list[Stage], num_layers: int) -> list[LLMStep]:
+    """The pruning points of the in-LLM stages, in order, for an LLM of ``num_layers`` decoder layers."""
+    return [step for s in llm for step in s.spec.llm_steps(s.knobs, s.budget, num_layers)]
 
 
 def paper_budget(model: nn.Module, tokens: int) -> int:
@@ -200,7 +209,8 @@ def compress(model: nn.Module, method: MethodArg, *, padding_side: str | None = 
     ``method`` is a registered method's name with its knobs, e.g.
     ``vlmzip.compress(model, "visionzip", dominant=54, contextual=10)`` (every later ``model(...)`` /
     ``model.generate(...)`` sends 64 visual tokens per image to the LLM), or a list applied in order,
-    e.g. ``[("visionzip", {"tokens": 128}), ("fastv", {"tokens": 64})]``. ``padding_side``: the side your
+    e.g. ``[("visionzip", {"tokens": 128}), ("fastv", {"tokens": 64})]``, or the same as one string,
+    ``"visionzip@128+fastv"`` with ``tokens=64`` (``@N``: tokens of the papers' 576). ``padding_side``: the side your
     tokenizer pads on (``processor.tokenizer.padding_side``; default "left", as batched generation needs);
     rows that shrink by different amounts are padded there. Raises ``ValueError`` for an unknown method or
     knob, a bad budget, an unsupported model, or a model that is already compressed.
@@ -228,8 +238,9 @@ def compress(model: nn.Module, method: MethodArg, *, padding_side: str | None = 
         state.undo.append(InstanceAttr(model, "generate", generate))
         if llm:
             lm = adapter.language_model()
-            stages = [(s.knobs["layer"], s.spec.fn, {k: v for k, v in s.knobs.items() if k != "layer"}) for s in llm]
-            state.pruner = llm_hooks.Pruner(lm.layers, lm.config._attn_implementation, stages)
+            state.steps = llm_steps(llm, len(lm.layers))
+            state.pruner = llm_hooks.Pruner(lm.layers, lm.config._attn_implementation, state.steps,
+                                            rotary=getattr(lm, "rotary_emb", None))
             state.pruner.install()
     except Exception:
         _undo(state)

@@ -113,6 +113,8 @@ def method_knobs(args: argparse.Namespace, model: nn.Module) -> dict[str, Any]:
 
 
 def _parse_value(raw: str) -> Any:
+    if raw.lower() in ("true", "false"):
+        return raw.lower() == "true"
     for cast in (int, float):
         try:
             return cast(raw)
@@ -283,12 +285,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg = EvalConfig(
         data=args.data, out=args.out, model=args.model, methods=args.methods, tokens=args.tokens,
         limit=args.limit, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, match=args.match,
-        device=resolve_device(args.device), dtype=args.dtype,
+        device=resolve_device(args.device), dtype=args.dtype, multi_turn=args.multi_turn,
+        turn2_from_scratch=args.turn2_from_scratch,
     )
+    if args.turn2_from_scratch and not args.multi_turn:
+        raise ValueError("--turn2-from-scratch is a --multi-turn option; add --multi-turn")
     evaluate(cfg)  # sharded over the processes of torchrun / accelerate launch, when started by one
     if _rank() == 0:
         print((Path(args.out) / "table.md").read_text())
-        print(f"wrote {args.out}/results.json, table.md, plot.png and predictions/*.jsonl")
+        plot = "" if args.multi_turn else " plot.png,"
+        print(f"wrote {args.out}/results.json, table.md,{plot} and predictions/*.jsonl")
     return 0
 
 
@@ -407,13 +413,21 @@ def build_parser() -> argparse.ArgumentParser:
     p_eval.add_argument("--model", help="checkpoint folder (default: the lab mini-VLM)")
     p_eval.add_argument("--data", default="lab-test", help="dataset folder, or lab-test / lab-val / lab-test-small")
     p_eval.add_argument("--methods", type=_csv(str), default="vanilla,visionzip",
-                        help="comma-separated methods; vanilla is always evaluated, once, as the reference")
+                        help="comma-separated methods or compositions (visionzip@128+fastv: VisionZip to the "
+                        "papers' 128 of 576, then fastv at each budget); vanilla is always evaluated, once, as "
+                        "the reference")
     p_eval.add_argument("--tokens", type=_csv(int), help=PAPER_BUDGETS_HELP)
     p_eval.add_argument("--limit", type=int, help="evaluate only the first N questions (default: all)")
     p_eval.add_argument("--batch-size", type=int, default=8, help="questions per generate call")
     p_eval.add_argument("--max-new-tokens", type=int, default=8, help="length limit of each answer")
     p_eval.add_argument("--match", default="exact", choices=["exact", "relaxed"],
                         help="exact: normalised answer equals a gold answer; relaxed: or starts with one")
+    p_eval.add_argument("--multi-turn", action="store_true",
+                        help="two questions about different objects of one image per conversation, turn 2 "
+                        "continuing turn 1's KV cache; --limit counts conversations")
+    p_eval.add_argument("--turn2-from-scratch", action="store_true",
+                        help="with --multi-turn: recompute turn 2 from its full prompt and the image instead of "
+                        "turn 1's cache (in-LLM methods then choose their tokens for question 2): the control")
     p_eval.add_argument("--out", required=True,
                         help="output folder, new or empty, or one of this evaluation (rerun the same command to "
                         "resume; required)")

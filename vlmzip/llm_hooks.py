@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .methods.base import LLMTokens, to_device
+from .methods.base import LLMSelection, LLMTokens, to_device
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
@@ -35,6 +35,7 @@ class CacheRecord:
     cached slot (``cols[layer]``: (B, S) long, -1 = masked padding), and the full length when recorded."""
 
     cols: dict[int, torch.Tensor] = field(default_factory=dict)
+    shift: dict[int, torch.Tensor] = field(default_factory=dict)  # renumbered segments: (B,) old - new position
     full_len: int = 0
     prompt: Any = None  # set by runtime.py: how the caller's prompt maps to the shrunk one (multi-turn)
 
@@ -66,29 +67,49 @@ class Segment:
 
 @dataclass
 class PrefillPlan:
-    """The visual tokens of one prefill in the LLM sequence, and each in-LLM stage's keep counts.
+    """The visual tokens of one prefill in the LLM sequence, and each in-LLM step's counts.
 
-    ``visual``/``image``: (B, L) on the host; ``keeps[j][b][i]``: tokens image i of row b keeps at stage j.
+    ``visual``/``image``: (B, L) on the host; ``real``: (B, L) bool, False at the caller's padding (None =
+    no padding); ``kept[j][b][i]`` / ``keeps[j][b][i]``: visual tokens image i of row b keeps at step j /
+    has after step j (kept plus inserted).
     """
 
     visual: torch.Tensor
     image: torch.Tensor
     keeps: list[list[list[int]]]
+    kept: list[list[list[int]]] | None = None
+    real: torch.Tensor | None = None
+
+    def kept_at(self, step: int) -> list[list[int]]:
+        return self.keeps[step] if self.kept is None else self.kept[step]
 
 
 @dataclass
 class StepState:
-    """Per forward call: the prefill plan (None for decode / text-only calls) and the segments built."""
+    """Per forward call: the prefill plan (None for decode / text-only calls) and the segments built.
+
+    The current slots (after the steps run so far) are described by ``visual`` / ``image`` (B, Q),
+    ``sub`` (B, Q) long (0, or the insertion rank of a token inserted at its anchor's column) and
+    ``pos_emb`` / ``pos_ids`` (the positions each slot uses).
+    """
 
     prefill: PrefillPlan | None
     segments: dict[int, Segment] = field(default_factory=dict)
     visual: torch.Tensor | None = None  # (B, Q) on the device, current slots
     image: torch.Tensor | None = None
+    sub: torch.Tensor | None = None
+    pos_emb: tuple[torch.Tensor, torch.Tensor] | None = None
+    pos_ids: torch.Tensor | None = None
+    renumbered: bool = False
     valid: list[int] | None = None  # real (non-padding) slots per row, host ints
     captured: dict[str, Any] = field(default_factory=dict)
+    scratch: dict[str, dict[str, Any]] = field(default_factory=dict)
     past_full: int = 0  # full columns already in the cache before this call
     call_len: int = 0  # full columns of this call
     full: tuple[Any, Any, Any] = (None, None, None)  # this call's mask, position embeddings, position ids
+
+
+SUB = 1 << 20  # causal order of a slot = column * SUB + sub (inserted tokens sort right after their anchor)
 
 
 def _to_bool(mask: torch.Tensor) -> torch.Tensor:
@@ -110,20 +131,26 @@ def gather_mask(
     k_cols: torch.Tensor,
     kind: str,
     dtype: torch.dtype,
+    q_rank: torch.Tensor | None = None,
+    k_rank: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """The 4-D mask (B, 1, Q, S) of a pruned segment, from the call's full mask (or None = causal).
 
     ``q_idx`` (B, Q) indexes the full mask's query rows, ``q_cols``/``k_cols`` are full columns of the
     query/key slots (-1 = padding: keys masked, padding queries attend to every real key so no row is
-    empty). Returns None when plain causal attention over the slots is already right.
+    empty). ``q_rank``/``k_rank`` (default: the columns) give the causal order where inserted tokens
+    share their anchor's column. Returns None when plain causal attention over the slots is already right.
     """
     batch, q_len = q_cols.shape
     k_valid = k_cols >= 0
     q_valid = q_cols >= 0
     # (cheap shape tests first: a decode step never reaches the host-syncing value tests)
-    if full is None and q_len == k_cols.shape[1] and bool(k_valid.all()) and torch.equal(q_cols, k_cols):
+    if (full is None and q_rank is None and q_len == k_cols.shape[1] and bool(k_valid.all())
+            and torch.equal(q_cols, k_cols)):
         return None
-    causal = k_cols.unsqueeze(1) <= q_cols.unsqueeze(2)  # (B, Q, S)
+    q_order = q_cols if q_rank is None else q_rank
+    k_order = k_cols if k_rank is None else k_rank
+    causal = k_order.unsqueeze(1) <= q_order.unsqueeze(2)  # (B, Q, S)
     allowed = causal & k_valid.unsqueeze(1)
     if full is not None:
         fb = _to_bool(full).expand(batch, -1, -1, -1)[:, 0]  # (B, Lq, Lk)
@@ -159,7 +186,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
 
 
-def attention_rows(
+def attention_logits(
     q: torch.Tensor,
     k: torch.Tensor,
     rows: torch.Tensor,
@@ -168,7 +195,7 @@ def attention_rows(
     head_dim: int,
     scaling: float,
 ) -> torch.Tensor:
-    """Softmax attention probabilities of query ``rows`` (B, R) over all keys: (B, H, R, T), float32.
+    """Scaled q.k scores of query ``rows`` (B, R) over all keys: (B, H, R, T), float32, masked = -inf.
 
     ``q`` (B, T, H * Dh) and ``k`` (B, T, Hkv * Dh) are the projections' outputs (before RoPE); keys
     are rotated and repeated for GQA; ``mask`` is the layer's 4-D mask or None (causal).
@@ -188,12 +215,50 @@ def attention_rows(
     else:
         fb = _to_bool(mask).expand(batch, -1, -1, -1)[:, 0]
         allowed = fb.gather(1, rows.unsqueeze(-1).expand(-1, -1, fb.shape[-1]))[..., -length:]
-    scores = scores.masked_fill(~allowed.unsqueeze(1), float("-inf"))
+    return scores.masked_fill(~allowed.unsqueeze(1), float("-inf"))
+
+
+def attention_rows(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    rows: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    mask: torch.Tensor | None,
+    head_dim: int,
+    scaling: float,
+) -> torch.Tensor:
+    """Softmax attention probabilities of query ``rows`` (B, R) over all keys: (B, H, R, T), float32.
+
+    The same arguments as :func:`attention_logits`; fully masked rows (padding) come back as zeros.
+    """
+    scores = attention_logits(q, k, rows, position_embeddings, mask, head_dim, scaling)
     return torch.softmax(scores, dim=-1).nan_to_num(0.0)
 
 
+def rope_ones(
+    rows: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor], scaling: float
+) -> torch.Tensor:
+    """(B, R, T): RoPE applied to all-ones queries (``rows``) and keys (every slot), dot product x ``scaling``.
+
+    SparseVLM+'s attention gravity: the part of a q.k score that comes from the positions alone.
+    """
+    cos, sin = (t.float() for t in position_embeddings)
+    batch = rows.shape[0]
+    cos, sin = cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)
+    ones_rot = cos + rotate_half(torch.ones_like(cos)) * sin  # (B, T, Dh): ones rotated at every slot
+    return (gather_rows(ones_rot, rows) @ ones_rot.transpose(1, 2)) * scaling
+
+
+def layer_qk(layer: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The q_proj / k_proj outputs (B, L, H*Dh) / (B, L, Hkv*Dh) decoder ``layer`` computes from ``hidden``."""
+    attn = layer.self_attn
+    normed = layer.input_layernorm(hidden)
+    return attn.q_proj(normed), attn.k_proj(normed)
+
+
 class _Capture:
-    """Hooks on the signal layer: its attention's kwargs (pre-hook) and q_proj / k_proj outputs."""
+    """Hooks on a signal layer: its attention's kwargs (pre-hook) and q_proj / k_proj outputs; or, with
+    name "inputs", the LLM's input embeddings (pre-hook on decoder layer 0)."""
 
     def __init__(self, pruner: Pruner, name: str) -> None:
         self.pruner, self.name = pruner, name
@@ -202,7 +267,9 @@ class _Capture:
         step = self.pruner.step()
         if step is None or step.prefill is None:
             return None
-        if self.name == "attn":
+        if self.name == "inputs":
+            step.captured["inputs"] = args[0] if args else rest[0]["hidden_states"]
+        elif self.name == "attn":
             kwargs = rest[0]
             step.captured["position_embeddings"] = kwargs.get("position_embeddings")
             step.captured["mask"] = kwargs.get("attention_mask")
@@ -212,7 +279,7 @@ class _Capture:
 
 
 class _LayerPreHook:
-    """Runs before decoder layer ``index``: prunes (at a stage's layer) and substitutes pruned inputs."""
+    """Runs before decoder layer ``index``: prunes (at a step's layer) and substitutes pruned inputs."""
 
     def __init__(self, pruner: Pruner, index: int) -> None:
         self.pruner, self.index = pruner, index
@@ -221,14 +288,26 @@ class _LayerPreHook:
         return self.pruner.before_layer(self.index, args, kwargs)
 
 
-class Pruner:
-    """The in-LLM machinery of one compressed model: its stages, hooks and per-call state.
+def gather_last(t: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | None:
+    """Position ids (..., B|1, L) gathered along the last dim at (B, Q) ``idx`` -> (..., B, Q)."""
+    if t is None:
+        return None
+    lead = t.shape[:-2]
+    t = t.expand(*lead, idx.shape[0], t.shape[-1])
+    return t.gather(-1, idx.clamp(min=0).expand(*lead, *idx.shape))
 
-    ``stages``: [(layer K, fn, resolved knobs)] in increasing K. ``step()`` returns the current call's
-    :class:`StepState` (set by runtime.py around each forward).
+
+class Pruner:
+    """The in-LLM machinery of one compressed model: its steps, hooks and per-call state.
+
+    ``steps``: :class:`~vlmzip.methods.base.LLMStep` in increasing layer order. ``rotary``: the LLM's
+    rotary embedding module (needed by steps that renumber positions). ``step()`` returns the current
+    call's :class:`StepState` (set by runtime.py around each forward).
     """
 
-    def __init__(self, layers: nn.ModuleList, attn_kind: str, stages: list[tuple[int, Any, dict[str, Any]]]) -> None:
+    def __init__(
+        self, layers: nn.ModuleList, attn_kind: str, steps: list[Any], rotary: nn.Module | None = None
+    ) -> None:
         if attn_kind not in SUPPORTED_ATTENTION:
             raise ValueError(
                 f"in-LLM methods need the LLM's attention to be one of {SUPPORTED_ATTENTION}, got {attn_kind!r}; "
@@ -236,8 +315,9 @@ class Pruner:
             )
         self.layers = layers
         self.attn_kind = attn_kind
-        self.stages = stages
-        self.first = stages[0][0]
+        self.steps = steps
+        self.rotary = rotary
+        self.first = steps[0].layer
         self.handles: list[Any] = []
 
     @property
@@ -258,7 +338,9 @@ class Pruner:
 
     def install(self) -> None:
         """Register the hooks on this instance's decoder layers (and the signal layers' projections)."""
-        for k, _, _ in self.stages:
+        if any("inputs_embeds" in s.needs for s in self.steps):
+            self.handles.append(self.layers[0].register_forward_pre_hook(_Capture(self, "inputs"), with_kwargs=True))
+        for k in sorted({s.layer for s in self.steps if s.layer > 0}):
             attn = self.layers[k - 1].self_attn
             self.handles.append(attn.register_forward_pre_hook(_Capture(self, "attn"), with_kwargs=True))
             self.handles.append(attn.q_proj.register_forward_hook(_Capture(self, "q")))
@@ -281,9 +363,9 @@ class Pruner:
             return None
         hidden = args[0] if args else kwargs["hidden_states"]
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        stage = next((s for s in self.stages if s[0] == index), None)
-        if stage is not None and step.prefill is not None:
-            hidden = self._prune(step, stage, hidden, kwargs, cache)
+        j = next((i for i, s in enumerate(self.steps) if s.layer == index), None)
+        if j is not None and step.prefill is not None:
+            hidden = self._prune(step, j, hidden, kwargs, cache)
         segment = self._segment(step, index, hidden, kwargs, cache)
         if segment is None:
             return None
@@ -299,7 +381,7 @@ class Pruner:
         return args, kwargs
 
     def _segment_start(self, index: int) -> int:
-        return max(k for k, _, _ in self.stages if k <= index)
+        return max(s.layer for s in self.steps if s.layer <= index)
 
     def _segment(
         self, step: StepState, index: int, hidden: torch.Tensor, kwargs: dict[str, Any], cache: Any
@@ -321,77 +403,211 @@ class Pruner:
         q_cols = torch.arange(full_len - q_len, full_len, device=device).expand(batch, -1)
         q_idx = torch.arange(q_len, device=device).expand(batch, -1)
         mask = gather_mask(full, q_idx, q_cols, cols, self.attn_kind, hidden.dtype)
-        segment = Segment(q_idx, cols, mask, kwargs.get("position_embeddings"), kwargs.get("position_ids"))
+        pos_emb, pos_ids = kwargs.get("position_embeddings"), kwargs.get("position_ids")
+        shift = record.shift.get(start)
+        if shift is not None:  # renumbered positions: the new tokens continue the kept tokens' count
+            pos_ids = self._call_positions(pos_ids, kwargs, batch, q_len, full_len, device)
+            pos_ids = pos_ids - shift.to(device).unsqueeze(1)
+            pos_emb = self.rotary(hidden, pos_ids)
+        segment = Segment(q_idx, cols, mask, pos_emb, pos_ids)
         step.segments[start] = segment
         return segment
 
-    def _prune(
-        self, step: StepState, stage: tuple[int, Any, dict[str, Any]], hidden: torch.Tensor,
-        kwargs: dict[str, Any], cache: Any,
-    ) -> torch.Tensor:
-        """Run the stage's method on the current tokens and build its segment; returns the kept hidden states."""
-        layer, fn, knobs = stage
+    @staticmethod
+    def _call_positions(pos_ids: torch.Tensor | None, kwargs: dict[str, Any], batch: int, q_len: int,
+                        full_len: int, device: torch.device) -> torch.Tensor:
+        """This call's (B, Q) 1-D position ids (the layer's, or counted from the cache when absent)."""
+        if pos_ids is None:
+            pos_ids = torch.arange(full_len - q_len, full_len, device=device).unsqueeze(0)
+        if pos_ids.ndim != 2:
+            raise ValueError("renumbered positions need 1-D position ids (this LLM uses multi-axis RoPE)")
+        return pos_ids.expand(batch, -1)
+
+    def _start_call(self, step: StepState, hidden: torch.Tensor, kwargs: dict[str, Any]) -> None:
+        """Describe this call's full sequence as the current slots (before the first step acts)."""
         plan = step.prefill
         assert plan is not None
-        j = [s[0] for s in self.stages].index(layer)
+        batch, cur_len, _ = hidden.shape
+        device = hidden.device
+        step.visual = to_device(plan.visual, device)
+        step.image = to_device(plan.image, device)
+        step.sub = torch.zeros(batch, cur_len, dtype=torch.long, device=device)
+        step.valid = [cur_len] * batch
+        step.call_len = cur_len
+        step.full = (kwargs.get("attention_mask"), kwargs.get("position_embeddings"), kwargs.get("position_ids"))
+        pos_emb = kwargs.get("position_embeddings")
+        step.pos_emb = None if pos_emb is None else tuple(t.expand(batch, *t.shape[1:]) for t in pos_emb)
+        pos_ids = kwargs.get("position_ids")
+        step.pos_ids = pos_ids if pos_ids is not None and pos_ids.shape[-1] == cur_len else None
+
+    def _view(self, step: StepState, j: int, hidden: torch.Tensor, cur_cols: torch.Tensor,
+              kwargs: dict[str, Any]) -> LLMTokens:
+        """The :class:`LLMTokens` step ``j`` sees."""
+        spec = self.steps[j]
+        layer, plan, captured = spec.layer, step.prefill, step.captured
+        assert plan is not None
+        device = hidden.device
+
+        def attention(rows: torch.Tensor) -> torch.Tensor:
+            if layer == 0:
+                raise ValueError("a step before decoder layer 0 has no previous layer's attention; use logits(rows)")
+            attn = self.layers[layer - 1].self_attn
+            return attention_rows(captured["q"], captured["k"], rows, captured["position_embeddings"],
+                                  captured["mask"], attn.head_dim, attn.scaling)
+
+        def logits(rows: torch.Tensor) -> torch.Tensor:
+            own = self.layers[layer]
+            q, k = layer_qk(own, hidden)
+            mask = self._current_mask(step, cur_cols, hidden, kwargs)
+            return attention_logits(q, k, rows, step.pos_emb, mask, own.self_attn.head_dim, own.self_attn.scaling)
+
+        def gravity(rows: torch.Tensor) -> torch.Tensor:
+            if layer == 0:
+                raise ValueError("a step before decoder layer 0 has no previous layer")
+            return rope_ones(rows, captured["position_embeddings"], self.layers[layer - 1].self_attn.scaling)
+
+        real = cur_cols >= 0
+        call_cols = torch.where(real, cur_cols - step.past_full, -1)  # columns of this call's sequence
+        if plan.real is not None:
+            full_real = to_device(plan.real, device)
+            real = real & full_real.gather(1, call_cols.clamp(min=0))
+        inputs = captured.get("inputs")
+        inputs_visual = inputs_real = None
+        if inputs is not None:
+            inputs_visual = to_device(plan.visual, device)
+            inputs_real = (torch.ones_like(inputs_visual) if plan.real is None else to_device(plan.real, device))
+        return LLMTokens(
+            hidden=hidden, visual=step.visual, image=step.image, keep=plan.kept_at(j), attention=attention,
+            layer=layer, logits=logits, rope_ones=gravity, cols=call_cols, real=real, inputs_embeds=inputs,
+            inputs_visual=inputs_visual, inputs_real=inputs_real,
+            scratch=step.scratch.setdefault(spec.group, {}),
+        )
+
+    def _current_mask(self, step: StepState, cur_cols: torch.Tensor, hidden: torch.Tensor,
+                      kwargs: dict[str, Any]) -> torch.Tensor | None:
+        """The mask the current slots attend with at this layer (the call's own, or its segment's)."""
+        built = list(step.segments.values())
+        return built[-1].mask if built else kwargs.get("attention_mask")
+
+    def _prune(self, step: StepState, j: int, hidden: torch.Tensor, kwargs: dict[str, Any], cache: Any) -> torch.Tensor:
+        """Run step ``j``'s method on the current tokens and build its segment; returns the new hidden states."""
+        spec = self.steps[j]
+        layer, plan = spec.layer, step.prefill
+        assert plan is not None
         batch, cur_len, _ = hidden.shape
         device = hidden.device
         prev = step.segments.get(self._segment_start(layer - 1)) if layer > self.first else None
-        if prev is None:  # the first stage of this call: slots = this call's full columns
-            past = step.past_full
-            cur_cols = torch.arange(past, past + cur_len, device=device).expand(batch, -1)
+        if prev is None:  # the first step of this call: slots = this call's full columns
+            self._start_call(step, hidden, kwargs)
+            cur_cols = torch.arange(step.past_full, step.past_full + cur_len, device=device).expand(batch, -1)
             cur_q_idx = torch.arange(cur_len, device=device).expand(batch, -1)
-            step.visual = to_device(plan.visual, device)
-            step.image = to_device(plan.image, device)
-            step.valid = [cur_len] * batch
-            step.call_len = cur_len
-            step.full = (kwargs.get("attention_mask"), kwargs.get("position_embeddings"), kwargs.get("position_ids"))
         else:
             cur_q_idx = prev.q_idx
             cur_cols = prev.cols[:, -cur_len:]
-        full_mask, full_pos_emb, full_pos_ids = step.full
-        captured = step.captured
-        attn = self.layers[layer - 1].self_attn
+        full_mask = step.full[0]
 
-        def attention(rows: torch.Tensor) -> torch.Tensor:
-            return attention_rows(
-                captured["q"], captured["k"], rows, captured["position_embeddings"], captured["mask"],
-                attn.head_dim, attn.scaling,
-            )
-
-        view = LLMTokens(hidden=hidden, visual=step.visual, image=step.image, keep=plan.keeps[j],
-                         attention=attention, layer=layer)
-        keep = fn(view, **knobs) & (cur_cols >= 0)
+        out = spec.fn(self._view(step, j, hidden, cur_cols, kwargs), **spec.knobs)
+        selection = out if isinstance(out, LLMSelection) else LLMSelection(keep=out)
+        keep = selection.keep & (cur_cols >= 0)
+        extra_image = selection.extra_image
+        n_extra = 0 if selection.extra is None or extra_image is None else selection.extra.shape[1]
         entering = plan_visual_counts(plan, j)
         valid = [step.valid[b] - sum(entering[b]) + sum(plan.keeps[j][b]) for b in range(batch)]
+        got = (keep.sum(dim=1) + (0 if n_extra == 0 else (extra_image >= 0).sum(dim=1))).tolist()
+        if got != valid:
+            raise RuntimeError(
+                f"the in-LLM step of {spec.group!r} before layer {layer} left {got} tokens per row; "
+                f"its plan says {valid}"
+            )
         new_len = max(valid)
-        order = keep.to(torch.int8).sort(dim=1, stable=True).indices[:, -new_len:]  # kept slots, in order, last
+
+        # order every candidate (current slots, then extra tokens) by where it goes; dropped ones first
+        slot = torch.arange(cur_len, device=device).expand(batch, -1)
+        key = torch.where(keep, slot * (n_extra + 1), -1)
+        sources = slot
+        if n_extra:
+            last = torch.full((batch, int(extra_image.max()) + 1 if bool((extra_image >= 0).any()) else 1), -1,
+                              dtype=torch.long, device=device)
+            img = step.image.clamp(min=0)
+            last = last.scatter_reduce(1, img, torch.where(step.image >= 0, slot, -1), reduce="amax")
+            anchor = last.gather(1, extra_image.clamp(min=0))  # (B, M) slot each extra token follows
+            rank = torch.arange(n_extra, device=device).expand(batch, -1)
+            extra_key = torch.where(extra_image >= 0, anchor * (n_extra + 1) + 1 + rank, -1)
+            key = torch.cat([key, extra_key], dim=1)
+            sources = torch.cat([slot, anchor], dim=1)  # an extra token takes its anchor's column / position
+        order = key.sort(dim=1, stable=True).indices[:, -new_len:]
         n_pad = to_device([new_len - v for v in valid], device)
         pad = torch.arange(new_len, device=device).unsqueeze(0) < n_pad.unsqueeze(1)
-        new_cols = cur_cols.gather(1, order).masked_fill(pad, -1)
-        q_idx = cur_q_idx.gather(1, order)
-        new_hidden = hidden.gather(1, order.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+        src = sources.gather(1, order)  # (B, new_len) current slot each new slot comes from (or follows)
+        is_extra = order >= cur_len
+
+        new_cols = cur_cols.gather(1, src).masked_fill(pad, -1)
+        q_idx = cur_q_idx.gather(1, src)
+        new_hidden = hidden.gather(1, src.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+        if n_extra:
+            extra_idx = (order - cur_len).clamp(min=0)
+            extra = selection.extra.to(hidden.dtype).gather(1, extra_idx.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+            new_hidden = torch.where(is_extra.unsqueeze(-1), extra, new_hidden)
         new_hidden = new_hidden.masked_fill(pad.unsqueeze(-1), 0.0)
+        base_sub = step.sub.gather(1, src)
+        new_sub = torch.where(is_extra, (j + 1) * (SUB // 64) + (order - cur_len), base_sub).masked_fill(pad, 0)
+        new_visual = (step.visual.gather(1, src) | is_extra) & ~pad
+        new_image = step.image.gather(1, src)
+        if n_extra:
+            new_image = torch.where(is_extra, extra_image.gather(1, (order - cur_len).clamp(min=0)), new_image)
+        new_image = new_image.masked_fill(pad, -1)
+
+        # positions: kept as they were (an extra token takes its anchor's), or renumbered contiguously
+        pos_emb = None if step.pos_emb is None else tuple(gather_rows(t, src) for t in step.pos_emb)
+        pos_ids = gather_last(step.pos_ids, src) if step.pos_ids is not None else step.full[2]
+        if spec.positions == "renumber" or (spec.positions == "auto" and self._can_renumber(pos_ids)):
+            pos_ids, pos_emb = self._renumber(step, pos_ids, new_cols, new_hidden)
 
         record = cache_record(cache, create=cache is not None)
         past_cols = self._past_cols(record, layer, step.past_full, batch, device)
         k_cols = new_cols if past_cols is None else torch.cat([past_cols, new_cols], dim=1)
+        q_rank = new_cols * SUB + new_sub
+        k_rank = q_rank if past_cols is None else torch.cat([past_cols * SUB, q_rank], dim=1)
         if full_mask is None and past_cols is None and min(valid) == new_len:
             mask = None  # no padding anywhere, no past: plain causal attention over the kept slots is right
         else:
-            mask = gather_mask(full_mask, q_idx, new_cols, k_cols, self.attn_kind, hidden.dtype)
-        pos_emb = None if full_pos_emb is None else tuple(gather_rows(t, q_idx) for t in full_pos_emb)
-        pos_ids = full_pos_ids
-        if pos_ids is not None and pos_ids.shape[-1] == step.call_len:
-            pos_ids = gather_rows(pos_ids, q_idx, dim=pos_ids.ndim - 1)
+            mask = gather_mask(full_mask, q_idx, new_cols, k_cols, self.attn_kind, hidden.dtype, q_rank, k_rank)
         step.segments[layer] = Segment(q_idx, k_cols, mask, pos_emb, pos_ids)
-        step.visual = step.visual.gather(1, order) & ~pad
-        step.image = step.image.gather(1, order).masked_fill(pad, -1)
-        step.valid = valid
+        step.visual, step.image, step.sub, step.valid = new_visual, new_image, new_sub, valid
+        step.pos_emb, step.pos_ids = pos_emb, pos_ids
         if record is not None:
             record.cols[layer] = k_cols
             record.full_len = step.past_full + step.call_len
+            if step.renumbered:
+                record.shift[layer] = self._shift(step, pos_ids)
         return new_hidden
+
+    def _can_renumber(self, pos_ids: torch.Tensor | None) -> bool:
+        """Whether this LLM has 1-D positions to renumber ("auto" keeps multi-axis M-RoPE positions)."""
+        return pos_ids is not None and pos_ids.ndim == 2 and self.rotary is not None
+
+    def _renumber(self, step: StepState, pos_ids: torch.Tensor | None, new_cols: torch.Tensor,
+                  new_hidden: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Contiguous positions for the new slots: each row's first slot keeps its position, the rest count up."""
+        if pos_ids is None or pos_ids.ndim != 2 or self.rotary is None:
+            raise ValueError(
+                "renumbering positions needs an LLM with 1-D RoPE position ids (LLaVA, LLaVA-NeXT); this LLM "
+                "uses multi-axis positions: pass keep_positions=True"
+            )
+        real = new_cols >= 0
+        first = real.to(torch.int8).argmax(dim=1, keepdim=True)  # the first real slot of each row
+        base = pos_ids.gather(1, first)
+        counted = real.long().cumsum(dim=1) - 1
+        new_ids = torch.where(real, base + counted, base)
+        step.renumbered = True
+        return new_ids, self.rotary(new_hidden, new_ids)
+
+    def _shift(self, step: StepState, pos_ids: torch.Tensor | None) -> torch.Tensor:
+        """(B,) how far later tokens' positions move: the call's last position minus its new one."""
+        full_ids = step.full[2]
+        assert pos_ids is not None and full_ids is not None
+        old_last = full_ids.expand(pos_ids.shape[0], -1)[:, -1]
+        return old_last - pos_ids[:, -1]
 
     def _past_cols(self, record: CacheRecord | None, layer: int, past_full: int, batch: int,
                    device: torch.device) -> torch.Tensor | None:
@@ -406,7 +622,7 @@ class Pruner:
 
 
 def plan_visual_counts(plan: PrefillPlan, stage: int) -> list[list[int]]:
-    """Visual tokens per row and image entering ``stage`` (the previous stage's keeps, or the LLM input)."""
+    """Visual tokens per row and image entering ``stage`` (the previous step's counts, or the LLM input)."""
     if stage > 0:
         return plan.keeps[stage - 1]
     counts: list[list[int]] = []

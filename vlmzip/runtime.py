@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from . import llm_hooks, sequence
-from .methods.base import Budget, MethodSpec, Selection, VisionTokens, get_method
+from .methods.base import Budget, LLMStep, MethodSpec, Selection, VisionTokens, get_method
 
 # Tensors aligned with input_ids (B, L) that shrink with it, and the value their added padding gets.
 ALIGNED = {"attention_mask": 0, "labels": -100, "token_type_ids": 0, "mm_token_type_ids": 0}
@@ -98,6 +98,7 @@ class CompressionState:
     undo: list[Any] = field(default_factory=list)
     pruner: llm_hooks.Pruner | None = None
     recording: list[Any] | None = None
+    steps: list[LLMStep] = field(default_factory=list)  # the in-LLM stages' pruning points, by layer
 
     @property
     def stages(self) -> list[Stage]:
@@ -159,25 +160,33 @@ class CompressionState:
             call["position_ids"] = sequence.shrink_positions(call["position_ids"], shrunk.columns)
         return shrunk
 
-    def prefill_plan(self, ids: torch.Tensor, counts: list[int]) -> llm_hooks.PrefillPlan:
-        """Where the visual tokens sit in the LLM's (already shrunk) ids, and each in-LLM stage's keeps,
-        from the images' vanilla ``counts``."""
+    def prefill_plan(
+        self, ids: torch.Tensor, counts: list[int], mask: torch.Tensor | None = None
+    ) -> llm_hooks.PrefillPlan:
+        """Where the visual tokens sit in the LLM's (already shrunk) ids (B, L), and each in-LLM step's
+        counts, from the images' vanilla ``counts``; ``mask``: the call's (B, L) attention mask, if any."""
         kept = [self.pre_keep(c, i) for i, c in enumerate(counts)]
         spans = sequence.image_spans(ids, self.adapter.image_token_id, kept, kept)
         batch, length = ids.shape
         visual = torch.zeros(batch, length, dtype=torch.bool)
         image = torch.full((batch, length), -1, dtype=torch.long)
         per_row: list[list[int]] = [[] for _ in range(batch)]
+        vanilla: list[list[int]] = [[] for _ in range(batch)]
         for s in spans:
             visual[s.row, s.start : s.start + s.kept] = True
             image[s.row, s.start : s.start + s.kept] = len(per_row[s.row])
             per_row[s.row].append(s.kept)
-        keeps = []
+            vanilla[s.row].append(counts[s.image])
+        keeps, selected = [], []
         current = per_row
-        for stage in self.llm:
-            current = [[stage.keep(n, f"an image of row {b}") for n in row] for b, row in enumerate(current)]
+        for step in self.steps:
+            plans = [[step.plan(n, vanilla[b][i], f"image {i} of row {b}") for i, n in enumerate(row)]
+                     for b, row in enumerate(current)]
+            selected.append([[k for k, _ in row] for row in plans])
+            current = [[a for _, a in row] for row in plans]
             keeps.append(current)
-        return llm_hooks.PrefillPlan(visual=visual, image=image, keeps=keeps)
+        real = None if mask is None or mask.ndim != 2 else mask.cpu().bool()
+        return llm_hooks.PrefillPlan(visual=visual, image=image, keeps=keeps, kept=selected, real=real)
 
     def map_to_cache(self, call: dict[str, Any], cache: Any) -> bool:
         """A later turn: the caller's ids begin with the prompt whose shrunk form the cache holds; map them."""
@@ -233,7 +242,8 @@ class CompressionState:
                 adapter.prepare_call(self, call, original_ids, shrunk)
                 host_ids = shrunk.input_ids
             if self.llm:
-                prefill = self.prefill_plan(host_ids, counts)
+                mask = call.get("attention_mask")
+                prefill = self.prefill_plan(host_ids, counts, mask if isinstance(mask, torch.Tensor) else None)
         elif ids is not None and not flags["in_generate"] and cache is not None:
             self.map_to_cache(call, cache)
         return self._run(original, call, prefill, cache)

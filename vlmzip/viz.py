@@ -366,21 +366,26 @@ def method_panel(model: Any, view: ModelView, method: str, knobs: dict[str, Any]
     """
     import torch
 
-    from .api import compressed, plan, recorded
+    from .api import compressed, llm_steps, plan, recorded
 
     planned = plan(model, method, **knobs)
     picture = plain_picture(view)
     if not planned.stages:
         return f"{method_label(method)}, all {view.total} visual tokens", picture, set()
     stage = planned.stages[0]
+    if stage.spec.stage == "llm":
+        steps = llm_steps([stage], len(planned.adapter.language_model().layers))
+        counts = [view.total]
+        for step in steps:
+            counts.append(step.plan(counts[-1], view.total)[1])
+        layers = ", ".join(str(s.layer) for s in steps)
+        caption = budget_title(method, counts[-1], view.total)
+        text = (f"{method_label(method)} drops visual tokens inside the LLM, before decoder layer(s) {layers}, by "
+                "the attention of the question's tokens: which ones depends on the question, so there is no "
+                "selection before the LLM to draw.")
+        return f"{caption} from LLM layer {steps[0].layer} on", notice(picture, text), set()
     kept = stage.keep(view.total)
     caption = budget_title(method, kept, view.total)
-    if stage.spec.stage == "llm":
-        layer = stage.knobs["layer"]
-        text = (f"{method_label(method)} drops visual tokens inside the LLM, before decoder layer {layer}, by the "
-                "attention of each question's last token: which ones depends on the question, so there is no "
-                "selection before the LLM to draw.")
-        return f"{caption} from LLM layer {layer} on", notice(picture, text), set()
     with torch.no_grad(), compressed(model, method, **knobs), recorded(model) as selections:
         model(**view.inputs)
     if not selections:  # a keep-all budget of a multi-crop image sends the vanilla tokens unchanged

@@ -58,23 +58,37 @@ def retention_table(results: dict[str, Any]) -> str:
         cells = [_cell(v, r) for v, r in zip(values, ref, strict=True)]
         name = run["method"] + (f" {run['knobs']}" if run["knobs"] and "tokens" not in run["knobs"] else "")
         off = f"{100 * run['scores'].get('off_vocabulary', 0.0):.1f}"
-        tokens = str(run["tokens"])
-        if run.get("layer_avg_tokens") is not None:  # in-LLM: what it ends with, and the mean over layers
-            tokens += f" (layer avg {run['layer_avg_tokens']:.1f})"
+        tokens = token_cell(run)
         return "| " + " | ".join([name, tokens, *cells, f"{100 * avg:.1f} ({avg_pct})", off]) + " |"
 
     total = vanilla["tokens"]
     lines.append(row(vanilla))
-    for budget in sorted({r["tokens"] for r in runs[1:]}, reverse=True):
+    for budget in sorted({nominal(r) for r in runs[1:]}, reverse=True):
         kept = f"{100 * budget / total:.1f}%"
         lines.append(f"| **Retain {budget} tokens ({kept})** |" + " |" * (len(header) - 1))
-        lines.extend(row(r) for r in runs[1:] if r["tokens"] == budget)
+        lines.extend(row(r) for r in runs[1:] if nominal(r) == budget)
     return "\n".join(lines) + "\n"
 
 
+def nominal(run: dict[str, Any]) -> int:
+    """The run's nominal budget (the tokens it was given), else the visual tokens it ends with."""
+    budget = run.get("budget")
+    return int(run["tokens"] if budget is None else budget)
+
+
+def token_cell(run: dict[str, Any]) -> str:
+    """The nominal budget; for in-LLM methods and compositions also the visual tokens the LLM receives
+    (sent), ends with (final) and averages over its decoder layers (from ``vlmzip.plan``)."""
+    cell = str(nominal(run))
+    if run.get("layer_avg_tokens") is not None:
+        sent = "" if run.get("sent_tokens") is None else f"sent {run['sent_tokens']}, "
+        cell += f" ({sent}final {run['tokens']}, layer avg {run['layer_avg_tokens']:.1f})"
+    return cell
+
+
 def budgets_run(results: dict[str, Any]) -> list[int]:
-    """The visual-token counts of the compressed runs, ascending (the plot's x ticks)."""
-    return sorted({int(run["tokens"]) for run in results["runs"][1:]})
+    """The nominal budgets of the compressed runs, ascending (the plot's x ticks)."""
+    return sorted({nominal(run) for run in results["runs"][1:]})
 
 
 def accuracy_figure(results: dict[str, Any]) -> Any:
@@ -91,7 +105,7 @@ def accuracy_figure(results: dict[str, Any]) -> Any:
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     by_method: dict[str, list[tuple[int, float]]] = {}
     for run in runs[1:]:
-        by_method.setdefault(run["method"], []).append((run["tokens"], run["scores"]["macro_accuracy"]))
+        by_method.setdefault(run["method"], []).append((nominal(run), run["scores"]["macro_accuracy"]))
     for method, points in sorted(by_method.items()):
         points.sort()
         ax.plot([p[0] for p in points], [100 * p[1] for p in points], marker="o", label=method)

@@ -25,6 +25,7 @@ import contextlib
 import hashlib
 import json
 import re
+import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,6 +36,8 @@ from torch import nn
 from tqdm import tqdm
 
 from ..api import PAPER_BUDGETS, compressed, paper_budget, plan
+from ..compose import fixed_budget, is_composition, last_stage
+from ..compose import parse as parse_composition
 from ..io import generate_answers, load_model
 from ..methods import get_method
 from .data import LAB_DATASETS, Record, ensure_lab_dataset, load_folder, load_image
@@ -60,38 +63,69 @@ class EvalConfig:
     match: str = "exact"
     device: str = "cpu"
     dtype: str = "float32"
+    multi_turn: bool = False  # two-turn conversations on one KV cache (vlmzip.eval.multiturn)
+    turn2_from_scratch: bool = False  # multi-turn control: turn 2 recomputed from its full prompt and the image
 
 
 @dataclass
 class Run:
-    """One column of results: a method at one budget (or vanilla)."""
+    """One column of results: a method (or a composition such as ``visionzip@128+fastv``) at one budget.
+
+    ``budget`` is the nominal budget (the ``tokens`` the run was given; None for a method without one),
+    ``sent_tokens`` what the LLM receives per image, ``tokens`` what it ends with, ``layer_avg_tokens`` the
+    mean over its decoder layers (for in-LLM stages the three differ; ``vlmzip.plan`` computes them).
+    """
 
     key: str
     method: str
     knobs: dict[str, Any]
     tokens: int  # visual tokens per image the LLM ends with
     layer_avg_tokens: float | None = None  # in-LLM methods: visual tokens per image averaged over decoder layers
+    budget: int | None = None
+    sent_tokens: int | None = None
+
+
+def has_llm_stage(method: str) -> bool:
+    """True for a method, or a composition, with a stage inside the LLM (tokens change across its layers)."""
+    names = [name for name, _ in parse_composition(method)] if is_composition(method) else [method]
+    return any(get_method(name).stage == "llm" for name in names)
 
 
 def plan_runs(model: nn.Module, methods: list[str], tokens: list[int]) -> list[Run]:
     """Vanilla first, then every method at every budget; validates all of them before any work.
 
-    A method that takes a budget is swept over ``tokens``; one without is run once with defaults. In-LLM
-    methods also carry the layer-averaged visual token count, so budgets compare fairly with pre-LLM ones.
+    A method that takes a budget is swept over ``tokens`` (a composition: its last stage, unless that
+    fixed its own with ``@N``); one without is run once with defaults. Each run carries the visual tokens
+    the LLM receives, ends with and averages over its layers, so budgets compare fairly.
     """
     vanilla_tokens = plan(model, VANILLA).tokens
-    runs = [Run(VANILLA, VANILLA, {}, vanilla_tokens)]
+    runs = [Run(VANILLA, VANILLA, {}, vanilla_tokens, budget=vanilla_tokens, sent_tokens=vanilla_tokens)]
     for name in methods:
         if name == VANILLA:
             continue
-        spec = get_method(name)
-        sweep = [{"tokens": t} for t in tokens] if spec.takes_budget else [{}]
+        spec = get_method(last_stage(name))
+        sweep = [{"tokens": t} for t in tokens] if spec.takes_budget and not fixed_budget(name) else [{}]
+        reach = _sent_before_last(model, name)
         for knobs in sweep:
+            if reach is not None and knobs.get("tokens", 0) > reach:
+                warnings.warn(f"{name}: skipping budget {knobs['tokens']}, more than the {reach} visual tokens "
+                              "its earlier stage sends", stacklevel=2)
+                continue
             planned = plan(model, name, **knobs)
             key = f"{name}@{knobs['tokens']}" if knobs else name
-            avg = planned.layer_avg_tokens if spec.stage == "llm" else None
-            runs.append(Run(key, name, knobs, planned.final_tokens, avg))
+            avg = planned.layer_avg_tokens if has_llm_stage(name) else None
+            nominal = knobs.get("tokens", planned.final_tokens)
+            runs.append(Run(key, name, knobs, planned.final_tokens, avg, nominal, planned.tokens))
     return runs
+
+
+def _sent_before_last(model: nn.Module, method: str) -> int | None:
+    """For a composition whose last stage takes the run's budget: the visual tokens its earlier stages
+    leave per image (budgets above it are skipped); None otherwise."""
+    if not is_composition(method) or fixed_budget(method):
+        return None
+    earlier = method.rsplit("+", 1)[0]
+    return plan(model, earlier).final_tokens if "+" in method else None
 
 
 def data_folder(data: str) -> Path:
@@ -279,7 +313,8 @@ def previous_runs(out: Path) -> list[Run]:
     try:
         rows = json.loads(path.read_text())["runs"]
         return [
-            Run(r["key"], r["method"], dict(r["knobs"]), int(r["tokens"]), r.get("layer_avg_tokens"))
+            Run(r["key"], r["method"], dict(r["knobs"]), int(r["tokens"]), r.get("layer_avg_tokens"),
+                r.get("budget"), r.get("sent_tokens"))
             for r in rows
         ]
     except (ValueError, KeyError, TypeError) as err:
@@ -313,6 +348,10 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         raise ValueError(f"--batch-size must be >= 1, got {cfg.batch_size}")
     if cfg.limit is not None and cfg.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {cfg.limit}")
+    if cfg.multi_turn:
+        from .multiturn import evaluate_multi_turn
+
+        return evaluate_multi_turn(cfg)
     with launched() as procs:
         return _evaluate(cfg, procs)
 

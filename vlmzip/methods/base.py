@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 # Signals an adapter knows how to compute for a pre-LLM method (``MethodSpec.needs``).
-SIGNALS = frozenset({"keys", "cls_attention", "received_attention"})
+SIGNALS = frozenset({"keys", "cls_attention", "received_attention", "inputs_embeds"})
 # Where a method acts: on the vision tower's output, on the projector's output, inside the LLM.
 STAGES = ("vision", "projector", "llm")
 
@@ -105,11 +105,21 @@ class LLMTokens:
     - ``hidden``: (B, L, D) hidden states entering that layer (L = the current sequence, padded).
     - ``visual``: (B, L) bool, True at the current visual tokens.
     - ``image``: (B, L) long, the image (0, 1, ... within its row) of each visual token, -1 elsewhere.
-    - ``keep``: per row, per image, how many of its visual tokens stay (host ints).
+    - ``keep``: per row, per image, how many of its visual tokens this step keeps (host ints).
     - ``last_query_attention``: () -> (B, L) attention probabilities of each row's last token over the
       sequence in the previous layer, mean over heads (causal and padding masks applied).
     - ``attention(rows)``: (B, R) long positions -> (B, H, R, L) attention probabilities of those query
       rows in the previous layer (after RoPE, GQA expanded, masks applied). Only these rows are built.
+    - ``logits(rows)``: (B, R) -> (B, H, R, L) scaled q.k scores of those rows in layer ``layer`` itself,
+      from its input norm, q/k projections and RoPE on ``hidden`` (masked entries -inf), before softmax.
+    - ``rope_ones(rows)``: (B, R) -> (B, R, L) the previous layer's RoPE applied to all-ones queries and
+      keys, dot product scaled by 1/sqrt(Dh) (SparseVLM+'s "attention gravity").
+    - ``cols``: (B, L) long, each slot's column in this call's LLM input (-1 = padding slot; an inserted
+      token has its anchor's column).
+    - ``real``: (B, L) bool, slots holding a real token (not padding of any kind).
+    - ``inputs_embeds``: (B, L0, D) the LLM's input embeddings (columns = ``cols``), for methods whose
+      ``MethodSpec.needs`` has "inputs_embeds"; ``inputs_visual`` / ``inputs_real``: (B, L0) bool.
+    - ``scratch``: a dict shared by the steps of one method within one prefill (e.g. SparseVLM's raters).
     """
 
     hidden: torch.Tensor
@@ -118,10 +128,75 @@ class LLMTokens:
     keep: list[list[int]]
     attention: Callable[[torch.Tensor], torch.Tensor]
     layer: int
+    logits: Callable[[torch.Tensor], torch.Tensor] | None = None
+    rope_ones: Callable[[torch.Tensor], torch.Tensor] | None = None
+    cols: torch.Tensor | None = None
+    real: torch.Tensor | None = None
+    inputs_embeds: torch.Tensor | None = None
+    inputs_visual: torch.Tensor | None = None
+    inputs_real: torch.Tensor | None = None
+    scratch: dict[str, Any] = field(default_factory=dict)
 
     def last_query_attention(self) -> torch.Tensor:
         rows = torch.full((self.hidden.shape[0], 1), self.hidden.shape[1] - 1, device=self.hidden.device)
         return self.attention(rows)[:, :, 0].mean(dim=1)
+
+
+@dataclass
+class LLMSelection:
+    """An in-LLM step's answer when it also adds tokens (SparseVLM's recycled clusters).
+
+    - ``keep``: (B, L) bool, True for every token that stays (text always stays).
+    - ``extra``: (B, M, D) hidden states to insert, or None; ``extra_image``: (B, M) long, the image each
+      extra token belongs to (-1 = an unused padding entry). Each image's extra tokens are inserted, in
+      order, right after its last visual token, with the position of that token (or renumbered).
+    """
+
+    keep: torch.Tensor
+    extra: torch.Tensor | None = None
+    extra_image: torch.Tensor | None = None
+
+
+def keep_counts(n: int, vanilla: int, step: LLMStep) -> tuple[int, int]:
+    """The default plan of a step: of ``n`` visual tokens of an image, keep ``budget.keep(n)``, add none.
+
+    (``vanilla``: the image's token count in the unmodified model; methods with schedules scale by it.)
+    """
+    if step.budget is None:
+        return n, n
+    kept = step.budget.keep(n)
+    return kept, kept
+
+
+@dataclass
+class LLMStep:
+    """One pruning point inside the LLM: before decoder layer ``layer``, ``fn(LLMTokens, **knobs)`` runs.
+
+    ``counts(n, vanilla, step) -> (kept, after)``: of ``n`` visual tokens an image has when it reaches this
+    step (``vanilla`` in the unmodified model), how many the method keeps and how many it has afterwards
+    (kept + inserted). A module-level function,
+    so compressed models stay picklable. ``positions``: "keep" (tokens keep their positions, gaps remain),
+    "renumber" (positions made contiguous after the step, as SparseVLM 1.0 does; 1-D RoPE LLMs only) or
+    "auto" (renumber where the LLM has 1-D positions, keep on multi-axis M-RoPE such as Qwen2-VL). ``group``: steps of
+    one method share ``LLMTokens.scratch`` within a prefill.
+    """
+
+    layer: int
+    fn: Callable[..., Any]
+    knobs: dict[str, Any]
+    budget: Budget | None = None
+    counts: Callable[[int, int, LLMStep], tuple[int, int]] = keep_counts
+    positions: str = "keep"
+    group: str = ""
+    needs: frozenset[str] = field(default_factory=frozenset)
+    min_layer: int = 1  # 0 for steps that score with their own layer (LLMTokens.logits), not the previous one
+
+    def plan(self, n: int, vanilla: int, image: str = "an image") -> tuple[int, int]:
+        """(kept, after) for an image reaching this step with ``n`` tokens (clear error if impossible)."""
+        try:
+            return self.counts(n, vanilla, self)
+        except ValueError as err:
+            raise ValueError(f"{self.group or 'in-LLM step'}: {err} ({image})") from None
 
 
 @dataclass(frozen=True)
@@ -200,6 +275,8 @@ class MethodSpec:
     - ``budget(resolved)``: a budget fixed by the method's own knobs (VisionZip's dominant + contextual),
       an alternative to ``tokens`` / ``ratio``; None when those knobs do not fix one.
     - ``default_budget``: the budget when the user gives none (FastV: the paper's ratio 0.5); None = required.
+    - ``steps(resolved, budget, num_layers) -> list[LLMStep]``: for in-LLM methods that act at several
+      layers or add tokens (SparseVLM); None = one step before layer ``resolved["layer"]`` keeping the budget.
     """
 
     name: str
@@ -212,6 +289,15 @@ class MethodSpec:
     budget: Callable[[dict[str, Any]], Budget | None] = lambda resolved: None
     default_budget: Budget | None = None
     takes_budget: bool = True
+    steps: Callable[[dict[str, Any], Budget | None, int], list[LLMStep]] | None = None
+
+    def llm_steps(self, resolved: dict[str, Any], budget: Budget | None, num_layers: int) -> list[LLMStep]:
+        """The in-LLM steps of this method with these knobs, for an LLM of ``num_layers`` decoder layers."""
+        if self.steps is not None:
+            return self.steps(resolved, budget, num_layers)
+        knobs = {k: v for k, v in resolved.items() if k != "layer"}
+        return [LLMStep(layer=resolved["layer"], fn=self.fn, knobs=knobs, budget=budget, group=self.name,
+                        needs=self.needs)]
 
     def all_knobs(self) -> tuple[Knob, ...]:
         """The method's knobs with the shared budget knobs first."""
