@@ -160,3 +160,15 @@ def test_other_families_answer_as_vlmzip_does(lmms_eval_cli: Path, family: str, 
             images = [doc_to_visual(d)[0] for d in batch]
             want += generate_answers(model, processor, images, [d["question"] for d in batch], max_new_tokens=4)
     assert got == want and any(got)  # random weights: nonsense, but the same nonsense
+
+
+def test_task_command_writes_a_task_and_refuses_bad_input(tmp_path: Path, capsys) -> None:
+    from vlmzip.lmms.task import main
+
+    assert main(["--data", "lab-test-small", "--out", str(tmp_path), "--limit", "3", "--name", "lab3"]) == 0
+    assert "--tasks lab3" in capsys.readouterr().out
+    assert len((tmp_path / "lab3.jsonl").read_text().splitlines()) == 3
+    assert {p.name for p in tmp_path.iterdir()} == {"lab3.jsonl", "lab3.yaml", "utils.py"}
+    with pytest.raises(SystemExit) as err:
+        main(["--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "t")])
+    assert err.value.code == 2 and "error:" in capsys.readouterr().err
