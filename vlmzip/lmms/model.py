@@ -1,0 +1,175 @@
+"""``--model vlmzip`` for lmms-eval: any model vlmzip supports, compressed with any vlmzip method.
+
+``--model_args`` (comma-separated ``key=value``):
+
+- ``pretrained``: checkpoint folder (``vlmzip.io.load_model``; default: vlmzip's default model, the shipped
+  lab mini-VLM), or ``arch:NAME`` (random weights: for speed only);
+- ``method``: a vlmzip method (``vlmzip list``), default ``vanilla`` (uncompressed);
+- ``tokens``: visual tokens per image the LLM ends with (or any other knob of the method, e.g.
+  ``ratio=0.25``, ``dominant=54,contextual=10``), passed to ``vlmzip.compress``;
+- ``device`` (default ``auto``), ``dtype`` (default ``float32``), ``batch_size`` (default 1; lmms-eval's
+  ``--batch_size`` and ``--device`` set them too).
+
+Questions are answered in lmms-eval's request order (task, split, document id) in batches of
+``batch_size`` with the model's own chat prompt, left padded, exactly as ``vlmzip eval`` answers the
+same questions with the same ``--batch-size``, so both give the same answers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lmms_eval.api.instance import Instance
+from lmms_eval.api.model import lmms
+from PIL import Image
+from tqdm import tqdm
+
+from .. import api
+from ..eval.distributed import from_env
+from ..io import batch_inputs, chat_prompt, load_model
+
+VANILLA = "vanilla"
+
+
+def _resolve_device(device: str) -> str:
+    from ..cli import resolve_device  # cli imports torch lazily: cheap
+
+    name = resolve_device(device)
+    return from_env().device(name)  # under accelerate launch / torchrun: cuda -> cuda:LOCAL_RANK
+
+
+def _batch_size(value: Any) -> int:
+    try:
+        size = int(value)
+    except (TypeError, ValueError):
+        size = 0
+    if size < 1:
+        raise ValueError(f"vlmzip: batch_size must be a whole number >= 1, got {value!r} ('auto' is not supported)")
+    return size
+
+
+def cut_at_stops(text: str, until: list[str]) -> str:
+    """``text`` up to the first of the stop strings ``until`` (empty strings ignored), stripped."""
+    for stop in until:
+        if stop:
+            text = text.split(stop, 1)[0]
+    return text.strip()
+
+
+def _where(request: Instance) -> tuple[str, str, int]:
+    """(task, split, document id) of a request: the order ``vlmzip eval`` answers questions in."""
+    return request.args[4], request.args[5], request.args[3]
+
+
+class VlmzipLMM(lmms):
+    """lmms-eval model: a vlmzip-supported VLM (LLaVA-1.5, LLaVA-NeXT, Qwen2-VL / 2.5-VL) compressed by
+    ``vlmzip.compress(model, method, **knobs)``; one image per question."""
+
+    is_simple = True
+
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        method: str = VANILLA,
+        device: str | None = "auto",
+        dtype: str = "float32",
+        batch_size: int | str = 1,
+        max_batch_size: int | None = None,
+        **knobs: Any,
+    ) -> None:
+        super().__init__()
+        self.batch_size = _batch_size(batch_size)
+        self.device = _resolve_device(device or "auto")
+        self.model, self.processor = load_model(pretrained, device=self.device, dtype=dtype)
+        self.method = method
+        self.knobs = knobs
+        if method != VANILLA:
+            api.compress(self.model, method, **knobs)
+        elif knobs:
+            raise ValueError(f"vlmzip: method=vanilla takes no knobs, got {sorted(knobs)}; pass method=NAME too")
+
+    # -- helpers -------------------------------------------------------------------------------------------
+
+    def _doc(self, task: str, split: str, doc_id: int) -> dict[str, Any]:
+        return self.task_dict[task][split][doc_id]
+
+    def _image(self, doc_to_visual: Any, task: str, split: str, doc_id: int) -> Image.Image:
+        visuals = doc_to_visual(self._doc(task, split, doc_id)) if doc_to_visual is not None else []
+        images = [v for v in visuals if isinstance(v, Image.Image)]
+        if len(images) != 1 or len(visuals) != 1:
+            raise ValueError(
+                f"vlmzip answers questions with exactly one image; task {task!r} document {doc_id} gives "
+                f"{len(visuals)} visual(s) ({len(images)} image(s)). Use a single-image task"
+            )
+        return images[0].convert("RGB")
+
+    @torch.no_grad()
+    def _answer(self, images: list[Image.Image], questions: list[str], gen: dict[str, Any]) -> list[str]:
+        """Answers to a batch of (image, question), ``gen``: lmms-eval generation kwargs (greedy by default)."""
+        until = gen.get("until") or []
+        until = [until] if isinstance(until, str) else list(until)
+        sample = bool(gen.get("do_sample", False)) and float(gen.get("temperature", 0) or 0) > 0
+        kwargs: dict[str, Any] = {"max_new_tokens": int(gen.get("max_new_tokens", 16)), "do_sample": sample,
+                                  "num_beams": int(gen.get("num_beams", 1) or 1)}
+        if sample:
+            kwargs.update(temperature=float(gen["temperature"]), top_p=float(gen.get("top_p", 1.0) or 1.0))
+        inputs = batch_inputs(self.processor, images, questions, self.model)
+        out = self.model.generate(**inputs, **kwargs)
+        new = out[:, inputs["input_ids"].shape[1] :]
+        return [cut_at_stops(t, until) for t in self.processor.batch_decode(new, skip_special_tokens=True)]
+
+    # -- lmms-eval's interface -----------------------------------------------------------------------------
+
+    def generate_until(self, requests: list[Instance]) -> list[str]:
+        """Answer each request ``(context, gen_kwargs, doc_to_visual, doc_id, task, split)``; returns one
+        string per request, in the order given."""
+        order = sorted(range(len(requests)), key=lambda i: _where(requests[i]))
+        results: list[str | None] = [None] * len(requests)
+        bar = tqdm(total=len(requests), disable=self.rank != 0, desc=f"vlmzip {self.method}")
+        start = 0
+        while start < len(order):
+            first = requests[order[start]].args
+            chunk = [order[start]]
+            for i in order[start + 1 : start + self.batch_size]:  # same task, split and generation kwargs
+                if (requests[i].args[4], requests[i].args[5], requests[i].args[1]) != (first[4], first[5], first[1]):
+                    break
+                chunk.append(i)
+            start += len(chunk)
+            args = [requests[i].args for i in chunk]
+            images = [self._image(a[2], a[4], a[5], a[3]) for a in args]
+            answers = self._answer(images, [a[0] for a in args], dict(first[1]))
+            for i, a, answer in zip(chunk, args, answers, strict=True):
+                results[i] = answer
+                self.cache_hook.add_partial("generate_until", (a[0], a[1]), answer)
+            bar.update(len(chunk))
+        bar.close()
+        return [r for r in results if r is not None]
+
+    @torch.no_grad()
+    def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
+        """Per request ``(context, continuation, doc_to_visual, doc_id, task, split)``: the summed log-probability
+        of the continuation's tokens after the model's chat prompt for (image, context), and whether greedy
+        decoding would produce exactly them."""
+        results = []
+        for context, target, doc_to_visual, doc_id, task, split in (r.args for r in requests):
+            continuation = target if isinstance(target, str) else target(self._doc(task, split, doc_id))
+            image = self._image(doc_to_visual, task, split, doc_id)
+            prompt = chat_prompt(self.processor, context)
+            enc = self.processor(images=[image], text=[prompt + continuation], return_tensors="pt").to(self.device)
+            prompt_len = self.processor(images=[image], text=[prompt], return_tensors="pt")["input_ids"].shape[1]
+            n = enc["input_ids"].shape[1] - prompt_len
+            if n < 1:
+                raise ValueError(f"task {task!r} document {doc_id}: the continuation {continuation!r} adds no tokens")
+            if "pixel_values" in enc:
+                enc["pixel_values"] = enc["pixel_values"].to(next(self.model.parameters()).dtype)
+            logits = self.model(**enc).logits[0, -n - 1 : -1].float()  # (n, vocab): predicts the last n tokens
+            wanted = enc["input_ids"][0, -n:]
+            logprob = torch.log_softmax(logits, dim=-1).gather(1, wanted[:, None]).sum()
+            results.append((float(logprob), bool((logits.argmax(-1) == wanted).all())))
+        return results
+
+    def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
+        """Not supported: vlmzip's lmms-eval model answers single-round tasks."""
+        raise NotImplementedError("vlmzip's lmms-eval model answers single-round tasks (generate_until, "
+                                  "loglikelihood); multi-round tasks are not supported")
