@@ -349,14 +349,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     quiet = args.quiet or not sys.stderr.isatty()
     with tqdm(total=total, unit="round", desc="vlmzip bench", disable=quiet, dynamic_ncols=True) as bar:
         rows = bench_prefill(model, make_inputs, runs, args.batch_sizes, repeats=args.repeats,
-                             progress=bar.update, compile=args.compile, child=child)
+                             progress=bar.update, compile=args.compile or False, child=child)
     if args.device.startswith("cuda"):
         device = torch.cuda.get_device_name()
     else:
         device = f"cpu ({torch.get_num_threads()} threads)"
     if args.compile:
         eager = sorted({r.method for r in rows if not r.compiled})
-        print("--compile: language model torch.compile'd, static KV cache"
+        print(f"--compile: language model torch.compile'd ({args.compile}), static KV cache"
               + (f"; in-LLM methods run eager on both sides: {', '.join(eager)}" if eager else ""))
     depth = "" if args.layers is None else f", LLM reduced to {args.layers} decoder layers (cost per layer is uniform)"
     print(f"model: {model_name(args)} ({args.dtype}{depth}); image {image.width}x{image.height}")
@@ -478,9 +478,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_bench.add_argument("--eval", default=None, metavar="RUN_DIR",
                          help="a vlmzip eval --out folder of the same model: with --out, also DIR/pareto.png "
                               "(accuracy vs time to first token per method)")
-    p_bench.add_argument("--compile", action="store_true",
-                         help="torch.compile the language model and use a static KV cache, vanilla and method "
-                              "alike (in-LLM methods run eager); the first round compiles")
+    p_bench.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                         help="torch.compile the language model (backend, default inductor; on CUDA with CUDA "
+                              "graphs) and use a static KV cache, vanilla and method alike (in-LLM methods run "
+                              "eager); the first round compiles")
     p_bench.add_argument("--peak-memory", choices=["process", "child"], default="process",
                          help="CPU peak memory: this process's peak (fast, noisy) or each configuration in a "
                               "fresh child process (slower: loads the model once per configuration)")

@@ -48,6 +48,8 @@ def compiled(model: nn.Module, backend: str = "inductor", recompile_limit: int =
     ``model.generate`` uses a static KV cache. Restored on exit (the compiled graphs stay cached, so a
     second ``compiled`` of the same model does not compile again).
 
+    ``backend``: torch.compile's (``"inductor"``: generated kernels, on CUDA with CUDA graphs, mode
+    ``"reduce-overhead"``; ``"aot_eager"``: traced but eager kernels, for checking the plumbing quickly).
     ``recompile_limit``: graphs dynamo keeps per code object (one per batch size x sequence length met);
     raised from torch's default of 8 for the bench's many shapes.
     """
@@ -60,7 +62,9 @@ def compiled(model: nn.Module, backend: str = "inductor", recompile_limit: int =
     saved_limit = getattr(torch._dynamo.config, limit)
     calls = model.__dict__.setdefault("_vlmzip_compiled_calls", {})  # one compiled call per backend, kept
     if backend not in calls:
-        calls[backend] = torch.compile(lm._call_impl, backend=backend, dynamic=False)
+        cuda = next(model.parameters()).device.type == "cuda"
+        mode = "reduce-overhead" if backend == "inductor" and cuda else None
+        calls[backend] = torch.compile(lm._call_impl, backend=backend, mode=mode, dynamic=False)
     previous = lm.__dict__.get("_compiled_call_impl")
     lm._compiled_call_impl = calls[backend]  # what nn.Module.compile() sets: __call__ goes through it
     config.cache_implementation, config.disable_compile = "static", True

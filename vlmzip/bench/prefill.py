@@ -264,7 +264,7 @@ def bench_prefill(
     batch_sizes: list[int],
     repeats: int = 10,
     progress: Callable[[int], Any] | None = None,
-    compile: bool = False,
+    compile: bool | str = False,
     child: ChildSpec | None = None,
 ) -> list[BenchRow]:
     """Time every (method, knobs) at every batch size, each round interleaving vanilla and method.
@@ -274,7 +274,7 @@ def bench_prefill(
     (decode = that minus TTFT), and on the method side the compression overhead.
 
     ``progress(n)`` is called after each round (``len(batch_sizes) * len(runs) * (repeats + 1)`` in all).
-    ``compile``: time inside ``bench.compiled.compiled(model)`` (both sides; methods with an in-LLM stage
+    ``compile`` (True or a torch.compile backend): time inside ``bench.compiled.compiled(model, backend)`` (both sides; methods with an in-LLM stage
     run eager on both sides, ``row.compiled`` says which). FLOPs, KV bytes and peak memory are taken eager.
     ``child``: measure each configuration's peak memory in a fresh process (``bench.memory``) from this
     template (its batch size, method and knobs are filled in) instead of in this process.
@@ -311,7 +311,8 @@ def bench_prefill(
         for method, knobs in runs:
             planned = plan(model, method, **knobs)
             use_compile = compile and compilable(model, method, **knobs)
-            with compiled(model) if use_compile else nullcontext():
+            backend = compile if isinstance(compile, str) else "inductor"
+            with compiled(model, backend) if use_compile else nullcontext():
                 vanilla, squeezed = interleaved(measures, partial(compressed, model, method, **knobs), repeats,
                                                 on_round=progress)
             v = {name: statistics.median(seconds) for name, seconds in vanilla.items() if name != "overhead"}
@@ -344,7 +345,7 @@ def bench_prefill(
                     flops=flops, vanilla_flops=vanilla_flops, ideal_kind="flops",
                     ideal_forward_speedup=vanilla_forward_flops / forward_flops, forward_flops=forward_flops,
                     vanilla_forward_flops=vanilla_forward_flops,
-                    overhead_of=None if found is None else found[1], compiled=use_compile,
+                    overhead_of=None if found is None else found[1], compiled=bool(use_compile),
                     peak_memory_kind="process" if child is None else "child",
                 )
             )
