@@ -319,10 +319,9 @@ def _eval_of_same_model(run_dir: str, model: Any) -> dict:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     import torch
-
-    from .api import PAPER_BUDGETS, paper_budget, plan
     from tqdm.auto import tqdm
 
+    from .api import PAPER_BUDGETS, paper_budget, plan
     from .bench import bench_prefill, format_rows, write_json
     from .bench.memory import ChildSpec
     from .bench.plots import plot_pareto, plot_speedups

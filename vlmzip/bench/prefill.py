@@ -274,8 +274,9 @@ def bench_prefill(
     (decode = that minus TTFT), and on the method side the compression overhead.
 
     ``progress(n)`` is called after each round (``len(batch_sizes) * len(runs) * (repeats + 1)`` in all).
-    ``compile`` (True or a torch.compile backend): time inside ``bench.compiled.compiled(model, backend)`` (both sides; methods with an in-LLM stage
-    run eager on both sides, ``row.compiled`` says which). FLOPs, KV bytes and peak memory are taken eager.
+    ``compile`` (True or a torch.compile backend): time inside ``bench.compiled.compiled(model, backend)``
+    (both sides; methods with an in-LLM stage run eager on both sides, ``row.compiled`` says which). FLOPs,
+    KV bytes and peak memory are taken eager.
     ``child``: measure each configuration's peak memory in a fresh process (``bench.memory``) from this
     template (its batch size, method and knobs are filled in) instead of in this process.
     """
