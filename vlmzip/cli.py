@@ -473,18 +473,20 @@ def build_parser() -> argparse.ArgumentParser:
     p_bench.add_argument("--prompt", default="What color is the small object?",
                          help="the question sent with each image")
     p_bench.add_argument("--out", default=None,
-                         help="also write DIR/bench.json (one object per row) and DIR/speedup.png")
+                         help="also write DIR/bench.json (one object per row) and DIR/speedup.png "
+                              "(default: print the table only)")
     p_bench.add_argument("--eval", default=None, metavar="RUN_DIR",
                          help="a vlmzip eval --out folder of the same model: with --out, also DIR/pareto.png "
-                              "(accuracy vs time to first token per method)")
+                              "(accuracy vs time to first token per method; default: none)")
     p_bench.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                          help="torch.compile the language model (backend, default inductor; on CUDA with CUDA "
                               "graphs) and use a static KV cache, vanilla and method alike (in-LLM methods run "
-                              "eager); the first round compiles")
+                              "eager); the first round compiles (default: eager, dynamic KV cache)")
     p_bench.add_argument("--peak-memory", choices=["process", "child"], default="process",
                          help="CPU peak memory: this process's peak (fast, noisy) or each configuration in a "
-                              "fresh child process (slower: loads the model once per configuration)")
-    p_bench.add_argument("--quiet", action="store_true", help="no progress bar (none either when stderr is no TTY)")
+                              "fresh child process (slower: loads the model once per configuration; default: process)")
+    p_bench.add_argument("--quiet", action="store_true",
+                         help="no progress bar (default: a bar on stderr when it is a terminal)")
     add_device_args(p_bench)
     p_bench.set_defaults(func=cmd_bench)
     return parser
