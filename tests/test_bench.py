@@ -158,3 +158,142 @@ def test_counted_flops_match_the_analytic_llm_and_give_the_end_to_end_ideal(mode
     (row,) = bench_prefill(model, lambda b: inputs, [("visionzip", {"tokens": 16})], [2], repeats=1)
     assert row.ideal_kind == "flops" and row.ideal_speedup == pytest.approx(row.vanilla_flops / row.flops)
     assert 1 < row.ideal_speedup < row.ideal_speedup_llm, "the vision tower's cost is the same on both sides"
+
+
+def test_interleaved_reports_each_round_for_a_progress_bar() -> None:
+    ticks: list[int] = []
+    interleaved({"a": lambda: 1.0}, contextlib.nullcontext, repeats=3, on_round=ticks.append)
+    assert ticks == [1, 1, 1, 1], "the warm-up round and 3 timed rounds"
+
+
+def test_compiled_model_answers_like_the_eager_one_and_is_restored(model, processor) -> None:
+    from vlmzip.adapters import adapter_for
+    from vlmzip.bench.compiled import compilable, compiled
+
+    inputs = batch_inputs(processor, [random_image(7), random_image(8)], ["what color ?", "how many shapes ?"], model)
+
+    def answer() -> tuple:
+        out = model.generate(**inputs, max_new_tokens=2, do_sample=False, output_scores=True,
+                             return_dict_in_generate=True)
+        return out.sequences, torch.stack(out.scores)
+
+    def method(name: str) -> contextlib.AbstractContextManager:
+        return vlmzip.compressed(model, name, tokens=16) if name != "vanilla" else contextlib.nullcontext()
+
+    eager = {}
+    for name in ("vanilla", "visionzip"):
+        with method(name):
+            eager[name] = answer(), model(**inputs).logits
+    lm = adapter_for(model).language_model()
+    # inductor (generated C++ kernels) on VisionZip's generate; vanilla and the forward through aot_eager
+    # (the same graphs, eager kernels), which keeps this test to two inductor compilations on a CPU
+    for name, backend in (("visionzip", "inductor"), ("vanilla", "aot_eager")):
+        with compiled(model, backend):
+            assert lm._compiled_call_impl is not None and model.generation_config.cache_implementation == "static"
+            with method(name):
+                sequences, scores = answer()
+                logits = model(**inputs).logits if backend == "aot_eager" else None
+        assert torch.equal(sequences, eager[name][0][0]), name
+        torch.testing.assert_close(scores, eager[name][0][1], rtol=1e-4, atol=1e-4)
+        if logits is not None:
+            torch.testing.assert_close(logits, eager[name][1], rtol=1e-4, atol=1e-4)
+    assert "_compiled_call_impl" not in vars(lm) and model.generation_config.cache_implementation is None
+    assert compilable(model, "visionzip", tokens=16) and compilable(model, None)
+    assert not compilable(model, "fastv", tokens=16, layer=1), "in-LLM pruning runs eager"
+    with method("visionzip"), pytest.raises(ValueError, match="compile the vanilla"):
+        with compiled(model):
+            pass
+
+
+def test_bench_compile_times_both_sides_compiled(llava_dir, tmp_path, capsys) -> None:
+    """Through the CLI with the quick aot_eager backend (inductor's outputs are checked above; in-LLM
+    methods' rows run eager: ``compilable`` above)."""
+    import json
+
+    out = tmp_path / "b"
+    argv = ["bench", "--model", str(llava_dir), "--methods", "visionzip", "--tokens", "16", "--batch-sizes", "1",
+            "--repeats", "1", "--compile", "aot_eager", "--quiet", "--out", str(out)]
+    assert main(argv) == 0
+    assert "--compile: language model torch.compile'd (aot_eager)" in capsys.readouterr().out
+    (row,) = json.loads((out / "bench.json").read_text())["rows"]
+    assert row["compiled"] is True
+    assert (out / "speedup.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_child_peak_memory_measures_each_configuration_in_a_fresh_process(llava_dir, model, processor) -> None:
+    from vlmzip.bench.memory import ChildSpec, child_peak_memory
+
+    spec = ChildSpec(str(llava_dir), "cpu", "float32", None, None, "what color ?", 1)
+    image = random_image(9)
+
+    def make_inputs(batch_size: int) -> dict:
+        return batch_inputs(processor, [image] * batch_size, ["what color ?"] * batch_size, model)
+
+    (row,) = bench_prefill(model, make_inputs, [("visionzip", {"tokens": 16})], [1], repeats=1, child=spec)
+    assert row.peak_memory_kind == "child"
+    weights = sum(p.nbytes for p in model.parameters())
+    if row.peak_memory_bytes is not None:  # None only where Linux refuses the reset
+        assert row.peak_memory_bytes > weights and row.vanilla_peak_memory_bytes > weights
+    with pytest.raises(RuntimeError, match="peak-memory child for visionzip failed"):  # fails in the child
+        child_peak_memory(ChildSpec(str(llava_dir / "absent"), "cpu", "float32", None, None, "q", 1, "visionzip"))
+
+
+def _row(method: str, tokens: int, ttft_ms: float, vanilla_ms: float = 100.0):
+    from vlmzip.bench.prefill import BenchRow
+
+    return BenchRow(method=method, tokens=tokens, batch_size=1, forward_speedup=1.0, ttft_speedup=vanilla_ms / ttft_ms,
+                    ideal_speedup=2.0, ideal_speedup_llm=3.0, vanilla_forward_ms=vanilla_ms, method_forward_ms=ttft_ms,
+                    vanilla_ttft_ms=vanilla_ms, method_ttft_ms=ttft_ms, overhead_share=0.01, decode_tokens_per_s=1.0,
+                    vanilla_decode_tokens_per_s=1.0, kv_cache_bytes=1, vanilla_kv_cache_bytes=2,
+                    peak_memory_bytes=1, vanilla_peak_memory_bytes=2)
+
+
+def _results(runs: list[tuple[str, int, float]]) -> dict:
+    return {"config": {"data": "lab-test"}, "n_questions": 10,
+            "runs": [{"method": m, "tokens": t, "scores": {"macro_accuracy": a}} for m, t, a in runs]}
+
+
+def test_pareto_matches_eval_runs_to_timed_rows_and_keeps_the_undominated(tmp_path) -> None:
+    from vlmzip.bench.plots import frontier, pareto_points, plot_pareto, plot_speedups
+
+    rows = [_row("visionzip", 16, 50.0), _row("visionzip", 8, 40.0), _row("fastv", 16, 70.0)]
+    results = _results([("vanilla", 64, 0.8), ("visionzip", 16, 0.7), ("visionzip", 8, 0.5), ("fastv", 16, 0.6),
+                        ("random", 16, 0.1)])
+    points = pareto_points(rows, results, batch_size=1)
+    assert points == {"visionzip": [(50.0, 0.7, 16), (40.0, 0.5, 8)], "fastv": [(70.0, 0.6, 16)],
+                      "vanilla": [(100.0, 0.8, 64)]}, "random was not timed: left out"
+    everything = [p for series in points.values() for p in series]
+    assert frontier(everything) == [(40.0, 0.5, 8), (50.0, 0.7, 16), (100.0, 0.8, 64)], "fastv is dominated"
+    assert plot_pareto(rows, results, tmp_path / "p.png") == 3
+    assert (tmp_path / "p.png").read_bytes().startswith(b"\x89PNG")
+    plot_speedups(rows, tmp_path / "s.png")
+    assert (tmp_path / "s.png").read_bytes().startswith(b"\x89PNG")
+    with pytest.raises(ValueError, match="none of the eval's runs"):
+        plot_pareto(rows, _results([("vanilla", 64, 0.8), ("tome", 16, 0.7)]), tmp_path / "q.png")
+
+
+def test_bench_eval_refuses_other_weights_and_missing_out(llava_dir, tmp_path) -> None:
+    import json
+
+    run = tmp_path / "ev"
+    run.mkdir()
+    results = {**_results([("vanilla", 64, 0.8), ("visionzip", 16, 0.7)]), "identity": {"weights_sha256": "0" * 64}}
+    (run / "results.json").write_text(json.dumps(results))
+    base = ["bench", "--model", str(llava_dir), "--tokens", "16", "--batch-sizes", "1", "--repeats", "1", "--quiet"]
+    assert main([*base, "--eval", str(run)]) == 2  # no --out: nowhere to write the plot
+    assert main([*base, "--eval", str(run), "--out", str(tmp_path / "b")]) == 2  # other weights
+    assert main([*base, "--eval", str(tmp_path), "--out", str(tmp_path / "b")]) == 2  # no results.json there
+
+
+def test_bench_eval_writes_the_pareto_plot_from_a_real_eval_run(llava_dir, tmp_path, capsys) -> None:
+    from vlmzip.lab.scenes import write_split
+
+    write_split("val", tmp_path / "data", n_images=2)
+    run = tmp_path / "ev"
+    assert main(["eval", "--model", str(llava_dir), "--data", str(tmp_path / "data"), "--out", str(run),
+                 "--methods", "vanilla,visionzip", "--tokens", "16", "--limit", "2", "--max-new-tokens", "2"]) == 0
+    out = tmp_path / "b"
+    assert main(["bench", "--model", str(llava_dir), "--tokens", "16", "--batch-sizes", "1", "--repeats", "1",
+                 "--quiet", "--eval", str(run), "--out", str(out)]) == 0
+    assert f"wrote {out / 'pareto.png'}" in capsys.readouterr().out
+    assert (out / "pareto.png").read_bytes().startswith(b"\x89PNG")

@@ -310,13 +310,31 @@ def _rank() -> int:
     return _launch("RANK", 0)
 
 
+def _eval_of_same_model(run_dir: str, model: Any) -> dict:
+    """The eval results.json in ``run_dir``, refused unless it evaluated these very weights."""
+    from .bench.plots import read_eval
+    from .eval.runner import weights_sha256
+
+    results = read_eval(run_dir)
+    theirs = results.get("identity", {}).get("weights_sha256")
+    if theirs is not None and theirs != weights_sha256(model):
+        raise ValueError(f"--eval {run_dir} evaluated other weights ({results['identity'].get('model')}, "
+                         f"{results['identity'].get('dtype')}); bench the model and --dtype that eval ran")
+    return results
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import torch
+    from tqdm.auto import tqdm
 
     from .api import PAPER_BUDGETS, paper_budget, plan
     from .bench import bench_prefill, format_rows, write_json
+    from .bench.memory import ChildSpec
+    from .bench.plots import plot_pareto, plot_speedups
     from .io import batch_inputs, load_model
 
+    if args.eval and not args.out:
+        raise ValueError("--eval needs --out DIR: the Pareto plot is written to DIR/pareto.png")
     args.device = resolve_device(args.device)
     model, processor = load_model(args.model, device=args.device, dtype=args.dtype, layers=args.layers)
     image = default_image()
@@ -328,11 +346,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
     def make_inputs(batch_size: int) -> dict:
         return batch_inputs(processor, [image] * batch_size, [args.prompt] * batch_size, model)
 
-    rows = bench_prefill(model, make_inputs, runs, args.batch_sizes, repeats=args.repeats)
+    results = _eval_of_same_model(args.eval, model) if args.eval else None
+    child = None
+    if args.peak_memory == "child":
+        child = ChildSpec(args.model, args.device, args.dtype, args.layers, args.image_size, args.prompt, 1)
+    total = len(args.batch_sizes) * len(runs) * (args.repeats + 1)
+    quiet = args.quiet or not sys.stderr.isatty()
+    with tqdm(total=total, unit="round", desc="vlmzip bench", disable=quiet, dynamic_ncols=True) as bar:
+        rows = bench_prefill(model, make_inputs, runs, args.batch_sizes, repeats=args.repeats,
+                             progress=bar.update, compile=args.compile or False, child=child)
     if args.device.startswith("cuda"):
         device = torch.cuda.get_device_name()
     else:
         device = f"cpu ({torch.get_num_threads()} threads)"
+    if args.compile:
+        eager = sorted({r.method for r in rows if not r.compiled})
+        print(f"--compile: language model torch.compile'd ({args.compile}), static KV cache"
+              + (f"; in-LLM methods run eager on both sides: {', '.join(eager)}" if eager else ""))
     depth = "" if args.layers is None else f", LLM reduced to {args.layers} decoder layers (cost per layer is uniform)"
     print(f"model: {model_name(args)} ({args.dtype}{depth}); image {image.width}x{image.height}")
     print(format_rows(rows, plan(model, "vanilla").tokens, args.repeats, device))
@@ -343,7 +373,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         write_json(rows, out / "bench.json", device=device, command=command,
                    model=model_name(args), dtype=args.dtype, layers=args.layers, repeats=args.repeats,
                    image_size=[image.width, image.height], vanilla_tokens=plan(model, "vanilla").tokens)
-        print(f"wrote {out / 'bench.json'}")
+        plot_speedups(rows, out / "speedup.png", title=model_name(args))
+        print(f"wrote {out / 'bench.json'} and {out / 'speedup.png'}")
+        if results is not None:
+            plot_pareto(rows, results, out / "pareto.png")
+            print(f"wrote {out / 'pareto.png'} (accuracy from {args.eval})")
     return 0
 
 
@@ -453,7 +487,20 @@ def build_parser() -> argparse.ArgumentParser:
     p_bench.add_argument("--prompt", default="What color is the small object?",
                          help="the question sent with each image")
     p_bench.add_argument("--out", default=None,
-                         help="also write DIR/bench.json, one object per row (default: print the table only)")
+                         help="also write DIR/bench.json (one object per row) and DIR/speedup.png "
+                              "(default: print the table only)")
+    p_bench.add_argument("--eval", default=None, metavar="RUN_DIR",
+                         help="a vlmzip eval --out folder of the same model: with --out, also DIR/pareto.png "
+                              "(accuracy vs time to first token per method; default: none)")
+    p_bench.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                         help="torch.compile the language model (backend, default inductor; on CUDA with CUDA "
+                              "graphs) and use a static KV cache, vanilla and method alike (in-LLM methods run "
+                              "eager); the first round compiles (default: eager, dynamic KV cache)")
+    p_bench.add_argument("--peak-memory", choices=["process", "child"], default="process",
+                         help="CPU peak memory: this process's peak (fast, noisy) or each configuration in a "
+                              "fresh child process (slower: loads the model once per configuration; default: process)")
+    p_bench.add_argument("--quiet", action="store_true",
+                         help="no progress bar (default: a bar on stderr when it is a terminal)")
     add_device_args(p_bench)
     p_bench.set_defaults(func=cmd_bench)
     return parser

@@ -10,7 +10,8 @@ import re
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ from torch import nn
 
 from ..adapters import adapter_for
 from ..api import STATE_ATTR, compressed, plan
+from .compiled import compilable, compiled
+from .memory import ChildSpec, child_peak_memory
 from .timing import interleaved, timed
 
 
@@ -205,7 +208,10 @@ class BenchRow:
     """Medians for one (method, budget, batch size) against vanilla timed in the same rounds.
 
     Speedups are vanilla / method (> 1 is faster). ``ideal_speedup``: vanilla / method of the counted
-    FLOPs of one whole forward (``bench_prefill`` always counts them; ``ideal_kind`` says which ideal).
+    FLOPs of the TTFT call, ``generate(max_new_tokens=1)``: vision tower, projector, method, LLM prefill and
+    the head on the last position (``bench_prefill`` always counts them; ``ideal_kind`` says which ideal).
+    ``ideal_forward_speedup`` is the same for ``model(**inputs)``, whose head runs on every position (on a
+    7B-shaped model that head is a sixth of the FLOPs and shrinks with the prompt, so that ideal is higher).
     """
 
     method: str
@@ -226,10 +232,15 @@ class BenchRow:
     vanilla_kv_cache_bytes: int
     peak_memory_bytes: int | None  # one forward (see peak_memory)
     vanilla_peak_memory_bytes: int | None
-    flops: int | None = None  # counted FLOPs of one whole forward (see count_flops)
+    flops: int | None = None  # counted FLOPs of the TTFT call, generate(max_new_tokens=1) (see count_flops)
     vanilla_flops: int | None = None
+    ideal_forward_speedup: float | None = None  # the same for model(**inputs) (its head runs on every position)
+    forward_flops: int | None = None
+    vanilla_forward_flops: int | None = None
     overhead_of: str | None = None  # that stage: "vision_tower" (pre-LLM methods) or "llm" (in-LLM methods)
     ideal_kind: str = "llm_macs"  # what ideal_speedup divides: "flops" (counted, end to end) or "llm_macs"
+    compiled: bool = False  # timed with the language model compiled and a static KV cache (bench.compiled)
+    peak_memory_kind: str = "process"  # "process": this process's peak; "child": a fresh process per config
 
     # the names the table and the older tests use
     @property
@@ -252,12 +263,22 @@ def bench_prefill(
     runs: list[tuple[str, dict[str, Any]]],
     batch_sizes: list[int],
     repeats: int = 10,
+    progress: Callable[[int], Any] | None = None,
+    compile: bool | str = False,
+    child: ChildSpec | None = None,
 ) -> list[BenchRow]:
     """Time every (method, knobs) at every batch size, each round interleaving vanilla and method.
 
     ``make_inputs(batch_size)`` returns processor outputs on the model's device. One warm-up round
     is discarded. Each round times, in order: forward, TTFT, generate with exactly 32 + 1 new tokens
     (decode = that minus TTFT), and on the method side the compression overhead.
+
+    ``progress(n)`` is called after each round (``len(batch_sizes) * len(runs) * (repeats + 1)`` in all).
+    ``compile`` (True or a torch.compile backend): time inside ``bench.compiled.compiled(model, backend)``
+    (both sides; methods with an in-LLM stage run eager on both sides, ``row.compiled`` says which). FLOPs,
+    KV bytes and peak memory are taken eager.
+    ``child``: measure each configuration's peak memory in a fresh process (``bench.memory``) from this
+    template (its batch size, method and knobs are filled in) instead of in this process.
     """
     device = next(model.parameters()).device
     rows = []
@@ -286,11 +307,15 @@ def bench_prefill(
         full = [int(layer.keys.shape[2]) for layer in full_cache.layers]
         vanilla_kv = kv_cache_bytes(full_cache)
         del full_cache
-        vanilla_peak = peak_memory(model, forward)
-        vanilla_flops = count_flops(model, forward).total
+        vanilla_peak = peak_memory(model, forward) if child is None else _child_peak(child, batch_size, None, {})
+        vanilla_flops, vanilla_forward_flops = count_flops(model, ttft).total, count_flops(model, forward).total
         for method, knobs in runs:
             planned = plan(model, method, **knobs)
-            vanilla, squeezed = interleaved(measures, partial(compressed, model, method, **knobs), repeats)
+            use_compile = compile and compilable(model, method, **knobs)
+            backend = compile if isinstance(compile, str) else "inductor"
+            with compiled(model, backend) if use_compile else nullcontext():
+                vanilla, squeezed = interleaved(measures, partial(compressed, model, method, **knobs), repeats,
+                                                on_round=progress)
             v = {name: statistics.median(seconds) for name, seconds in vanilla.items() if name != "overhead"}
             m = {name: statistics.median(seconds) for name, seconds in squeezed.items() if name != "overhead"}
             shares = [s for s in squeezed["overhead"] if not math.isnan(s)]
@@ -300,8 +325,8 @@ def bench_prefill(
                 kept = [int(layer.keys.shape[2]) for layer in cache.layers]
                 kv = kv_cache_bytes(cache)
                 del cache
-                peak = peak_memory(model, forward)
-                flops = count_flops(model, forward).total
+                peak = peak_memory(model, forward) if child is None else _child_peak(child, batch_size, method, knobs)
+                flops, forward_flops = count_flops(model, ttft).total, count_flops(model, forward).total
                 found = compression_overhead(model, inputs)
             tokens = planned.final_tokens if planned.final_tokens is not None else knobs.get("tokens")
             ideal_llm = llm_prefill_macs(full, text_cfg) / llm_prefill_macs(kept, text_cfg)
@@ -319,10 +344,17 @@ def bench_prefill(
                     kv_cache_bytes=kv, vanilla_kv_cache_bytes=vanilla_kv,
                     peak_memory_bytes=peak, vanilla_peak_memory_bytes=vanilla_peak,
                     flops=flops, vanilla_flops=vanilla_flops, ideal_kind="flops",
-                    overhead_of=None if found is None else found[1],
+                    ideal_forward_speedup=vanilla_forward_flops / forward_flops, forward_flops=forward_flops,
+                    vanilla_forward_flops=vanilla_forward_flops,
+                    overhead_of=None if found is None else found[1], compiled=bool(use_compile),
+                    peak_memory_kind="process" if child is None else "child",
                 )
             )
     return rows
+
+
+def _child_peak(child: ChildSpec, batch_size: int, method: str | None, knobs: dict[str, Any]) -> int | None:
+    return child_peak_memory(replace(child, batch_size=batch_size, method=method, knobs=dict(knobs)))
 
 
 def write_json(rows: list[BenchRow], path: str | Path, **meta: Any) -> None:
@@ -345,13 +377,14 @@ def format_rows(rows: list[BenchRow], vanilla_tokens: int | None, repeats: int, 
     lines = [
         f"Device: {device}; medians of {repeats} interleaved rounds; ratios = vanilla / method (> 1 is faster).",
         "forward: model(**inputs) = vision tower + compression + LLM prefill; TTFT: generate(max_new_tokens=1); "
-        + ("ideal: counted FLOPs of one whole forward vanilla / method; LLM ideal: LLM prefill multiply-adds; "
+        + ("ideal: counted FLOPs of the TTFT call vanilla / method (tower, method, LLM prefill, last-position "
+           "head), TTFT / ideal the share of it achieved; LLM ideal: LLM prefill multiply-adds; "
            if counted else "ideal: LLM prefill multiply-adds vanilla / method; ")
         + "overhead: compression time / the vision tower's time (pre-LLM methods) or the LLM's (in-LLM methods); "
         "decode: tokens/s over 32 new tokens (whole batch); "
         "KV: cache MiB after prefill; peak: MiB over one forward; vanilla -> method.",
         "",
-        f"| batch | method | visual tokens | forward speedup | TTFT speedup | {ideal_name} | achieved / ideal "
+        f"| batch | method | visual tokens | forward speedup | TTFT speedup | {ideal_name} | TTFT / ideal "
         "| LLM ideal | vanilla forward ms | method forward ms | overhead | decode tok/s | KV MiB | peak MiB |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -360,7 +393,7 @@ def format_rows(rows: list[BenchRow], vanilla_tokens: int | None, repeats: int, 
         lines.append(
             f"| {r.batch_size} | {r.method} | {vanilla_tokens or 'per image'} -> {r.tokens} | "
             f"{r.forward_speedup:.2f}x | {r.ttft_speedup:.2f}x | {r.ideal_speedup:.2f}x | "
-            f"{r.forward_speedup / r.ideal_speedup:.2f} | {r.ideal_speedup_llm:.2f}x | "
+            f"{r.ttft_speedup / r.ideal_speedup:.2f} | {r.ideal_speedup_llm:.2f}x | "
             f"{r.vanilla_forward_ms:.1f} | {r.method_forward_ms:.1f} | {overhead} | "
             f"{r.vanilla_decode_tokens_per_s:.0f} -> {r.decode_tokens_per_s:.0f} | "
             f"{_mb(r.vanilla_kv_cache_bytes)} -> {_mb(r.kv_cache_bytes)} | "

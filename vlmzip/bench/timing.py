@@ -36,13 +36,14 @@ def interleaved(
     measures: dict[str, Callable[[], float]],
     compress: Callable[[], AbstractContextManager[Any]],
     repeats: int,
+    on_round: Callable[[int], Any] | None = None,
 ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Run every measure (a function returning seconds) on the vanilla model and compressed, round by round.
 
     Each of ``repeats + 1`` rounds calls the measures in order on the vanilla model, then again inside
     ``compress()``, a fresh context per round (e.g. ``partial(vlmzip.compressed, model, method, **knobs)``).
     The first round warms both sides up and is discarded. Returns ``(vanilla, compressed)``: per measure
-    name, ``repeats`` seconds each.
+    name, ``repeats`` seconds each. ``on_round(1)`` is called after each round (a progress bar's update).
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
@@ -56,6 +57,8 @@ def interleaved(
             for name in measures:
                 vanilla[name].append(plain[name])
                 squeezed[name].append(small[name])
+        if on_round is not None:
+            on_round(1)
     return vanilla, squeezed
 
 

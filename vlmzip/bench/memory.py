@@ -1,0 +1,82 @@
+"""Peak memory of one configuration measured in a fresh child process (``vlmzip bench --peak-memory child``).
+
+In the benchmark's own process the CPU's peak resident set carries heap the allocator kept from every
+earlier call, so vanilla and method differ by noise. Here each configuration (vanilla, or one method at
+one budget, at one batch size) gets a new Python process that loads the same model, builds the same
+inputs, resets its peak resident set after loading (``/proc/self/clear_refs``; the load's own peak is
+not the forward's) and runs one ``model(**inputs)``: the number is that process's peak, weights
+included (``peak_memory``). On CUDA the child reports the allocator's peak, as in-process.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import subprocess
+import sys
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class ChildSpec:
+    """What a child loads and runs: ``vlmzip.io.load_model(model, device, dtype, layers)``, the bench's
+    image (``image_size`` px square, or its own size) and ``prompt``, ``batch_size`` copies."""
+
+    model: str | None
+    device: str
+    dtype: str
+    layers: int | None
+    image_size: int | None
+    prompt: str
+    batch_size: int
+    method: str | None = None  # None: vanilla
+    knobs: dict[str, Any] = field(default_factory=dict)
+
+
+def child_peak_memory(spec: ChildSpec, timeout_s: float = 3600) -> int | None:
+    """Peak bytes of one forward of ``spec`` in a fresh process (None where Linux refuses the reset).
+
+    Raises RuntimeError with the child's error output when it fails."""
+    cmd = [sys.executable, "-m", "vlmzip.bench.memory", json.dumps(asdict(spec))]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    if done.returncode != 0:
+        tail = "\n".join(done.stderr.strip().splitlines()[-8:])
+        raise RuntimeError(f"the peak-memory child for {spec.method or 'vanilla'} failed:\n{tail}")
+    return json.loads(done.stdout.strip().splitlines()[-1])["peak_memory_bytes"]
+
+
+def _release_heap() -> None:
+    """Give freed heap back to the system before the reset, so the peak counts what the forward needs."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+@torch.no_grad()
+def _run(spec: ChildSpec) -> int | None:
+    from ..api import compressed
+    from ..cli import default_image
+    from ..io import batch_inputs, load_model
+    from .prefill import peak_memory
+
+    model, processor = load_model(spec.model, device=spec.device, dtype=spec.dtype, layers=spec.layers)
+    image = default_image()
+    if spec.image_size:
+        image = image.resize((spec.image_size, spec.image_size))
+    inputs = batch_inputs(processor, [image] * spec.batch_size, [spec.prompt] * spec.batch_size, model)
+    context = compressed(model, spec.method, **spec.knobs) if spec.method is not None else nullcontext()
+    with context:
+        _release_heap()
+        return peak_memory(model, lambda: model(**inputs))
+
+
+if __name__ == "__main__":
+    peak = _run(ChildSpec(**json.loads(sys.argv[1])))
+    print(json.dumps({"peak_memory_bytes": peak}))
