@@ -183,3 +183,19 @@ def test_budget_errors_speak_in_flags(llava_dir, capsys):
     assert "--tokens 100000 is larger than the 64 visual tokens" in err and "choose --tokens <= 64" in err
     assert main(["run", "--model", str(llava_dir), "--method", "fastv", "--layer", "5", "--repeats", "1"]) == 2
     assert "--layer 5 is outside this LLM's decoder layers" in capsys.readouterr().err
+
+
+def test_list_reads_the_catalog_which_matches_the_registry():
+    """`vlmzip list` answers from catalog.json (no torch import); it must equal the live registry."""
+    import subprocess
+    import sys
+
+    from vlmzip import catalog
+    from vlmzip.api import list_methods
+
+    assert catalog.read() == list_methods(), "catalog.json is stale: run python -m vlmzip.catalog"
+    code = ("import sys, io, contextlib, vlmzip.cli as c; buf = io.StringIO()\n"
+            "with contextlib.redirect_stdout(buf): c.main(['list'])\n"
+            "assert 'torch' not in sys.modules, 'vlmzip list imported torch'\n"
+            "assert 'sparsevlm' in buf.getvalue() and '--keep_positions' in buf.getvalue()")
+    subprocess.run([sys.executable, "-c", code], check=True)
