@@ -28,6 +28,7 @@ examples:
   vlmzip viz --image FILE --methods visionzip,random,spatial --tokens 64
   vlmzip list                      registered methods and their knobs
   vlmzip lab train --out runs/lab  retrain the lab mini-VLM (resumable)
+  vlmzip tune --method visionzip --tokens 28 --out runs/vz28   projector fine-tune on compressed tokens
 
 Run "vlmzip COMMAND --help" for the options of a command.
 """
@@ -503,7 +504,32 @@ def build_parser() -> argparse.ArgumentParser:
                          help="no progress bar (default: a bar on stderr when it is a terminal)")
     add_device_args(p_bench)
     p_bench.set_defaults(func=cmd_bench)
+
+    p_tune = command("tune", "fine-tune only the projector on a pre-LLM method's compressed tokens (seed 000's "
+                     "VisionZip-tuned); save a plain model to use compressed")
+    p_tune.add_argument("--model", help="checkpoint folder (default: the lab mini-VLM)")
+    p_tune.add_argument("--method", default="visionzip", help="a pre-LLM method (default: %(default)s)")
+    p_tune.add_argument("--tokens", type=positive_int, required=True, help="visual tokens per image to tune for")
+    p_tune.add_argument("--out", required=True, help="folder of the tuned model (+ tune.json, log.jsonl)")
+    p_tune.add_argument("--steps", type=positive_int, default=100, help="updates (default: %(default)s)")
+    p_tune.add_argument("--batch-size", type=positive_int, default=16, help="lab train images per update, all their "
+                        "questions (default: %(default)s)")
+    p_tune.add_argument("--lr", type=float, default=2e-5, help="AdamW learning rate (default: %(default)s, seed 000's)")
+    p_tune.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
+    p_tune.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda or cuda:N "
+                        "(float32 weights)")
+    p_tune.set_defaults(func=cmd_tune)
     return parser
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    """``vlmzip tune``: projector fine-tune on compressed tokens (``vlmzip.lab.tune``); prints the folder."""
+    from .lab.tune import TuneConfig, tune
+
+    cfg = TuneConfig(method=args.method, tokens=args.tokens, steps=args.steps, batch_size=args.batch_size,
+                     lr=args.lr, seed=args.seed)
+    print(f"tuned model: {tune(args.model, args.out, cfg, device=resolve_device(args.device))}")
+    return 0
 
 
 FLAG_KNOBS = ("tokens", "ratio", "dominant", "contextual", "layer", "seed")

@@ -12,7 +12,8 @@ The rest of the training code is in three modules, whose names this one re-expor
 flags; free of torch, so that ``vlmzip --help`` answers at once), ``train_data`` (the
 batch of every update, a pure function of config and step: packed multi-turn conversations, curriculum,
 patch targets, token-count augmentation) and ``train_losses`` (answer, dense auxiliary and attention
-losses).
+losses). ``train_mix`` holds the mixture augmentation's pure tensor functions (``--mix``: shortened images
+built like the methods build them); ``--init-from`` starts a continuation phase from a saved model.
 
 Four training-only aids, all knobs of ``TrainConfig`` (the exported model is a plain LLaVA either way):
 a size curriculum (big objects first, the benchmark's scenes from half-way on), a dense auxiliary loss
@@ -296,6 +297,22 @@ class TrainingRun:
         save_checkpoint(self.checkpoint_path, self.step, self.model, self.optimizer, self.cfg)
 
 
+def init_weights(model: LlavaForConditionalGeneration, folder: Path) -> None:
+    """Copy the weights of the model saved in ``folder`` (``save_pretrained``) into ``model``; a clear
+    error when the folder holds no such model or its architecture differs from the run's."""
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"--init-from {folder}: no config.json there; pass a model folder (e.g. "
+                         "vlmzip/lab/checkpoint or runs/lab/model)")
+    state = LlavaForConditionalGeneration.from_pretrained(folder, torch_dtype=torch.float32).state_dict()
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    wrong = sorted(k for k in own if k in state and state[k].shape != own[k].shape)
+    if missing or wrong:
+        raise ValueError(f"--init-from {folder}: its weights do not fit this run's architecture (missing "
+                         f"{missing[:3]}, other shape {wrong[:3]}); give the same size flags as that model's run")
+    model.load_state_dict({k: state[k] for k in own})
+
+
 def start_run(out: Path, cfg: TrainConfig, resume: bool) -> TrainingRun:
     """Model and optimizer from ``cfg.seed``, or from ``out``'s checkpoint with ``resume``; the log is cut
     back to the checkpoint's update and the config written next to it."""
@@ -305,6 +322,8 @@ def start_run(out: Path, cfg: TrainConfig, resume: bool) -> TrainingRun:
     device = torch.device(cfg.device)
     # Built on the CPU then moved, so that every device starts from the same weights.
     model, processor = build_llava(None, model_config(cfg))
+    if cfg.init_from:
+        init_weights(model, Path(cfg.init_from))
     model.to(device).train()
     restore_attention = eager_attention(model) if cfg.attn_weight > 0 else None
     optimizer = make_optimizer(model, cfg)

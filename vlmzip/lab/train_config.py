@@ -80,6 +80,15 @@ class TrainConfig:
     # at this budget (the LM learns less from fewer patches), while at the end of training (low lr) it
     # removes the length fragility and keeps vanilla accuracy (BENCHMARKS.md).
     drop_from: float = 0.93
+    # mixture augmentation (vlmzip.lab.train_mix): a shortened image is built by a random component (random,
+    # strided or salient subset, CLS kept or not, means of neighbouring or similar patches, salient + merged)
+    # instead of the random subset only, so that no method's pattern is favoured. Off in the base run; on in
+    # the continuation phase (BENCHMARKS.md, "The lab model made fair to merging").
+    mix: bool = False
+    # continuation: start from the weights of this model folder (fresh optimizer) instead of ``seed``'s
+    # initialisation; image_offset: the first train-stream image (to continue on images the base run never saw)
+    init_from: str = ""
+    image_offset: int = 0
     # model (see TinyLlavaConfig). 336 px / patch 21 = 256 patch tokens + CLS, not LLaVA-1.5's 576 (patch 14):
     # an update at 576 costs too much for the 60-minute CPU budget, above all with attention supervision
     # (BENCHMARKS.md). 336 px keeps the benchmark's images unresampled; budgets are compared at the same
@@ -122,6 +131,8 @@ class TrainConfig:
             raise ValueError("steps and batch_size must be >= 1")
         if not 0 <= self.drop_prob <= 1 or not 0 < self.drop_min_keep <= 1 or not 0 <= self.drop_from <= 1:
             raise ValueError("need 0 <= drop_prob <= 1, 0 < drop_min_keep <= 1 and 0 <= drop_from <= 1")
+        if self.image_offset < 0:
+            raise ValueError(f"image_offset must be >= 0 (got {self.image_offset})")
         if self.precision not in PRECISION_NAMES:
             raise ValueError(f"precision must be one of {sorted(PRECISION_NAMES)} (got {self.precision!r})")
         if self.attn_weight > 0 and not 0 <= self.attn_layer < self.text_layers:
@@ -182,6 +193,9 @@ FLAG_HELP: dict[str, str] = {
     "drop_prob": "token-count augmentation: probability that an image reaches the LM as a subset of its patches",
     "drop_min_keep": "token-count augmentation: smallest share of the patches kept",
     "drop_from": "token-count augmentation: share of the updates after which it applies",
+    "mix": "mixture augmentation: shortened images by a random method-like component, not random subsets only",
+    "init_from": "start from this model folder's weights (continuation phase) instead of a fresh initialisation",
+    "image_offset": "first image of the train stream (continuation: images the base run did not see)",
     "image_size": "image side in pixels",
     "patch_size": "vision patch side in pixels",
     "vision_hidden": "vision tower width",

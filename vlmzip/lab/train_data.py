@@ -34,6 +34,7 @@ from transformers import LlavaProcessor, PreTrainedTokenizerFast
 
 from vlmzip.lab import scenes
 from vlmzip.lab.train_config import TrainConfig, image_tokens, lab_words
+from vlmzip.lab.train_mix import MixPlan, draw_plan
 from vlmzip.tiny import build_tokenizer
 
 IGNORE_INDEX = -100
@@ -54,6 +55,9 @@ class Batch:
     attn_positions: torch.Tensor  # (Q,) sequence position that predicts the answer's first token
     attn_patches: torch.Tensor  # (Q, n_patches) bool: the kept patches of what the question names
     keep: torch.Tensor  # (B, n_patches) bool: the patches each image sends to the LM (kept_patches)
+    # mixture augmentation (cfg.mix, from drop_start on): each row's MixPlan; then ``keep`` is all True,
+    # ``attn_patches`` marks the named patches whether kept or not, and the losses build the image tokens
+    mix: list[MixPlan] | None = None
 
 
 def shuffled(items: Sequence[Any], rng: random.Random) -> list[Any]:
@@ -122,11 +126,13 @@ def scene_config(cfg: TrainConfig, index: int, scale: float = 1.0) -> scenes.Sce
 
 
 def image_sample(cfg: TrainConfig, index: int) -> tuple[Image.Image, scenes.Scene, list[scenes.QA]]:
-    """Train image ``index``, its scene graph and its questions in training order (deterministic)."""
+    """Train image ``index`` (of the stream from ``cfg.image_offset``), its scene graph and its questions in
+    training order (deterministic)."""
+    stream = cfg.image_offset + index
     try:
-        image, scene, qas = scenes.sample(scenes.TRAIN_SEED, index, scene_config(cfg, index, scene_scale(cfg, index)))
+        image, scene, qas = scenes.sample(scenes.TRAIN_SEED, stream, scene_config(cfg, index, scene_scale(cfg, index)))
     except RuntimeError:  # scaled-up objects did not fit: fall back to the benchmark's scene
-        image, scene, qas = scenes.sample(scenes.TRAIN_SEED, index, scene_config(cfg, index))
+        image, scene, qas = scenes.sample(scenes.TRAIN_SEED, stream, scene_config(cfg, index))
     return image, scene, shuffled(qas, random.Random(f"vlmzip-train:{cfg.seed}:{index}"))
 
 
@@ -240,6 +246,18 @@ def kept_patches(cfg: TrainConfig, index: int, n_patches: int) -> np.ndarray:
     return keep
 
 
+def mix_plan(cfg: TrainConfig, index: int, n_patches: int) -> MixPlan | None:
+    """The MixPlan of train image ``index`` under the mixture augmentation (``cfg.mix``): None before
+    ``drop_start`` or without ``cfg.mix``; with probability ``drop_prob`` a random component
+    (``train_mix.draw_plan``), else the full image. Deterministic per (seed, index)."""
+    if not cfg.mix or index // cfg.batch_size < drop_start(cfg):
+        return None
+    rng = random.Random(f"vlmzip-lab-mix:{cfg.seed}:{index}")
+    if rng.random() >= cfg.drop_prob:
+        return MixPlan("full", n_patches)
+    return draw_plan(rng, n_patches, cfg.drop_min_keep)
+
+
 def make_batch(cfg: TrainConfig, step: int) -> Batch:
     """The inputs of update ``step`` (a pure function of ``cfg`` and ``step``); right-padded."""
     tokenizer = _tokenizer(lab_words())
@@ -250,6 +268,7 @@ def make_batch(cfg: TrainConfig, step: int) -> Batch:
     attn_positions: list[int] = []
     attn_patches: list[np.ndarray] = []
     keeps: list[np.ndarray] = []
+    plans: list[MixPlan] = []
     for row, index in enumerate(range(step * cfg.batch_size, (step + 1) * cfg.batch_size)):
         image, scene, qas = image_sample(cfg, index)
         owners = patch_owners(image, scene, grid, cfg.aux_min_cover)
@@ -257,9 +276,12 @@ def make_batch(cfg: TrainConfig, step: int) -> Batch:
         if image.size != (cfg.image_size, cfg.image_size):
             image = image.resize((cfg.image_size, cfg.image_size), Image.Resampling.BICUBIC)
         pixels.append(to_uint8(image, cfg.image_size))
-        keep = kept_patches(cfg, index, n_img)
+        plan = mix_plan(cfg, index, n_img)
+        keep = kept_patches(cfg, index, n_img) if plan is None else np.ones(n_img, dtype=bool)
         keeps.append(keep)
-        ids, labels = encode_conversation(qas, tokenizer, int(keep.sum()))
+        if plan is not None:
+            plans.append(plan)
+        ids, labels = encode_conversation(qas, tokenizer, int(keep.sum()) if plan is None else plan.tokens)
         seqs.append((ids, labels))
         starts = [j for j in range(1, len(labels)) if labels[j] != IGNORE_INDEX and labels[j - 1] == IGNORE_INDEX]
         for qa, start in zip(qas, starts, strict=True):
@@ -288,6 +310,7 @@ def make_batch(cfg: TrainConfig, step: int) -> Batch:
         torch.tensor(attn_positions, dtype=torch.long),
         torch.from_numpy(np.stack(attn_patches)) if attn_patches else torch.zeros((0, n_img), dtype=torch.bool),
         torch.from_numpy(np.stack(keeps)),
+        plans or None,
     )
 
 

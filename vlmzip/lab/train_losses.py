@@ -9,6 +9,7 @@ import torch
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 from vlmzip.lab.train_data import IGNORE_INDEX, Batch, pixel_values
+from vlmzip.lab.train_mix import merge_slots, plan_slots, slot_named, slot_targets
 
 
 def eager_attention(model: LlavaForConditionalGeneration) -> Callable[[], None]:
@@ -26,6 +27,47 @@ def eager_attention(model: LlavaForConditionalGeneration) -> Callable[[], None]:
         config._attn_implementation = before
 
     return restore
+
+
+def mixed_image_tokens(
+    model: LlavaForConditionalGeneration, processor: LlavaProcessor, batch: Batch, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The image tokens of a mixture-augmented batch (``batch.mix``): (tokens (N, D) of all rows, row-major
+    like the placeholder slots; dense targets (N, 2); named (Q, N) bool, the tokens each supervised answer
+    should attend to, as positions among all N tokens).
+
+    Runs the vision tower once with the feature layer's CLS attention and keys (the adapter's own capture,
+    as VisionZip gets them), builds each row's slots (``train_mix.plan_slots``) and merges the CLS + patch
+    features before or after the projector as its plan says.
+    """
+    from vlmzip.adapters import adapter_for
+
+    adapter = adapter_for(model)
+    grid = adapter.layout.grid[0]
+    vt = adapter.tower.tokens(pixel_values(batch.pixels.to(device), processor), adapter.layout,
+                              frozenset({"cls_attention", "keys"}))
+    hidden = vt.hidden  # (B, 1 + n, Dv): CLS first
+    projector = model.model.multi_modal_projector
+    projected = projector(hidden)
+    tokens, targets, named_rows = [], [], []
+    offset = 0
+    assert batch.mix is not None and vt.cls_attention is not None and vt.keys is not None
+    for row, plan in enumerate(batch.mix):
+        slots = plan_slots(plan, vt.cls_attention[row, 1:], vt.keys[row, 1:], grid)
+        k = plan.tokens
+        if plan.after_projector:
+            tokens.append(merge_slots(projected[row], slots, k))
+        else:
+            tokens.append(projector(merge_slots(hidden[row], slots, k)))
+        targets.append(slot_targets(slots, batch.patch_targets[row], k))
+        mine = (batch.attn_rows == row).nonzero().squeeze(1)
+        named = slot_named(slots, batch.attn_patches[mine], k)
+        named_rows.append((mine, offset, named))
+        offset += k
+    named_all = torch.zeros(len(batch.attn_rows), offset, dtype=torch.bool)
+    for mine, start, named in named_rows:
+        named_all[mine, start : start + named.shape[1]] = named
+    return torch.cat(tokens), torch.cat(targets).to(device), named_all.to(device)
 
 
 def losses(
@@ -48,12 +90,15 @@ def losses(
     input_ids = batch.input_ids.to(device)
     keep = batch.keep.to(device)
     slots = input_ids == model.config.image_token_id
-    features = model.model.get_image_features(
-        pixel_values(batch.pixels.to(device), processor),
-        vision_feature_layer=model.config.vision_feature_layer,
-        vision_feature_select_strategy=model.config.vision_feature_select_strategy,
-    ).pooler_output  # B x (n_patches, D)
-    kept = torch.stack(list(features))[keep]  # (kept patches of all rows, D), row-major like the slots
+    if batch.mix is not None:
+        kept, mixed_targets, mixed_named = mixed_image_tokens(model, processor, batch, device)
+    else:
+        features = model.model.get_image_features(
+            pixel_values(batch.pixels.to(device), processor),
+            vision_feature_layer=model.config.vision_feature_layer,
+            vision_feature_select_strategy=model.config.vision_feature_select_strategy,
+        ).pooler_output  # B x (n_patches, D)
+        kept = torch.stack(list(features))[keep]  # (kept patches of all rows, D), row-major like the slots
     embeds = model.get_input_embeddings()(input_ids)
     embeds = embeds.masked_scatter(slots.unsqueeze(-1).expand_as(embeds), kept.to(embeds.dtype))
     supervise = attn_layer is not None and len(batch.attn_rows) > 0
@@ -74,7 +119,7 @@ def losses(
         logits[:, :-1].reshape(-1, vocab), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX
     )
     image_logits = logits[slots].view(-1, vocab)  # row-major kept patches
-    targets = batch.patch_targets.to(device)[keep].reshape(-1)
+    targets = (mixed_targets if batch.mix is not None else batch.patch_targets.to(device)[keep]).reshape(-1)
     aux = torch.nn.functional.cross_entropy(
         image_logits.repeat_interleave(2, dim=0), targets, ignore_index=IGNORE_INDEX
     )
@@ -85,6 +130,15 @@ def losses(
         if not captured or captured[0] is None:
             raise RuntimeError("attention supervision needs the LM on eager attention: see eager_attention()")
         weights = captured[0][rows, :, positions].float().mean(1)  # (Q, T): heads averaged
+        if batch.mix is not None:  # token-level targets: the image run of row r starts at `first`
+            counts = slots.sum(1)
+            starts = torch.cat([counts.new_zeros(1), counts.cumsum(0)[:-1]])  # row r's first token among all
+            token = torch.arange(mixed_named.shape[1], device=device)
+            local = token.unsqueeze(0) - starts[rows].unsqueeze(1)  # (Q, N): index within the answer's row
+            mine = (local >= 0) & (local < counts[rows].unsqueeze(1)) & mixed_named
+            on = weights.gather(1, (first + local).clamp(0, weights.shape[1] - 1)) * mine
+            has = mine.any(1)
+            return answer, aux, -torch.log(on.sum(-1)[has] + 1e-6).mean() if has.any() else attn
         seq_pos = first + keep.long().cumsum(1) - 1  # (B, n_patches): where a kept patch sits in its row
         on_patch = weights.gather(1, seq_pos[rows].clamp(0, weights.shape[1] - 1)) * keep[rows]
         mass = (on_patch * batch.attn_patches.to(device)).sum(-1)
