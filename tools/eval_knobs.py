@@ -18,6 +18,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from vlmzip.api import plan
+from vlmzip.cli import _parse_value
 from vlmzip.eval.data import load_folder
 from vlmzip.eval.distributed import Processes
 from vlmzip.eval.report import retention_table
@@ -30,7 +31,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", required=True, help="a finished `vlmzip eval` folder (its results.json)")
     parser.add_argument("--method", required=True)
-    parser.add_argument("--knob", action="append", required=True, metavar="KEY=INT", help="one run per knob setting")
+    parser.add_argument("--knob", action="append", required=True, metavar="KEY=VALUE", help="one run per knob setting")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     base = json.loads((Path(args.base) / "results.json").read_text())
@@ -45,7 +46,7 @@ def main() -> None:
     for setting in args.knob:
         key, value = setting.split("=", 1)
         for tokens in cfg.tokens:
-            knobs = {key: int(value), "tokens": tokens}
+            knobs = {key: _parse_value(value), "tokens": tokens}
             planned = plan(model, args.method, **knobs)
             runs.append(Run(f"{args.method}[{setting}]@{tokens}", args.method, knobs, planned.final_tokens,
                             planned.layer_avg_tokens, tokens, planned.tokens))
