@@ -230,19 +230,22 @@ def resolve_saliency(knobs: dict[str, Any]) -> dict[str, Any]:
     return {"variant": variant, "k": k, **rest}
 
 
+# Cluster & Saliency's knobs, shared by the pre-LLM method here and the LLM-side one (saliency.py).
+CLUSTER_SALIENCY_KNOBS = (
+    Knob("variant", int, 1, "1 static (quotas by cluster size), 2 dynamic (size x softmax of mean "
+         "saliency), 3 coarse aggregation (+ one mean token per cluster)"),
+    Knob("k", int, 20, "clusters (at most the tokens; variant 3: at most half the budget)"),
+    Knob("seed", int, 0, "random seed for the k-means++ seeding"),
+    Knob("iters", int, 20, "at most this many Lloyd iterations after the seeding"),
+    Knob("tol", float, 1e-4, "stop once no centre moves by more than this (squared distance)"),
+)
+
 SALIENCY = register(
     MethodSpec(
         name="cluster_saliency",
         description="Cluster & Saliency: after the projector, k-means++ clusters; each keeps its most CLS-attended "
         "tokens (variant 1 static, 2 dynamic quotas, 3 plus one mean token per cluster).",
-        knobs=(
-            Knob("variant", int, 1, "1 static (quotas by cluster size), 2 dynamic (size x softmax of mean "
-                 "saliency), 3 coarse aggregation (+ one mean token per cluster)"),
-            Knob("k", int, 20, "clusters (at most the tokens; variant 3: at most half the budget)"),
-            Knob("seed", int, 0, "random seed for the k-means++ seeding"),
-            Knob("iters", int, 20, "at most this many Lloyd iterations after the seeding"),
-            Knob("tol", float, 1e-4, "stop once no centre moves by more than this (squared distance)"),
-        ),
+        knobs=CLUSTER_SALIENCY_KNOBS,
         fn=cluster_saliency,
         stage="projector",
         resolve=resolve_saliency,

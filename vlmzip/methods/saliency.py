@@ -32,8 +32,8 @@ from typing import Any
 
 import torch
 
-from .base import Budget, Knob, LLMSelection, LLMStep, LLMTokens, MethodSpec, register
-from .cluster import cluster_count, resolve_saliency, saliency_clusters
+from .base import Budget, LLMSelection, LLMStep, LLMTokens, MethodSpec, register
+from .cluster import CLUSTER_SALIENCY_KNOBS, cluster_count, resolve_saliency, saliency_clusters
 from .fastv import top_per_image
 from .kmeans import cluster_means
 
@@ -190,14 +190,7 @@ CLUSTER_SALIENCY_LLM = register(
         name="cluster_saliency_llm",
         description="Cluster & Saliency (seed 002) with the text's layer-0 saliency: k-means++ clusters; each keeps "
         "its most salient tokens (variant 1 static, 2 dynamic quotas, 3 plus one mean token per cluster).",
-        knobs=(
-            Knob("variant", int, 1, "1 static (quotas by cluster size), 2 dynamic (size x softmax of mean "
-                 "saliency), 3 coarse aggregation (+ one mean token per cluster)"),
-            Knob("k", int, 20, "clusters (at most the tokens; variant 3: at most half the budget)"),
-            Knob("seed", int, 0, "random seed for the k-means++ seeding"),
-            Knob("iters", int, 20, "at most this many Lloyd iterations after the seeding"),
-            Knob("tol", float, 1e-4, "stop once no centre moves by more than this (squared distance)"),
-        ),
+        knobs=CLUSTER_SALIENCY_KNOBS,
         fn=cluster_saliency_llm,
         stage="llm",
         resolve=resolve_saliency,
