@@ -530,8 +530,8 @@ class Pruner:
         key = torch.where(keep, slot * (n_extra + 1), -1)
         sources = slot
         if n_extra:
-            last = torch.full((batch, int(extra_image.max()) + 1 if bool((extra_image >= 0).any()) else 1), -1,
-                              dtype=torch.long, device=device)
+            images = max(int(step.image.max()), int(extra_image.max())) + 1  # every image of the batch, >= 1
+            last = torch.full((batch, max(images, 1)), -1, dtype=torch.long, device=device)
             img = step.image.clamp(min=0)
             last = last.scatter_reduce(1, img, torch.where(step.image >= 0, slot, -1), reduce="amax")
             anchor = last.gather(1, extra_image.clamp(min=0))  # (B, M) slot each extra token follows
