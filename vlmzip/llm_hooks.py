@@ -462,7 +462,7 @@ class Pruner:
         def logits(rows: torch.Tensor) -> torch.Tensor:
             own = self.layers[layer]
             q, k = layer_qk(own, hidden)
-            mask = self._current_mask(step, cur_cols, hidden, kwargs)
+            mask = self._current_mask(step, kwargs)
             return attention_logits(q, k, rows, step.pos_emb, mask, own.self_attn.head_dim, own.self_attn.scaling)
 
         def gravity(rows: torch.Tensor) -> torch.Tensor:
@@ -487,9 +487,9 @@ class Pruner:
             scratch=step.scratch.setdefault(spec.group, {}),
         )
 
-    def _current_mask(self, step: StepState, cur_cols: torch.Tensor, hidden: torch.Tensor,
-                      kwargs: dict[str, Any]) -> torch.Tensor | None:
-        """The mask the current slots attend with at this layer (the call's own, or its segment's)."""
+    @staticmethod
+    def _current_mask(step: StepState, kwargs: dict[str, Any]) -> torch.Tensor | None:
+        """The mask the current slots attend with at this layer (the call's own, or its latest segment's)."""
         built = list(step.segments.values())
         return built[-1].mask if built else kwargs.get("attention_mask")
 
