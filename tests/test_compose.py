@@ -102,3 +102,17 @@ def test_seed_000_table_5_composition_plans_and_groups_by_its_nominal_budget(lab
     table = retention_table(results)
     assert table.count("**Retain 28 tokens") == 1  # both under their nominal budget, not their final count
     assert f"| sparsevlm | 28 (sent 256, final {alone.tokens}, layer avg {alone.layer_avg_tokens:.1f}) |" in table
+
+
+def test_bracketed_knobs_and_method_lists_parse_as_written() -> None:
+    from vlmzip.knobs import split_knobs, split_methods
+
+    assert split_knobs("cluster_saliency[variant=2, share=0.5]") == ("cluster_saliency", {"variant": 2, "share": 0.5})
+    assert split_knobs("sparsevlm[version=2.0,recycle=none,keep_positions=false]") == (
+        "sparsevlm", {"version": 2.0, "recycle": "none", "keep_positions": False})
+    assert split_knobs("visionzip@128+fastv[layer=1]") == ("visionzip@128+fastv", {"layer": 1})
+    assert split_knobs("tome") == ("tome", {})
+    for bad in ("tome[", "tome[r]", "tome[=1]", "tome[a=1]x", "to[m]e[a=1]"):
+        with pytest.raises(ValueError, match="method\\[key=value"):
+            split_knobs(bad)
+    assert split_methods("vanilla, a[x=1,y=2] ,b,,c[z=3]") == ["vanilla", "a[x=1,y=2]", "b", "c[z=3]"]

@@ -262,3 +262,25 @@ def test_off_vocabulary_is_judged_against_the_whole_dataset(llava_dir, data_dir,
     scores = json.loads((out / "results.json").read_text())["runs"][0]["scores"]
     assert scores["off_vocabulary"] == 0.0, "answers in the dataset's vocabulary are in format"
     assert scores["accuracy"] == pytest.approx(1 - wrong / 6)
+
+
+def test_eval_sweeps_methods_with_bracketed_knobs_as_their_own_columns(llava_dir, data_dir, tmp_path, capsys):
+    out = tmp_path / "ev"
+    methods = "vanilla,random,random[seed=0],random[seed=7],visionzip[ratio=0.25]"
+    argv = ["eval", "--model", str(llava_dir), "--data", str(data_dir), "--out", str(out), "--limit", "6",
+            "--max-new-tokens", "3", "--tokens", "8", "--methods", methods]
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    keys = ["vanilla", "random@8", "random[seed=0]@8", "random[seed=7]@8", "visionzip[ratio=0.25]"]
+    assert [r["key"] for r in results["runs"]] == keys
+    assert results["runs"][3]["knobs"] == {"seed": 7, "tokens": 8}
+    assert results["runs"][4]["tokens"] == 16, "a budget fixed in brackets is not swept"
+    # the default seed spelled out is the same run; the table names each column as spelled
+    same = [[r["prediction"] for r in lines(out / "predictions" / f"{k}.jsonl")] for k in keys[1:3]]
+    assert same[0] == same[1]
+    table = (out / "table.md").read_text()
+    assert "| random[seed=7] | 8 |" in table and "| visionzip[ratio=0.25] | 16 |" in table
+    assert main([*argv[:-1], "vanilla,random[seed]"]) == 2
+    assert "cannot read knob 'seed'" in capsys.readouterr().err
+    assert main([*argv[:-1], "vanilla,random[nosuch=1]"]) == 2
+    assert "nosuch" in capsys.readouterr().err

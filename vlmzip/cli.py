@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .knobs import parse_value, split_methods
+
 if TYPE_CHECKING:
     from torch import nn
 
@@ -95,7 +97,7 @@ def parse_knobs(args: argparse.Namespace) -> dict[str, Any]:
         if "=" not in item:
             raise ValueError(f"--knob expects key=value, got {item!r}")
         key, raw = item.split("=", 1)
-        knobs[key] = _parse_value(raw)
+        knobs[key] = parse_value(raw)
     return knobs
 
 
@@ -111,17 +113,6 @@ def method_knobs(args: argparse.Namespace, model: nn.Module) -> dict[str, Any]:
             patches = adapter_for(model).unit_layout().num_patches
             print(f"budget:  {knobs['tokens']} tokens = the papers' 64 of 576, as the same share of {patches} patches")
     return knobs
-
-
-def _parse_value(raw: str) -> Any:
-    if raw.lower() in ("true", "false"):
-        return raw.lower() == "true"
-    for cast in (int, float):
-        try:
-            return cast(raw)
-        except ValueError:
-            pass
-    return raw
 
 
 def add_method_args(parser: argparse.ArgumentParser) -> None:
@@ -261,6 +252,14 @@ def cmd_viz(args: argparse.Namespace) -> int:
     print(f"image:   {source}")
     print(f"{', '.join(args.methods)} at {tokens} visual tokens per image drawn side by side: {args.out}")
     return 0
+
+
+def _method_list(text: str) -> list[str]:
+    """argparse type of ``eval --methods``: methods split on the commas outside their bracketed knobs."""
+    values = split_methods(text)
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of methods, got {text!r}")
+    return values
 
 
 def _csv(cast: Any) -> Any:
@@ -447,10 +446,11 @@ def build_parser() -> argparse.ArgumentParser:
     p_eval = command("eval", "accuracy of methods x budgets vs vanilla on a dataset")
     p_eval.add_argument("--model", help="checkpoint folder (default: the lab mini-VLM)")
     p_eval.add_argument("--data", default="lab-test", help="dataset folder, or lab-test / lab-val / lab-test-small")
-    p_eval.add_argument("--methods", type=_csv(str), default="vanilla,visionzip",
+    p_eval.add_argument("--methods", type=_method_list, default="vanilla,visionzip",
                         help="comma-separated methods or compositions (visionzip@128+fastv: VisionZip to the "
-                        "papers' 128 of 576, then fastv at each budget); vanilla is always evaluated, once, as "
-                        "the reference")
+                        "papers' 128 of 576, then fastv at each budget), each with optional knobs in brackets "
+                        "(cluster_saliency[variant=2], sparsevlm[version=2.0,recycle=none]); vanilla is always "
+                        "evaluated, once, as the reference")
     p_eval.add_argument("--tokens", type=_csv(int), help=PAPER_BUDGETS_HELP)
     p_eval.add_argument("--limit", type=int, help="evaluate only the first N questions (default: all)")
     p_eval.add_argument("--batch-size", type=int, default=8, help="questions per generate call")

@@ -85,3 +85,4 @@ def last_stage(method: str) -> str:
 def fixed_budget(method: str) -> bool:
     """True when a composition's last stage fixed its own budget (``...+fastv@64``): not swept over budgets."""
     return is_composition(method) and parse(method)[-1][1] is not None
+

@@ -9,6 +9,14 @@ from typing import Any
 TYPE_ORDER = ("presence", "count", "color", "shape", "spatial", "text", "detail")
 
 
+def run_label(run: dict[str, Any]) -> str:
+    """A run's method as ``--methods`` spelled it (bracketed knobs, composition stages), without the
+    swept budget: ``"cluster_saliency[variant=2]@28"`` -> ``"cluster_saliency[variant=2]"``."""
+    key = str(run.get("key", run["method"]))
+    budget = run.get("knobs", {}).get("tokens")
+    return key[: -len(f"@{budget}")] if budget is not None and key.endswith(f"@{budget}") else key
+
+
 def columns(vanilla_scores: dict[str, Any]) -> list[str]:
     """Question-type columns in the benchmark's order (unknown types after, sorted)."""
     types = list(vanilla_scores["per_type"])
@@ -56,7 +64,7 @@ def retention_table(results: dict[str, Any]) -> str:
         retained = [v / r for v, r in zip(per_type, ref[: len(cols)], strict=True) if r > 0]
         avg_pct = f"{100 * sum(retained) / len(retained):.1f}%" if retained else "n/a"
         cells = [_cell(v, r) for v, r in zip(values, ref, strict=True)]
-        name = run["method"] + (f" {run['knobs']}" if run["knobs"] and "tokens" not in run["knobs"] else "")
+        name = run_label(run)
         off = f"{100 * run['scores'].get('off_vocabulary', 0.0):.1f}"
         tokens = token_cell(run)
         return "| " + " | ".join([name, tokens, *cells, f"{100 * avg:.1f} ({avg_pct})", off]) + " |"
@@ -105,7 +113,7 @@ def accuracy_figure(results: dict[str, Any]) -> Any:
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     by_method: dict[str, list[tuple[int, float]]] = {}
     for run in runs[1:]:
-        by_method.setdefault(run["method"], []).append((nominal(run), run["scores"]["macro_accuracy"]))
+        by_method.setdefault(run_label(run), []).append((nominal(run), run["scores"]["macro_accuracy"]))
     for method, points in sorted(by_method.items()):
         points.sort()
         ax.plot([p[0] for p in points], [100 * p[1] for p in points], marker="o", label=method)

@@ -39,6 +39,7 @@ from ..api import PAPER_BUDGETS, compressed, paper_budget, plan
 from ..compose import fixed_budget, is_composition, last_stage
 from ..compose import parse as parse_composition
 from ..io import generate_answers, load_model
+from ..knobs import split_knobs
 from ..methods import get_method
 from .data import LAB_DATASETS, Record, ensure_lab_dataset, load_folder, load_image
 from .distributed import Processes, launched
@@ -100,19 +101,24 @@ def plan_runs(model: nn.Module, methods: list[str], tokens: list[int]) -> list[R
     """
     vanilla_tokens = plan(model, VANILLA).tokens
     runs = [Run(VANILLA, VANILLA, {}, vanilla_tokens, budget=vanilla_tokens, sent_tokens=vanilla_tokens)]
-    for name in methods:
+    for entry in methods:
+        name, extra = split_knobs(entry)  # "cluster_saliency[variant=2]": knobs of every run of this entry
         if name == VANILLA:
+            if extra:
+                raise ValueError(f"{entry!r}: vanilla takes no knobs")
             continue
         spec = get_method(last_stage(name))
-        sweep = [{"tokens": t} for t in tokens] if spec.takes_budget and not fixed_budget(name) else [{}]
+        swept = spec.takes_budget and not fixed_budget(name) and not {"tokens", "ratio"} & set(extra)
+        sweep = [{"tokens": t} for t in tokens] if swept else [{}]
         reach = _sent_before_last(model, name)
-        for knobs in sweep:
-            if reach is not None and knobs.get("tokens", 0) > reach:
-                warnings.warn(f"{name}: skipping budget {knobs['tokens']}, more than the {reach} visual tokens "
+        for budget in sweep:
+            if reach is not None and budget.get("tokens", 0) > reach:
+                warnings.warn(f"{entry}: skipping budget {budget['tokens']}, more than the {reach} visual tokens "
                               "its earlier stage sends", stacklevel=2)
                 continue
+            knobs = {**extra, **budget}
             planned = plan(model, name, **knobs)
-            key = f"{name}@{knobs['tokens']}" if knobs else name
+            key = f"{entry}@{budget['tokens']}" if budget else entry
             avg = planned.layer_avg_tokens if has_llm_stage(name) else None
             nominal = knobs.get("tokens", planned.final_tokens)
             runs.append(Run(key, name, knobs, planned.final_tokens, avg, nominal, planned.tokens))
