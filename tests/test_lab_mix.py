@@ -115,6 +115,26 @@ def test_salient_plus_merged_keeps_the_salient_first_and_merges_all_the_rest() -
     assert set((slots < dominant).nonzero().squeeze(1).tolist()) == set(top.tolist())
 
 
+def test_diverse_subset_is_divprunes_selection_in_positional_order() -> None:
+    from vlmzip.methods.divprune import cosine_distance, max_min_diverse
+
+    projected = torch.randn(N, 16, generator=gen(15))
+    slots = M.diverse_slots(projected, 28)
+    assert_selection_in_positional_order(slots, 28)
+    expected = max_min_diverse(cosine_distance(projected.unsqueeze(0)), 28)[0]
+    assert set(chosen(slots).tolist()) == set(expected.tolist())
+
+
+def test_kmeans_groups_recover_well_separated_clusters_whatever_the_order() -> None:
+    centres = torch.eye(6) * 10
+    projected = centres[torch.arange(N) % 6] + 0.01 * torch.randn(N, 6, generator=gen(16))
+    for shuffle in (False, True):
+        slots = M.kmeans_slots(projected, 6, shuffle, gen(17))
+        assert (slots >= 0).all() and set(slots.tolist()) == set(range(6))
+        for c in range(6):  # each true cluster is exactly one slot
+            assert len(set(slots[torch.arange(N) % 6 == c].tolist())) == 1
+
+
 @pytest.mark.parametrize("mode", M.MIX_MODES)
 @pytest.mark.parametrize("cls", [False, True])
 def test_plan_slots_give_exactly_the_planned_tokens_with_cls_first_when_planned(mode: str, cls: bool) -> None:
@@ -203,3 +223,28 @@ def test_init_from_starts_from_a_saved_model_and_refuses_a_wrong_one(tmp_path) -
         T.start_run(tmp_path / "c", replace(cfg, text_hidden=64), resume=False)
     with pytest.raises(ValueError, match="no config.json"):
         T.start_run(tmp_path / "d", replace(cfg, init_from=str(tmp_path)), resume=False)
+
+
+def test_a_branch_from_the_base_runs_checkpoint_equals_the_whole_run_with_its_late_recipe(tmp_path) -> None:
+    late = replace(TINY, steps=4, mix=True, drop_prob=1.0, drop_from=0.5)  # augmentation from update 2
+    whole = T.train(tmp_path / "whole", late, resume=False)
+    base = replace(late, mix=False, drop_prob=0.0)
+    T.train(tmp_path / "base", base, resume=False, stop_after=2)
+    branch = T.train(tmp_path / "branch", replace(late, branch_from=str(tmp_path / "base")), resume=False)
+    a = T.LlavaForConditionalGeneration.from_pretrained(whole).state_dict()
+    b = T.LlavaForConditionalGeneration.from_pretrained(branch).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    losses = [[r["loss"] for r in T._read_log(tmp_path / d / "log.jsonl", 4)] for d in ("whole", "branch")]
+    assert losses[0] == losses[1] and len(losses[0]) == 4  # the base's rows carried over, then the branch's
+
+
+def test_a_branch_is_refused_past_the_augmentation_or_with_other_early_fields(tmp_path) -> None:
+    late = replace(TINY, steps=4, mix=True, drop_prob=1.0, drop_from=0.5)
+    T.train(tmp_path / "base", replace(late, mix=False, drop_prob=0.0), resume=False, stop_after=3)
+    with pytest.raises(ValueError, match="past update 2.*--stop-after 2"):
+        T.start_run(tmp_path / "b", replace(late, branch_from=str(tmp_path / "base")), resume=False)
+    with pytest.raises(ValueError, match="lr: 0.003 there vs 0.001 here"):
+        T.start_run(tmp_path / "c", replace(late, drop_from=1.0, lr=1e-3, branch_from=str(tmp_path / "base")),
+                    resume=False)
+    with pytest.raises(ValueError, match="no checkpoint there"):
+        T.start_run(tmp_path / "d", replace(late, branch_from=str(tmp_path / "nothing")), resume=False)

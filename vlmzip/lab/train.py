@@ -53,6 +53,7 @@ from vlmzip.io import generate_answers
 from vlmzip.lab import scenes
 from vlmzip.lab.train_config import (  # torch-free, so that the CLI builds its parser without torch
     FLAG_HELP,
+    LATE_FIELDS,
     PRECISION_NAMES,
     RUNTIME_FIELDS,
     TrainConfig,
@@ -131,12 +132,60 @@ def save_checkpoint(
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> int:
-    """Restore a checkpoint written by ``save_checkpoint``; return its step."""
+def _read_state(path: Path) -> dict[str, Any]:
     state = torch.load(path, map_location="cpu", weights_only=False)
     if state.get("version") != CHECKPOINT_VERSION:
         raise ValueError(f"{path}: unknown checkpoint version {state.get('version')!r}")
+    return state
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> int:
+    """Restore a checkpoint written by ``save_checkpoint``; return its step."""
+    state = _read_state(path)
     _check_resumable(state["config"], cfg)
+    return _restore(state, model, optimizer)
+
+
+def first_augmented(cfg: TrainConfig) -> int:
+    """The first update that the late-phase fields (``LATE_FIELDS``) can change: the augmentation's start,
+    or ``steps`` for a run without augmentation."""
+    return drop_start(cfg) if (cfg.drop_prob > 0 or cfg.mix) and drop_start(cfg) < cfg.steps else cfg.steps
+
+
+def branch_checkpoint(source: Path) -> Path:
+    """The checkpoint file of ``--branch-from``: a run folder (its ``checkpoint/state.pt``) or the file."""
+    path = source / "checkpoint" / "state.pt" if source.is_dir() else source
+    if not path.is_file():
+        raise ValueError(f"--branch-from {source}: no checkpoint there; pass a run folder of `vlmzip lab train` "
+                         "(e.g. one trained with --stop-after at its augmentation's first update)")
+    return path
+
+
+def load_branch(source: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> int:
+    """Start a branch from another run's checkpoint (weights, AdamW state, RNG, step); return its step.
+
+    Exact only when every update the checkpoint holds is one the branch's own config would have made: the
+    configs may differ in ``LATE_FIELDS`` only, and the checkpoint must precede both runs' augmentation
+    (``first_augmented``). Anything else is refused with what differs.
+    """
+    path = branch_checkpoint(source)
+    state = _read_state(path)
+    saved = TrainConfig(**{k: v for k, v in state["config"].items() if k != "branch_from"})
+    ignore = RUNTIME_FIELDS | LATE_FIELDS | {"branch_from"}
+    now, before = asdict(cfg), asdict(saved)
+    diff = [f"{k}: {before[k]!r} there vs {now[k]!r} here" for k in now if k not in ignore and before[k] != now[k]]
+    if diff:
+        raise ValueError(f"--branch-from {path}: that run differs in more than the late-phase fields "
+                         f"{sorted(LATE_FIELDS)} (" + "; ".join(diff) + "); give the same flags as that run")
+    step, limit = int(state["step"]), min(first_augmented(saved), first_augmented(cfg))
+    if step > limit:
+        raise ValueError(f"--branch-from {path}: its checkpoint is at update {step}, past update {limit}, where "
+                         "the augmentation starts; branch from a checkpoint at or before it (train that run "
+                         f"with --stop-after {limit})")
+    return _restore(state, model, optimizer)
+
+
+def _restore(state: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     random.setstate(state["rng"]["python"])
@@ -333,6 +382,12 @@ def start_run(out: Path, cfg: TrainConfig, resume: bool) -> TrainingRun:
     if resume and run.checkpoint_path.exists():
         run.step = load_checkpoint(run.checkpoint_path, model, optimizer, cfg)
         print(f"resumed from {run.checkpoint_path} at update {run.step}/{cfg.steps}", file=sys.stderr)
+    elif cfg.branch_from:
+        run.step = load_branch(Path(cfg.branch_from), model, optimizer, cfg)
+        print(f"branched from {cfg.branch_from} at update {run.step}/{cfg.steps}", file=sys.stderr)
+        base_log = branch_checkpoint(Path(cfg.branch_from)).parent.parent / "log.jsonl"
+        if base_log.is_file():  # the branch's log and loss plot cover the whole run
+            run.log_path.write_text("".join(json.dumps(r) + "\n" for r in _read_log(base_log, run.step)))
     rows = _read_log(run.log_path, up_to_step=run.step)  # drop log lines written after the checkpoint
     run.log_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
@@ -499,9 +554,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     """``vlmzip lab train``: train, print where the model is; 130 after Ctrl-C (checkpoint kept)."""
     cfg = config_from_args(args)
     try:
-        model_dir = train(args.out, cfg, resume=not args.no_resume)
+        model_dir = train(args.out, cfg, resume=not args.no_resume, stop_after=args.stop_after)
     except KeyboardInterrupt:
         return 130
+    if args.stop_after is not None and args.stop_after < cfg.steps:
+        print(f"stopped after update {args.stop_after}: checkpoint in {Path(args.out) / 'checkpoint'}")
+        return 0
     print(f"model: {model_dir}")
     return 0
 

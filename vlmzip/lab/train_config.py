@@ -22,6 +22,10 @@ if TYPE_CHECKING:
 
 PRECISION_NAMES = ("bf16", "fp32")  # vlmzip.lab.train.PRECISIONS maps them to torch dtypes
 
+# Fields that only act from the augmentation's first update (drop_from) on: a branch (``branch_from``) may
+# change them, since every earlier update is the same without them.
+LATE_FIELDS = frozenset({"drop_prob", "drop_min_keep", "drop_from", "mix"})
+
 # Fields that only change bookkeeping or where the run happens, not what is computed: they may differ
 # between an interrupted run and its resumption. Every other field must match the checkpoint.
 RUNTIME_FIELDS = frozenset(
@@ -89,6 +93,11 @@ class TrainConfig:
     # initialisation; image_offset: the first train-stream image (to continue on images the base run never saw)
     init_from: str = ""
     image_offset: int = 0
+    # branch: start from another run's checkpoint (weights, AdamW state, RNG, update count) taken before its
+    # augmentation starts, with other late-phase fields (LATE_FIELDS). Every update before the augmentation
+    # is a pure function of the other fields, so the branch equals a whole run with its own config, for the
+    # cost of the late phase only: one base run to drop_from, then any number of late-phase recipes.
+    branch_from: str = ""
     # model (see TinyLlavaConfig). 336 px / patch 21 = 256 patch tokens + CLS, not LLaVA-1.5's 576 (patch 14):
     # an update at 576 costs too much for the 60-minute CPU budget, above all with attention supervision
     # (BENCHMARKS.md). 336 px keeps the benchmark's images unresampled; budgets are compared at the same
@@ -196,6 +205,8 @@ FLAG_HELP: dict[str, str] = {
     "mix": "mixture augmentation: shortened images by a random method-like component, not random subsets only",
     "init_from": "start from this model folder's weights (continuation phase) instead of a fresh initialisation",
     "image_offset": "first image of the train stream (continuation: images the base run did not see)",
+    "branch_from": "start from this run folder's checkpoint taken before its augmentation (exact: equals the "
+    "whole run with this config's late-phase fields)",
     "image_size": "image side in pixels",
     "patch_size": "vision patch side in pixels",
     "vision_hidden": "vision tower width",
@@ -244,6 +255,9 @@ def add_parser(
     p.add_argument("--out", default="runs/lab", help="run folder: checkpoint/, log.jsonl, loss.png, model/ "
                    "(default: %(default)s)")
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint and start over")
+    p.add_argument("--stop-after", type=int, default=None, metavar="N",
+                   help="stop with a checkpoint (no export) after N updates, e.g. at the augmentation's first "
+                   "update, to --branch-from it with other late-phase recipes")
     for f in dataclasses.fields(TrainConfig):
         default = _default(f)
         flag = "--" + f.name.replace("_", "-")
@@ -270,6 +284,6 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 __all__ = [
-    "FLAG_HELP", "PRECISION_NAMES", "RUNTIME_FIELDS", "TrainConfig", "add_parser", "config_from_args",
+    "FLAG_HELP", "LATE_FIELDS", "PRECISION_NAMES", "RUNTIME_FIELDS", "TrainConfig", "add_parser", "config_from_args",
     "image_tokens", "lab_words", "lr_at", "model_config",
 ]  # fmt: skip

@@ -53,7 +53,7 @@ def mixed_image_tokens(
     offset = 0
     assert batch.mix is not None and vt.cls_attention is not None and vt.keys is not None
     for row, plan in enumerate(batch.mix):
-        slots = plan_slots(plan, vt.cls_attention[row, 1:], vt.keys[row, 1:], grid)
+        slots = plan_slots(plan, vt.cls_attention[row, 1:], vt.keys[row, 1:], grid, projected[row, 1:])
         k = plan.tokens
         if plan.after_projector:
             tokens.append(merge_slots(projected[row], slots, k))

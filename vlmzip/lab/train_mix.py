@@ -11,7 +11,11 @@ the LM as ``k`` tokens built by one component, drawn at random per image (``mix_
 - ``similar``: every patch joins the most cosine-similar of ``k`` seed patches; means (ToMe, k-means,
   Cluster & Aggregate);
 - ``salient_similar``: the most salient patches plus a few similarity-merged means of the rest, in that
-  order (VisionZip's dominant + contextual tokens).
+  order (VisionZip's dominant + contextual tokens);
+- ``diverse``: the ``k`` most mutually distant patches by greedy max-min cosine distance of the projected
+  features, positional order (DivPrune: mostly object and text patches, which no random subset gives);
+- ``kmeans``: k-means++ clusters of the projected features, one mean per cluster (Cluster & Aggregate,
+  the cluster-saliency variants' aggregated tokens).
 
 Independently, the CLS token may take the first slot (VisionZip keeps it), merged tokens come in mean-position
 or random order (Cluster & Aggregate's order), and merging happens before or after the projector. So no
@@ -27,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-MIX_MODES = ("random", "strided", "salient", "neighbours", "similar", "salient_similar")
+MIX_MODES = ("random", "strided", "salient", "neighbours", "similar", "salient_similar", "diverse", "kmeans")
 IGNORE_INDEX = -100
 
 
@@ -136,9 +140,30 @@ def salient_similar_slots(
     return slots[:n]
 
 
-def plan_slots(plan: MixPlan, saliency: torch.Tensor, features: torch.Tensor, grid: int) -> torch.Tensor:
+def diverse_slots(projected: torch.Tensor, k: int) -> torch.Tensor:
+    """(n,) slots of the ``k`` patches picked by greedy max-min cosine distance of ``projected`` (n, D), as
+    DivPrune picks them; positional order."""
+    from vlmzip.methods.divprune import cosine_distance, max_min_diverse
+
+    return _positional(max_min_diverse(cosine_distance(projected.unsqueeze(0)), k)[0], projected.shape[0])
+
+
+def kmeans_slots(projected: torch.Tensor, k: int, shuffle: bool, gen: torch.Generator) -> torch.Tensor:
+    """(n,) slots merging the patches into ``k`` k-means++ clusters of ``projected`` (n, D) (5 Lloyd
+    iterations, seed from ``gen``), as Cluster & Aggregate clusters them."""
+    from vlmzip.methods.kmeans import kmeans
+
+    seed = int(torch.randint(0, 2**31, (), generator=gen))
+    labels, _ = kmeans(projected.unsqueeze(0), k, seed=seed, iters=5)
+    return _order_groups(labels[0], k, shuffle, gen)
+
+
+def plan_slots(
+    plan: MixPlan, saliency: torch.Tensor, features: torch.Tensor, grid: int, projected: torch.Tensor | None = None
+) -> torch.Tensor:
     """(1 + n,) slots of an image's CLS + n patches under ``plan``: ``saliency`` (n,) the CLS attention on
-    the patches, ``features`` (n, D) what ``similar`` compares. ``plan.tokens`` slots in all."""
+    the patches, ``features`` (n, D) what ``similar`` compares, ``projected`` (n, D') what ``diverse`` and
+    ``kmeans`` compare (``features`` when None). ``plan.tokens`` slots in all."""
     n = grid * grid
     gen = torch.Generator().manual_seed(plan.seed)
     if plan.mode == "full":
@@ -146,6 +171,7 @@ def plan_slots(plan: MixPlan, saliency: torch.Tensor, features: torch.Tensor, gr
     else:
         k = plan.tokens - int(plan.cls)
         saliency, features = saliency.detach().float().cpu(), features.detach().float().cpu()
+        projected = features if projected is None else projected.detach().float().cpu()
         if plan.mode == "random":
             patches = random_slots(n, k, gen)
         elif plan.mode == "strided":
@@ -158,6 +184,10 @@ def plan_slots(plan: MixPlan, saliency: torch.Tensor, features: torch.Tensor, gr
             patches = similar_slots(features, k, plan.shuffle, gen)
         elif plan.mode == "salient_similar":
             patches = salient_similar_slots(saliency, features, k, plan.shuffle, gen)
+        elif plan.mode == "diverse":
+            patches = diverse_slots(projected, k)
+        elif plan.mode == "kmeans":
+            patches = kmeans_slots(projected, k, plan.shuffle, gen)
         else:
             raise ValueError(f"unknown mix mode {plan.mode!r}; use 'full' or one of {MIX_MODES}")
     cls = torch.tensor([0 if plan.cls else -1])
