@@ -206,6 +206,9 @@ def test_cli_flags_map_to_config() -> None:
     cfg = T.config_from_args(args)
     assert (cfg.steps, cfg.lr, cfg.questions_per_image, cfg.progress) == (5, 0.01, (7, 3), False)
     assert cfg.batch_size == T.TrainConfig().batch_size and args.func is T.cmd_train and args.out == "x"
+    branch = parser.parse_args(["train", "--out", "y", "--branch-from", "x", "--mix", "true", "--stop-after", "9"])
+    cfg = T.config_from_args(branch)
+    assert (cfg.branch_from, cfg.mix, branch.stop_after) == ("x", True, 9)
 
 
 def test_token_count_augmentation_drops_patches_deterministically() -> None:
