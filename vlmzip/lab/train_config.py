@@ -257,7 +257,7 @@ def add_parser(
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint and start over")
     p.add_argument("--stop-after", type=int, default=None, metavar="N",
                    help="stop with a checkpoint (no export) after N updates, e.g. at the augmentation's first "
-                   "update, to --branch-from it with other late-phase recipes")
+                   "update, to --branch-from it with other late-phase recipes (default: run all --steps)")
     for f in dataclasses.fields(TrainConfig):
         default = _default(f)
         flag = "--" + f.name.replace("_", "-")

@@ -154,7 +154,7 @@ def kmeans_slots(projected: torch.Tensor, k: int, shuffle: bool, gen: torch.Gene
     from vlmzip.methods.kmeans import kmeans
 
     seed = int(torch.randint(0, 2**31, (), generator=gen))
-    labels, _ = kmeans(projected.unsqueeze(0), k, seed=seed, iters=5)
+    labels, _ = kmeans(projected.detach().unsqueeze(0), k, seed=seed, iters=5)
     return _order_groups(labels[0], k, shuffle, gen)
 
 
