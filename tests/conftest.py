@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+from vlmzip.lab.train_config import TrainConfig
 from vlmzip.tiny import TinyLlavaConfig, build_llava
 
 # 112 px / patch 14 -> an 8 x 8 grid: 64 patches + CLS, LLaVA-1.5's layout at a smaller scale.
@@ -57,3 +58,13 @@ def batch_inputs(processor):
 
 
 torch.set_num_threads(max(1, torch.get_num_threads()))
+
+
+# lab training tests: 112 px / patch 14 -> 64 patch tokens; a model small enough for dozens of updates in a few seconds.
+TINY_TRAIN = TrainConfig(
+    steps=6, batch_size=2, lr=3e-3, warmup_steps=2, image_size=112, patch_size=14,
+    vision_hidden=32, vision_layers=2, vision_heads=2, vision_intermediate=64,
+    text_hidden=32, text_layers=1, text_heads=2, text_kv_heads=1, text_intermediate=64,
+    threads=1, checkpoint_every=2, log_every=1, eval_limit=0, progress=False, attn_weight=1.0, attn_layer=0,
+    drop_prob=0.0, drop_from=0.0,
+)  # fmt: skip

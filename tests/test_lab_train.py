@@ -10,20 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_TRAIN as TINY
 from safetensors.torch import load_file
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from vlmzip.lab import scenes
 from vlmzip.lab import train as T
-
-# 112 px / patch 14 -> 64 patch tokens; a model small enough for dozens of updates in a few seconds.
-TINY = T.TrainConfig(
-    steps=6, batch_size=2, lr=3e-3, warmup_steps=2, image_size=112, patch_size=14,
-    vision_hidden=32, vision_layers=2, vision_heads=2, vision_intermediate=64,
-    text_hidden=32, text_layers=1, text_heads=2, text_kv_heads=1, text_intermediate=64,
-    threads=1, checkpoint_every=2, log_every=1, eval_limit=0, progress=False, attn_weight=1.0, attn_layer=0,
-    drop_prob=0.0, drop_from=0.0,
-)  # fmt: skip
 
 
 def conversation(qas: list[scenes.QA]) -> list[dict]:
