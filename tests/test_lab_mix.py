@@ -241,3 +241,32 @@ def test_a_branch_is_refused_past_the_augmentation_or_with_other_early_fields(tm
                     resume=False)
     with pytest.raises(ValueError, match="no checkpoint there"):
         T.start_run(tmp_path / "d", replace(late, branch_from=str(tmp_path / "nothing")), resume=False)
+
+
+def test_distillation_anchor_is_zero_against_itself_and_pulls_full_rows_back_to_the_teacher(tmp_path) -> None:
+    first = T.train(tmp_path / "a", replace(TINY, steps=2), resume=False)
+    cfg = replace(TINY, init_from=str(first), mix=True, drop_prob=0.5, batch_size=4, distill=1.0)
+    run = T.start_run(tmp_path / "b", cfg, resume=False)
+    assert run.teacher is not None and not any(p.requires_grad for p in run.teacher.parameters())
+    batch = next(b for b in (T.make_batch(cfg, s) for s in range(20)) if 0 < int(T.full_rows(b).sum()) < 4)
+    cpu = torch.device("cpu")
+    # the student starts as the teacher: no pull on its full rows (eager vs sdpa attention: float noise only)
+    *_, same = T.loss_terms(run.model, run.processor, batch, cpu, attn_layer=0, teacher=run.teacher)
+    assert 0 <= same.item() < 1e-5
+    with torch.no_grad():  # move the student away: the anchor is positive and its gradient points back
+        for p in run.model.model.language_model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    *_, moved = T.loss_terms(run.model, run.processor, batch, cpu, attn_layer=0, teacher=run.teacher)
+    assert moved > 1e-3
+    moved.backward()
+    assert run.model.lm_head.weight.grad.abs().sum() > 0
+    none = replace(batch, mix=[M.MixPlan("random", 3)] * 4)  # no full row: nothing to anchor
+    assert T.full_rows(none).sum() == 0
+    assert float(T.distill_loss(torch.zeros(4, batch.input_ids.shape[1], 1), run.teacher, run.processor, none,
+                                cpu)) == 0.0
+    stats = T.update(run, batch)
+    assert "distill_loss" in stats and stats["distill_loss"] >= 0
+    with pytest.raises(ValueError, match="needs .*--init-from"):
+        replace(TINY, distill=1.0)
+    with pytest.raises(ValueError, match="distill=-1"):
+        replace(TINY, init_from=str(first), distill=-1.0)

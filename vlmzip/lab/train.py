@@ -83,7 +83,7 @@ from vlmzip.lab.train_data import (
     shuffled,
     to_uint8,
 )
-from vlmzip.lab.train_losses import eager_attention, losses
+from vlmzip.lab.train_losses import distill_loss, eager_attention, full_rows, loss_terms, losses  # noqa: F401
 from vlmzip.tiny import build_llava
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp32": torch.float32}  # TrainConfig.precision -> autocast dtype
@@ -327,6 +327,7 @@ class TrainingRun:
     processor: LlavaProcessor
     optimizer: torch.optim.AdamW
     restore_attention: Callable[[], None] | None  # undoes eager_attention; None without attention supervision
+    teacher: LlavaForConditionalGeneration | None = None  # the frozen --init-from model, with cfg.distill
     step: int = 0
 
     @property
@@ -362,6 +363,12 @@ def init_weights(model: LlavaForConditionalGeneration, folder: Path) -> None:
     model.load_state_dict({k: state[k] for k in own})
 
 
+def load_teacher(folder: Path, device: torch.device) -> LlavaForConditionalGeneration:
+    """The frozen model of ``folder`` (``--init-from``) in eval mode on ``device``: the distillation teacher."""
+    teacher = LlavaForConditionalGeneration.from_pretrained(folder, torch_dtype=torch.float32).to(device).eval()
+    return teacher.requires_grad_(False)
+
+
 def start_run(out: Path, cfg: TrainConfig, resume: bool) -> TrainingRun:
     """Model and optimizer from ``cfg.seed``, or from ``out``'s checkpoint with ``resume``; the log is cut
     back to the checkpoint's update and the config written next to it."""
@@ -378,7 +385,8 @@ def start_run(out: Path, cfg: TrainConfig, resume: bool) -> TrainingRun:
     optimizer = make_optimizer(model, cfg)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    run = TrainingRun(cfg, out, device, model, processor, optimizer, restore_attention)
+    teacher = load_teacher(Path(cfg.init_from), device) if cfg.distill > 0 else None
+    run = TrainingRun(cfg, out, device, model, processor, optimizer, restore_attention, teacher)
     if resume and run.checkpoint_path.exists():
         run.step = load_checkpoint(run.checkpoint_path, model, optimizer, cfg)
         print(f"resumed from {run.checkpoint_path} at update {run.step}/{cfg.steps}", file=sys.stderr)
@@ -395,28 +403,34 @@ def start_run(out: Path, cfg: TrainConfig, resume: bool) -> TrainingRun:
 
 
 def update(run: TrainingRun, batch: Batch) -> dict[str, float]:
-    """One optimizer update on ``batch``; returns its three losses, learning rate and gradient norm."""
+    """One optimizer update on ``batch``; returns its losses (``distill_loss`` only with ``cfg.distill``),
+    learning rate and gradient norm."""
     cfg = run.cfg
     lr = lr_at(run.step, cfg)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     with autocast(cfg, run.device):
-        answer_loss, aux_loss, attn_loss = losses(
-            run.model, run.processor, batch, run.device, cfg.attn_layer if cfg.attn_weight > 0 else None
+        answer_loss, aux_loss, attn_loss, distill = loss_terms(
+            run.model, run.processor, batch, run.device, cfg.attn_layer if cfg.attn_weight > 0 else None, run.teacher
         )
         loss = answer_loss + cfg.aux_weight * aux_loss + cfg.attn_weight * attn_loss
+        if run.teacher is not None:
+            loss = loss + cfg.distill * distill
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
-    return {
+    stats = {
         "loss": answer_loss.item(),
         "aux_loss": aux_loss.item(),
         "attn_loss": attn_loss.item(),
         "lr": lr,
         "grad_norm": float(grad_norm),
     }
+    if run.teacher is not None:
+        stats["distill_loss"] = distill.item()
+    return stats
 
 
 class LossMeter:
@@ -443,7 +457,7 @@ class LossMeter:
         def mean(key: str) -> float:
             return sum(u[key] for u in self.updates) / n
 
-        return {
+        row = {
             "step": step,
             "loss": mean("loss"),
             "aux_loss": mean("aux_loss"),
@@ -453,6 +467,9 @@ class LossMeter:
             "images_per_s": n * batch_size / elapsed,
             "s_per_step": elapsed / n,
         }
+        if "distill_loss" in self.updates[-1]:
+            row["distill_loss"] = mean("distill_loss")
+        return row
 
 
 def log_eval(run: TrainingRun, label: str) -> None:

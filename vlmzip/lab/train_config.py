@@ -93,6 +93,12 @@ class TrainConfig:
     # initialisation; image_offset: the first train-stream image (to continue on images the base run never saw)
     init_from: str = ""
     image_offset: int = 0
+    # continuation anchor: on every row whose image reaches the LM whole, add distill * KL(init model || this
+    # model) of the answer-token distributions (the --init-from model, frozen, as the teacher on the same
+    # inputs). Why: a continuation with a fresh optimizer drifts from what the base run learned about whole
+    # images and loses vanilla accuracy (BENCHMARKS.md); the anchor keeps full-image answers where they were
+    # while the shortened rows teach the new patterns. Training-only; 0 = off; needs init_from.
+    distill: float = 0.0
     # branch: start from another run's checkpoint (weights, AdamW state, RNG, update count) taken before its
     # augmentation starts, with other late-phase fields (LATE_FIELDS). Every update before the augmentation
     # is a pure function of the other fields, so the branch equals a whole run with its own config, for the
@@ -140,6 +146,9 @@ class TrainConfig:
             raise ValueError("steps and batch_size must be >= 1")
         if not 0 <= self.drop_prob <= 1 or not 0 < self.drop_min_keep <= 1 or not 0 <= self.drop_from <= 1:
             raise ValueError("need 0 <= drop_prob <= 1, 0 < drop_min_keep <= 1 and 0 <= drop_from <= 1")
+        if self.distill < 0 or (self.distill > 0 and not self.init_from):
+            raise ValueError(f"distill={self.distill}: needs a value >= 0, and --init-from (the teacher is the "
+                             "model the continuation starts from); use distill=0 for a run from scratch")
         if self.image_offset < 0:
             raise ValueError(f"image_offset must be >= 0 (got {self.image_offset})")
         if self.precision not in PRECISION_NAMES:
@@ -204,6 +213,7 @@ FLAG_HELP: dict[str, str] = {
     "drop_from": "token-count augmentation: share of the updates after which it applies",
     "mix": "mixture augmentation: shortened images by a random method-like component, not random subsets only",
     "init_from": "start from this model folder's weights (continuation phase) instead of a fresh initialisation",
+    "distill": "continuation: weight of the KL to the --init-from model's answers on full-image rows (0 = off)",
     "image_offset": "first image of the train stream (continuation: images the base run did not see)",
     "branch_from": "start from this run folder's checkpoint taken before its augmentation (exact: equals the "
     "whole run with this config's late-phase fields)",

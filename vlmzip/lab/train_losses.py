@@ -1,5 +1,6 @@
-"""What one training update minimises: the answer loss, the dense auxiliary loss and the attention loss
-(plus ``eager_attention``, the switch the attention loss needs)."""
+"""What one training update minimises: the answer loss, the dense auxiliary loss, the attention loss and, in
+a continuation with ``distill``, the distillation anchor (plus ``eager_attention``, the switch the attention
+loss needs)."""
 
 from __future__ import annotations
 
@@ -70,6 +71,40 @@ def mixed_image_tokens(
     return torch.cat(tokens), torch.cat(targets).to(device), named_all.to(device)
 
 
+def full_rows(batch: Batch) -> torch.Tensor:
+    """(B,) bool: the rows whose image reaches the LM whole (every patch, in order, no CLS), as in a stock
+    forward: no token-count augmentation, or the mixture's ``"full"`` plan."""
+    if batch.mix is not None:
+        return torch.tensor([plan.mode == "full" for plan in batch.mix], dtype=torch.bool)
+    return batch.keep.all(1)
+
+
+def distill_loss(
+    logits: torch.Tensor,
+    teacher: LlavaForConditionalGeneration,
+    processor: LlavaProcessor,
+    batch: Batch,
+    device: torch.device,
+) -> torch.Tensor:
+    """KL(teacher || student) of the next-token distributions at the answer tokens of the full-image rows
+    (``full_rows``), mean over those tokens; 0 when the batch has none. ``logits``: the student's (B, T, V)
+    on ``batch``; the teacher (frozen) runs the stock forward on the same rows' ids and pixels."""
+    rows = full_rows(batch).to(device)
+    labels = batch.labels.to(device)[rows, 1:]
+    answer = labels != IGNORE_INDEX  # (R, T-1): positions that predict an answer token
+    if not answer.any():
+        return logits.new_zeros(())
+    with torch.no_grad():
+        teacher_logits = teacher(
+            input_ids=batch.input_ids.to(device)[rows],
+            pixel_values=pixel_values(batch.pixels.to(device)[rows], processor),
+            attention_mask=batch.attention_mask.to(device)[rows],
+        ).logits.float()
+    target = torch.log_softmax(teacher_logits[:, :-1][answer], dim=-1)  # (A, V)
+    student = torch.log_softmax(logits[rows, :-1][answer], dim=-1)
+    return (target.exp() * (target - student)).sum(-1).mean()
+
+
 def losses(
     model: LlavaForConditionalGeneration,
     processor: LlavaProcessor,
@@ -77,7 +112,20 @@ def losses(
     device: torch.device,
     attn_layer: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(answer loss, dense auxiliary loss, attention loss) of one batch.
+    """(answer loss, dense auxiliary loss, attention loss) of one batch: ``loss_terms`` without a teacher."""
+    answer, aux, attn, _ = loss_terms(model, processor, batch, device, attn_layer)
+    return answer, aux, attn
+
+
+def loss_terms(
+    model: LlavaForConditionalGeneration,
+    processor: LlavaProcessor,
+    batch: Batch,
+    device: torch.device,
+    attn_layer: int | None = None,
+    teacher: LlavaForConditionalGeneration | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(answer loss, dense auxiliary loss, attention loss, distillation loss) of one batch.
 
     The LM gets, in each image's placeholder run, the projected features of that image's kept patches
     (``batch.keep``; all of them: exactly the stock ``model(input_ids, pixel_values)`` forward).
@@ -86,6 +134,7 @@ def losses(
     the position's own output) against the patch's target words; mean over labelled (patch, word) pairs.
     Attention loss (``attn_layer`` given; the LM must run eager attention): mean over supervised answers
     of -log(attention mass, heads averaged, from the answer-predicting position onto the named patches).
+    Distillation loss (``teacher`` given): ``distill_loss`` on the full-image rows; else 0.
     """
     input_ids = batch.input_ids.to(device)
     keep = batch.keep.to(device)
@@ -138,9 +187,14 @@ def losses(
             mine = (local >= 0) & (local < counts[rows].unsqueeze(1)) & mixed_named
             on = weights.gather(1, (first + local).clamp(0, weights.shape[1] - 1)) * mine
             has = mine.any(1)
-            return answer, aux, -torch.log(on.sum(-1)[has] + 1e-6).mean() if has.any() else attn
-        seq_pos = first + keep.long().cumsum(1) - 1  # (B, n_patches): where a kept patch sits in its row
-        on_patch = weights.gather(1, seq_pos[rows].clamp(0, weights.shape[1] - 1)) * keep[rows]
-        mass = (on_patch * batch.attn_patches.to(device)).sum(-1)
-        attn = -torch.log(mass + 1e-6).mean()
-    return answer, aux, attn
+            if has.any():
+                attn = -torch.log(on.sum(-1)[has] + 1e-6).mean()
+        else:
+            seq_pos = first + keep.long().cumsum(1) - 1  # (B, n_patches): where a kept patch sits in its row
+            on_patch = weights.gather(1, seq_pos[rows].clamp(0, weights.shape[1] - 1)) * keep[rows]
+            mass = (on_patch * batch.attn_patches.to(device)).sum(-1)
+            attn = -torch.log(mass + 1e-6).mean()
+    distill = torch.zeros((), device=device)
+    if teacher is not None:
+        distill = distill_loss(logits, teacher, processor, batch, device)
+    return answer, aux, attn, distill
