@@ -12,7 +12,7 @@ The rest of the training code is in three modules, whose names this one re-expor
 flags; free of torch, so that ``vlmzip --help`` answers at once), ``train_data`` (the
 batch of every update, a pure function of config and step: packed multi-turn conversations, curriculum,
 patch targets, token-count augmentation) and ``train_losses`` (answer, dense auxiliary and attention
-losses). ``train_mix`` holds the mixture augmentation's pure tensor functions (``--mix``: shortened images
+losses, and a continuation's distillation anchor, ``--distill``). ``train_mix`` holds the mixture augmentation's pure tensor functions (``--mix``: shortened images
 built like the methods build them); ``--init-from`` starts a continuation phase from a saved model.
 
 Four training-only aids, all knobs of ``TrainConfig`` (the exported model is a plain LLaVA either way):
