@@ -270,3 +270,17 @@ def test_distillation_anchor_is_zero_against_itself_and_pulls_full_rows_back_to_
         replace(TINY, distill=1.0)
     with pytest.raises(ValueError, match="distill=-1"):
         replace(TINY, init_from=str(first), distill=-1.0)
+
+
+def test_freeze_vision_trains_the_projector_and_the_lm_but_not_the_tower(tmp_path) -> None:
+    cfg = replace(TINY, mix=True, drop_prob=1.0, batch_size=2, freeze_vision=True)
+    run = T.start_run(tmp_path / "a", cfg, resume=False)
+    before = {k: v.clone() for k, v in run.model.state_dict().items()}
+    T.update(run, T.make_batch(cfg, 0))
+    after = run.model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and not any(k.startswith("model.vision_tower.") for k in changed)
+    assert any(k.startswith("model.multi_modal_projector.") for k in changed)
+    assert any(k.startswith("model.language_model.") for k in changed)
+    tower = {id(p) for p in run.model.model.vision_tower.parameters()}
+    assert not any(id(p) in tower for group in run.optimizer.param_groups for p in group["params"])

@@ -12,8 +12,9 @@ The rest of the training code is in three modules, whose names this one re-expor
 flags; free of torch, so that ``vlmzip --help`` answers at once), ``train_data`` (the
 batch of every update, a pure function of config and step: packed multi-turn conversations, curriculum,
 patch targets, token-count augmentation) and ``train_losses`` (answer, dense auxiliary and attention
-losses, and a continuation's distillation anchor, ``--distill``). ``train_mix`` holds the mixture augmentation's pure tensor functions (``--mix``: shortened images
-built like the methods build them); ``--init-from`` starts a continuation phase from a saved model.
+losses, and a continuation's distillation anchor, ``--distill``). ``train_mix`` holds the mixture
+augmentation's pure tensor functions (``--mix``: shortened images built like the methods build them);
+``--init-from`` starts a continuation phase from a saved model (``--freeze-vision``: tower frozen).
 
 Four training-only aids, all knobs of ``TrainConfig`` (the exported model is a plain LLaVA either way):
 a size curriculum (big objects first, the benchmark's scenes from half-way on), a dense auxiliary loss
@@ -381,6 +382,8 @@ def start_run(out: Path, cfg: TrainConfig, resume: bool) -> TrainingRun:
     if cfg.init_from:
         init_weights(model, Path(cfg.init_from))
     model.to(device).train()
+    if cfg.freeze_vision:  # before the optimizer, which takes only trainable parameters
+        model.model.vision_tower.requires_grad_(False)
     restore_attention = eager_attention(model) if cfg.attn_weight > 0 else None
     optimizer = make_optimizer(model, cfg)
     random.seed(cfg.seed)

@@ -99,6 +99,12 @@ class TrainConfig:
     # images and loses vanilla accuracy (BENCHMARKS.md); the anchor keeps full-image answers where they were
     # while the shortened rows teach the new patterns. Training-only; 0 = off; needs init_from.
     distill: float = 0.0
+    # continuation: train the projector and the LM only, the vision tower frozen. Why: nothing in training
+    # supervises the CLS token's attention (LLaVA drops CLS), yet VisionZip and Cluster & Saliency rank
+    # patches by it; a continuation that trains the tower scrambles it (session 9: the share of VisionZip's
+    # 54 dominant tokens on objects fell from 36 % to the 12.5 % chance level), which charges those methods
+    # for a drift the base model never had (BENCHMARKS.md).
+    freeze_vision: bool = False
     # branch: start from another run's checkpoint (weights, AdamW state, RNG, update count) taken before its
     # augmentation starts, with other late-phase fields (LATE_FIELDS). Every update before the augmentation
     # is a pure function of the other fields, so the branch equals a whole run with its own config, for the
@@ -214,6 +220,7 @@ FLAG_HELP: dict[str, str] = {
     "mix": "mixture augmentation: shortened images by a random method-like component, not random subsets only",
     "init_from": "start from this model folder's weights (continuation phase) instead of a fresh initialisation",
     "distill": "continuation: weight of the KL to the --init-from model's answers on full-image rows (0 = off)",
+    "freeze_vision": "train the projector and the LM only (continuation: keeps the tower's CLS attention)",
     "image_offset": "first image of the train stream (continuation: images the base run did not see)",
     "branch_from": "start from this run folder's checkpoint taken before its augmentation (exact: equals the "
     "whole run with this config's late-phase fields)",
