@@ -288,3 +288,14 @@ def test_bf16_autocast_trains_and_fp32_is_plain() -> None:
     assert all(p.dtype == torch.float32 for p in model.parameters())
     with pytest.raises(ValueError, match="precision"):
         T.TrainConfig(precision="fp16")
+
+
+def test_a_checkpoint_from_before_a_new_field_resumes_with_that_fields_default(tmp_path: Path) -> None:
+    T.train(tmp_path / "old", TINY, resume=False, stop_after=2)
+    path = tmp_path / "old" / "checkpoint" / "state.pt"
+    state = torch.load(path, weights_only=False)
+    del state["config"]["freeze_vision"], state["config"]["distill"]  # as written before these fields existed
+    torch.save(state, path)
+    with pytest.raises(ValueError, match="freeze_vision: checkpoint False vs now True"):
+        T.start_run(tmp_path / "old", replace(TINY, freeze_vision=True), resume=True)
+    assert T.start_run(tmp_path / "old", TINY, resume=True).step == 2

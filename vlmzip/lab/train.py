@@ -103,6 +103,8 @@ def _fingerprint(cfg: TrainConfig) -> dict[str, Any]:
 def _check_resumable(saved: dict[str, Any], cfg: TrainConfig) -> None:
     now = _fingerprint(cfg)
     before = {k: (tuple(v) if isinstance(v, list) else v) for k, v in saved.items() if k not in RUNTIME_FIELDS}
+    # a field added after the checkpoint was written: it ran with that field's default
+    before = {**{k: v for k, v in _fingerprint(TrainConfig()).items() if k not in saved}, **before}
     diff = [f"{k}: checkpoint {before.get(k)!r} vs now {now.get(k)!r}" for k in now if before.get(k) != now.get(k)]
     if diff:
         raise ValueError(
