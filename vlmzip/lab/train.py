@@ -102,10 +102,9 @@ def _fingerprint(cfg: TrainConfig) -> dict[str, Any]:
 
 def _check_resumable(saved: dict[str, Any], cfg: TrainConfig) -> None:
     now = _fingerprint(cfg)
+    saved = {**asdict(TrainConfig()), **saved}  # a field added after the checkpoint was written ran at its default
     before = {k: (tuple(v) if isinstance(v, list) else v) for k, v in saved.items() if k not in RUNTIME_FIELDS}
-    # a field added after the checkpoint was written: it ran with that field's default
-    before = {**{k: v for k, v in _fingerprint(TrainConfig()).items() if k not in saved}, **before}
-    diff = [f"{k}: checkpoint {before.get(k)!r} vs now {now.get(k)!r}" for k in now if before.get(k) != now.get(k)]
+    diff = [f"{k}: checkpoint {before.get(k)!r} vs now {v!r}" for k, v in now.items() if before.get(k) != v]
     if diff:
         raise ValueError(
             "the checkpoint was made with another config (" + "; ".join(diff) + ");"
