@@ -139,6 +139,22 @@ def test_accuracy_plot_ticks_the_budgets_run(tmp_path):
     assert (tmp_path / "plot.png").stat().st_size > 0
 
 
+def test_accuracy_plot_gives_every_method_its_own_colour_and_marker():
+    """A full sweep has 13 methods: the default 10-colour cycle would draw the 1st and 11th alike."""
+    results = {
+        "config": {"data": "d"}, "n_questions": 4,
+        "runs": [{"method": "vanilla", "tokens": 256, "scores": {"macro_accuracy": 0.8}}]
+        + [{"method": f"m{i:02d}", "tokens": t, "scores": {"macro_accuracy": 0.5}}
+           for i in range(13) for t in (85, 28)],
+    }
+    ax = accuracy_figure(results).axes[0]
+    styles = [(line.get_color(), line.get_marker()) for line in ax.get_lines() if line.get_label().startswith("m")]
+    assert len(styles) == 13 and len(set(styles)) == 13
+    assert len({color for color, _ in styles}) == 13
+    legend = ax.get_legend()
+    assert [t.get_text() for t in legend.get_texts()][:13] == [f"m{i:02d}" for i in range(13)]
+
+
 def test_eval_default_budgets_are_the_papers_scaled_to_the_model(llava_dir, data_dir, tmp_path):
     # the test model has 64 patches: 192/128/64 of 576 -> 21/14/7 of 64 (the same share of the image)
     out = tmp_path / "ev"

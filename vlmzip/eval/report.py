@@ -110,13 +110,18 @@ def accuracy_figure(results: dict[str, Any]) -> Any:
 
     runs = results["runs"]
     vanilla = runs[0]
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     by_method: dict[str, list[tuple[int, float]]] = {}
     for run in runs[1:]:
         by_method.setdefault(run_label(run), []).append((nominal(run), run["scores"]["macro_accuracy"]))
-    for method, points in sorted(by_method.items()):
+    # Every line its own (colour, marker): the default 10-colour cycle repeats colours from the 11th method
+    # on (a full sweep has 13), and a legend beside the axes hides no line.
+    colours = plt.get_cmap("tab10" if len(by_method) <= 10 else "tab20").colors
+    markers = "osD^vP*Xh<>p"
+    fig, ax = plt.subplots(figsize=(6 + 2.5 * (len(by_method) > 4), 4), dpi=120)
+    for i, (method, points) in enumerate(sorted(by_method.items())):
         points.sort()
-        ax.plot([p[0] for p in points], [100 * p[1] for p in points], marker="o", label=method)
+        ax.plot([p[0] for p in points], [100 * p[1] for p in points], marker=markers[i % len(markers)],
+                color=colours[i % len(colours)], label=method)
     ax.axhline(100 * vanilla["scores"]["macro_accuracy"], color="gray", linestyle="--",
                label=f"vanilla ({vanilla['tokens']} tokens)")
     ax.set_xscale("log", base=2)
@@ -131,7 +136,10 @@ def accuracy_figure(results: dict[str, Any]) -> Any:
     ax.set_ylabel("accuracy, mean over question types (%)")
     ax.set_title(f"{results['config']['data']} ({results['n_questions']} questions)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if len(by_method) > 4:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize="small")
+    else:
+        ax.legend()
     fig.tight_layout()
     return fig
 
