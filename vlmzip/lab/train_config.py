@@ -35,7 +35,8 @@ RUNTIME_FIELDS = frozenset(
 
 @dataclass
 class TrainConfig:
-    """Every knob of a training run. Defaults: the recipe of the shipped checkpoint (BENCHMARKS.md)."""
+    """Every knob of a training run. Defaults: the base run of the shipped checkpoint; its second stage (a
+    continuation: init_from, mix, distill, freeze_vision) is in the README and BENCHMARKS.md."""
 
     # optimisation
     steps: int = 4400  # as many as the 60-minute budget on 2 CPU cores allows at these sizes
