@@ -140,7 +140,7 @@ def test_accuracy_plot_ticks_the_budgets_run(tmp_path):
 
 
 def test_accuracy_plot_gives_every_method_its_own_colour_and_marker():
-    """A full sweep has 13 methods: the default 10-colour cycle would draw the 1st and 11th alike."""
+    """13 methods (a full lab sweep draws 12): the default 10-colour cycle would draw the 1st and 11th alike."""
     results = {
         "config": {"data": "d"}, "n_questions": 4,
         "runs": [{"method": "vanilla", "tokens": 256, "scores": {"macro_accuracy": 0.8}}]

@@ -114,7 +114,7 @@ def accuracy_figure(results: dict[str, Any]) -> Any:
     for run in runs[1:]:
         by_method.setdefault(run_label(run), []).append((nominal(run), run["scores"]["macro_accuracy"]))
     # Every line its own (colour, marker): the default 10-colour cycle repeats colours from the 11th method
-    # on (a full sweep has 13), and a legend beside the axes hides no line.
+    # on (a full lab sweep draws 12 methods), and a legend beside the axes hides no line.
     colours = plt.get_cmap("tab10" if len(by_method) <= 10 else "tab20").colors
     markers = "osD^vP*Xh<>p"
     fig, ax = plt.subplots(figsize=(6 + 2.5 * (len(by_method) > 4), 4), dpi=120)
