@@ -104,7 +104,7 @@ def _check_resumable(saved: dict[str, Any], cfg: TrainConfig) -> None:
     now = _fingerprint(cfg)
     saved = {**asdict(TrainConfig()), **saved}  # a field added after the checkpoint was written ran at its default
     before = {k: (tuple(v) if isinstance(v, list) else v) for k, v in saved.items() if k not in RUNTIME_FIELDS}
-    diff = [f"{k}: checkpoint {before.get(k)!r} vs now {v!r}" for k, v in now.items() if before.get(k) != v]
+    diff = [f"{k}: checkpoint {before[k]!r} vs now {v!r}" for k, v in now.items() if before[k] != v]
     if diff:
         raise ValueError(
             "the checkpoint was made with another config (" + "; ".join(diff) + ");"
