@@ -171,9 +171,10 @@ def score_records(
     ``off_vocabulary`` tells a wrong answer from an answer out of format (a shape question answered
     "yes"): a model that breaks under compression shows it there before it shows in accuracy. The
     vocabulary of a type is every normalised gold answer of the type among ``items``, plus
-    ``vocabulary[type]`` when given. Pass ``answer_vocabulary`` of the whole dataset when ``items`` are a
-    subset of it (``vlmzip eval --limit`` does): without it, a valid answer that is gold for no question of
-    the subset counts as out of vocabulary.
+    ``vocabulary[type]`` when given. Pass every valid answer of the dataset when ``items`` are a subset of it
+    (``vlmzip eval`` passes ``vlmzip.eval.data.dataset_vocabulary``: for a lab split every answer the
+    benchmark can have, for a dataset folder its gold answers): without it, a valid answer that is gold for
+    no question of the subset counts as out of vocabulary.
 
     ``pope`` (POPE metrics over presence questions whose answer is yes/no, overall and per subtype) is
     present only when there are such questions. Empty input gives n = 0 and accuracies 0.0.
@@ -183,24 +184,14 @@ def score_records(
     matcher = MATCHERS[match]
     scores: dict[str, list[float]] = {}
     sub_scores: dict[str, list[float]] = {}
-    pope_items: dict[str, tuple[list[str], list[str]]] = {}
     all_scores: list[float] = []
     unpacked = [_unpack(item) for item in items]
-    vocab = answer_vocabulary({"answers": a, "type": t} for _, a, t, _ in unpacked)
-    for qtype, answers in (vocabulary or {}).items():
-        vocab[qtype] = vocab.get(qtype, set()) | set(answers)
-    off = sum(normalize_answer(p) not in vocab[t] for p, _, t, _ in unpacked)
     for prediction, answers, qtype, subtype in unpacked:
         score = matcher(prediction, answers)
         all_scores.append(score)
         scores.setdefault(qtype, []).append(score)
         if subtype is not None:
             sub_scores.setdefault(f"{qtype}/{subtype}", []).append(score)
-        if qtype == "presence" and normalize_answer(answers[0]) in ("yes", "no"):
-            for key in ("all", subtype) if subtype else ("all",):
-                preds, labels = pope_items.setdefault(key, ([], []))
-                preds.append(prediction)
-                labels.append(answers[0])
 
     def summary(values: list[float]) -> dict[str, Any]:
         return {"n": len(values), "accuracy": _ratio(sum(values), len(values))}
@@ -212,11 +203,36 @@ def score_records(
         "macro_accuracy": _ratio(sum(s["accuracy"] for s in per_type.values()), len(per_type)),
         "per_type": per_type,
         "per_subtype": {k: summary(v) for k, v in sorted(sub_scores.items())},
-        "off_vocabulary": _ratio(off, len(unpacked)),
+        "off_vocabulary": _off_vocabulary(unpacked, vocabulary),
     }
-    if pope_items:
-        result["pope"] = {k: pope_metrics(*v) for k, v in pope_items.items()}
+    pope = _pope(unpacked)
+    if pope:
+        result["pope"] = pope
     return result
+
+
+def _off_vocabulary(
+    unpacked: list[tuple[str, list[str], str, str | None]], vocabulary: Mapping[str, set[str]] | None
+) -> float:
+    """Share of predictions that are no answer of their type: no gold answer of the type among the items,
+    nor in ``vocabulary[type]``."""
+    vocab = answer_vocabulary({"answers": a, "type": t} for _, a, t, _ in unpacked)
+    for qtype, answers in (vocabulary or {}).items():
+        vocab[qtype] = vocab.get(qtype, set()) | set(answers)
+    off = sum(normalize_answer(p) not in vocab[t] for p, _, t, _ in unpacked)
+    return _ratio(off, len(unpacked))
+
+
+def _pope(unpacked: list[tuple[str, list[str], str, str | None]]) -> dict[str, dict[str, float]]:
+    """POPE metrics of the presence questions answered yes/no: over all ("all") and per subtype."""
+    pope_items: dict[str, tuple[list[str], list[str]]] = {}
+    for prediction, answers, qtype, subtype in unpacked:
+        if qtype == "presence" and normalize_answer(answers[0]) in ("yes", "no"):
+            for key in ("all", subtype) if subtype else ("all",):
+                preds, labels = pope_items.setdefault(key, ([], []))
+                preds.append(prediction)
+                labels.append(answers[0])
+    return {k: pope_metrics(*v) for k, v in pope_items.items()}
 
 
 __all__ = [
