@@ -10,7 +10,9 @@ from PIL import Image
 
 from vlmzip.cli import main
 from vlmzip.eval import data
-from vlmzip.eval.data import DatasetFormatError, content_hash, load_dataset, load_image, write_dataset
+from vlmzip.eval.data import load_dataset
+from vlmzip.eval.format import DatasetFormatError, content_hash, load_image, write_dataset
+from vlmzip.eval.scorers import answer_vocabulary, normalize_answer
 from vlmzip.lab import scenes
 from vlmzip.lab.scenes import SplitSpec, write_split
 from vlmzip.paths import cache_dir
@@ -69,6 +71,42 @@ def test_refuses_to_overwrite(val_folder: tuple[Path, str]) -> None:
         write_split("nope", val_folder[0])
     with pytest.raises(ValueError, match="n_images"):
         write_split("train", val_folder[0])
+
+
+def test_answers_by_type_cover_every_gold_answer_of_the_generated_splits() -> None:
+    vocabulary = {t: {normalize_answer(a) for a in answers} for t, answers in scenes.answers_by_type().items()}
+    assert set(vocabulary) == set(scenes.QUESTION_TYPES)
+    seen: dict[str, set[str]] = {t: set() for t in scenes.QUESTION_TYPES}
+    streams = [(spec.seed, spec.n_images) for name, spec in scenes.SPLITS.items() if name != "train"]
+    for seed, n_images in [*streams, (scenes.TRAIN_SEED, 700)]:  # test-small is a prefix of test
+        for index in range(n_images):
+            for qa in scenes.sample_scene(seed, index)[1]:
+                seen[qa.type].add(normalize_answer(qa.answer))
+    for qtype, answers in seen.items():
+        assert answers <= vocabulary[qtype], f"{qtype}: {sorted(answers - vocabulary[qtype])} missing"
+    assert seen["count"] == vocabulary["count"] == {str(n) for n in range(9)}  # 0 to 8, every one generated
+    assert seen["color"] == vocabulary["color"] and seen["shape"] == vocabulary["shape"]
+    assert vocabulary["presence"] == vocabulary["spatial"] == {"yes", "no"}
+    assert vocabulary["detail"] == vocabulary["color"] | vocabulary["shape"]
+    assert len(vocabulary["text"]) == len(scenes.WORDS) + 100 and "yes" not in vocabulary["text"]
+    assert scenes.answers_by_type(scenes.SceneConfig(max_objects=5))["count"] == ("0", "1", "2", "3", "4", "5")
+
+
+def test_dataset_vocabulary_of_a_lab_split_and_of_a_folder(val_folder: tuple[Path, str], tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    folder, _ = val_folder
+    records = load_dataset(folder)
+    own = data.dataset_vocabulary(str(folder), records)
+    assert own == answer_vocabulary(records)  # a folder: the gold answers of its records
+    full = data.dataset_vocabulary("lab-val", records[:3])  # a lab split: every answer, whatever subset
+    for qtype, answers in scenes.answers_by_type().items():
+        assert full[qtype] == {normalize_answer(a) for a in answers}
+        assert own[qtype] <= full[qtype]
+    assert own["text"] < full["text"]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "lab-val").mkdir()  # a folder of that name takes precedence over the lab name, as for --data
+    assert data.dataset_vocabulary("lab-val", records) == own
+    assert data.data_folder("lab-val") == Path("lab-val")
 
 
 def test_test_small_is_a_prefix_of_test() -> None:
@@ -156,13 +194,48 @@ def test_image_paths_must_stay_inside_the_folder(tmp_path: Path, capsys, image: 
 
 
 def test_image_paths_inside_the_folder_may_go_through_a_symlink(tmp_path: Path) -> None:
-    shared = make_folder(tmp_path / "shared", [])
     folder = tmp_path / "data"
-    folder.mkdir()
-    (folder / "images").symlink_to(shared / "images")  # e.g. images kept on another disk
-    make_folder(folder, [good(image="./images/a.png")], images=())
-    (record,) = load_dataset(folder)
-    assert load_image(record).size == (8, 8)
+    make_folder(folder / "store", [])  # the images kept in a subfolder, linked as images/ and as one file
+    (folder / "images").symlink_to(folder / "store" / "images")
+    (folder / "store" / "b.png").symlink_to(folder / "store" / "images" / "a.png")
+    make_folder(folder, [good(image="./images/a.png"), good(id="q2", image="store/b.png")], images=())
+    first, second = load_dataset(folder)
+    assert load_image(first).size == (8, 8) and load_image(second).size == (8, 8)
+    assert first.image_path == second.image_path == (folder / "store" / "images" / "a.png").resolve()
+
+
+@pytest.mark.parametrize("link", ["file", "folder"])
+def test_a_symlink_may_not_lead_out_of_the_folder(tmp_path: Path, capsys, link: str) -> None:
+    elsewhere = make_folder(tmp_path / "elsewhere", [], images=("images/ok.png",))  # a valid image, outside
+    folder = make_folder(tmp_path / "data", [], images=("own/a.png",))
+    if link == "file":  # images/link.png -> /elsewhere/images/ok.png
+        (folder / "images").mkdir()
+        (folder / "images" / "link.png").symlink_to(elsewhere / "images" / "ok.png")
+        image = "images/link.png"
+    else:  # images -> /elsewhere/images
+        (folder / "images").symlink_to(elsewhere / "images")
+        image = "images/ok.png"
+    make_folder(folder, [good(image="own/a.png"), good(id="q2", image=image)], images=())
+    with pytest.raises(DatasetFormatError) as info:
+        load_dataset(folder)
+    message = str(info.value)
+    assert f"line 2: image {image!r} is a symbolic link, or lies in a linked folder, that leads outside" in message
+    assert str((elsewhere / "images" / "ok.png").resolve()) in message and "copy the image" in message
+
+    out = tmp_path / "out"
+    assert main(["eval", "--data", str(folder), "--out", str(out)]) == 2
+    assert "leads outside the dataset folder" in capsys.readouterr().err
+    assert not out.exists(), "refused before anything is written"
+
+
+def test_write_dataset_refuses_a_linked_folder_that_leads_out(tmp_path: Path) -> None:
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "images").symlink_to(tmp_path / "elsewhere")
+    record = {"id": "a", "image": "images/x.png", "question": "q", "answers": ["a"], "type": "count"}
+    with pytest.raises(DatasetFormatError, match="leads outside the dataset folder"):
+        write_dataset(tmp_path / "data", [("images/x.png", Image.new("RGB", (4, 4)), [record])])
+    assert list((tmp_path / "elsewhere").iterdir()) == []
 
 
 def test_write_dataset_refuses_paths_outside_the_folder(tmp_path: Path) -> None:

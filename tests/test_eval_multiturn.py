@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from contextlib import nullcontext
 from pathlib import Path
@@ -11,8 +12,10 @@ import pytest
 
 import vlmzip
 from vlmzip.cli import main
-from vlmzip.eval.data import load_folder
+from vlmzip.eval.format import load_folder
 from vlmzip.eval.multiturn import answer_conversations, conversations, follow_up_text, question_targets
+from vlmzip.eval.runner import evaluate
+from vlmzip.eval.runs import EvalConfig
 from vlmzip.io import load_model
 from vlmzip.lab.scenes import Scene, solve, write_split
 
@@ -127,7 +130,6 @@ def test_cli_multi_turn_writes_both_turns_and_resumes(lab, small_dir, tmp_path, 
     assert "multi_turn: True there, none now" in capsys.readouterr().err
 
 
-
 def test_turn2_from_scratch_is_a_separate_evaluation(small_dir, tmp_path, capsys):
     out = tmp_path / "mt"
     base = ["eval", "--multi-turn", "--data", str(small_dir), "--out", str(out), "--methods", "vanilla",
@@ -141,3 +143,13 @@ def test_turn2_from_scratch_is_a_separate_evaluation(small_dir, tmp_path, capsys
     assert scratch["runs"][0]["turn2"] == cached["runs"][0]["turn2"]  # vanilla: the same answers either way
     assert main(["eval", "--turn2-from-scratch", "--out", str(tmp_path / "x")]) == 2
     assert "add --multi-turn" in capsys.readouterr().err
+
+
+def test_multi_turn_leaves_the_config_it_was_given_unchanged(small_dir, tmp_path):
+    cfg = EvalConfig(data=str(small_dir), out=str(tmp_path / "mt"), methods=["vanilla"], limit=2, max_new_tokens=2,
+                     multi_turn=True)
+    before = copy.deepcopy(cfg)
+    results = evaluate(cfg)
+    assert cfg == before and cfg.tokens is None
+    assert results["config"]["tokens"] == [85, 57, 28], "results.json records the budgets resolved"
+    assert results["n_conversations"] == 2 and results["config"]["multi_turn"]

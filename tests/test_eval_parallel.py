@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -20,6 +21,10 @@ ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--methods", "vanilla,visionzip,random", "--tokens", "16", "--limit", "6", "--batch-size", "2",
         "--max-new-tokens", "3", "--device", "cpu"]
 KEYS = ["vanilla", "visionzip@16", "random@16"]
+# 5 two-turn conversations in batches of 2: rank 0 of 2 answers batches 0 and 2 (3 conversations), rank 1 batch 1
+MULTI_TURN_ARGS = ["--multi-turn", "--methods", "vanilla,visionzip", "--tokens", "16", "--limit", "5",
+                   "--batch-size", "2", "--max-new-tokens", "3", "--device", "cpu"]
+MULTI_TURN_KEYS = ["vanilla", "visionzip@16"]
 
 
 @pytest.fixture(scope="module")
@@ -153,3 +158,54 @@ def test_world_size_without_a_launcher_is_a_clear_error(llava_dir, data_dir, tmp
     assert main(eval_args(llava_dir, data_dir, tmp_path / "ev")) == 2
     assert "torchrun --nproc_per_node N or accelerate launch" in capsys.readouterr().err
     assert not (tmp_path / "ev").exists()
+
+
+@pytest.fixture(scope="module")
+def pairs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Enough images for 5 two-turn conversations."""
+    out = tmp_path_factory.mktemp("data") / "val10"
+    write_split("val", out, n_images=10)
+    return out
+
+
+def test_multi_turn_in_two_processes_gives_the_single_process_results_and_resumes(llava_dir, pairs_dir, tmp_path):
+    def argv(out: Path) -> list[str]:
+        return ["eval", "--model", str(llava_dir), "--data", str(pairs_dir), "--out", str(out), *MULTI_TURN_ARGS]
+
+    single = tmp_path / "single"
+    assert main(argv(single)) == 0
+    assert results(single)["n_conversations"] == 5
+    out = tmp_path / "ddp"
+    run = torchrun(2, argv(out))
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert run.stdout.count("| vanilla |") == 1, "only rank 0 prints the table"
+    assert "vlmzip eval --multi-turn (process 1 of 2)" in run.stderr and "6/6" in run.stderr, "rank 0: 3 x 2"
+    assert results(out) == results(single)
+    assert predictions(out) == predictions(single), "same conversations and answers, merged, per-rank files gone"
+    assert (out / "table.md").read_text() == (single / "table.md").read_text()
+
+    # an interrupted 2-process run (per-rank files, a torn line), resumed by 2 processes
+    partial = tmp_path / "partial"
+    (partial / "predictions").mkdir(parents=True)
+    shutil.copy(single / "identity.json", partial / "identity.json")
+    reference = {key: rows((single / "predictions" / f"{key}.jsonl").read_text()) for key in MULTI_TURN_KEYS}
+    folder = partial / "predictions"
+    (folder / "vanilla.rank0-of-2.jsonl").write_text(json.dumps(reference["vanilla"][0]) + '\n{"id": "to')
+    (folder / "vanilla.rank1-of-2.jsonl").write_text(json.dumps(reference["vanilla"][3]) + "\n")
+    (folder / "visionzip@16.jsonl").write_text("".join(json.dumps(r) + "\n" for r in reference["visionzip@16"][:4]))
+    run = torchrun(2, argv(partial))
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "3/3" in run.stderr, "rank 0 answers only what its share (conversations 0, 1, 4) misses: 2 + 1"
+    assert results(partial) == results(single)
+    assert predictions(partial) == predictions(single)
+
+
+def test_a_parallel_launch_into_a_folder_being_written_is_refused_by_every_process(llava_dir, data_dir, tmp_path):
+    out = tmp_path / "ev"
+    out.mkdir()
+    with (out / ".lock").open("w") as first:  # an eval that is writing to the folder holds its lock
+        fcntl.flock(first, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        run = torchrun(2, eval_args(llava_dir, data_dir, out))
+    assert run.returncode != 0
+    assert run.stderr.count("another vlmzip eval is writing to this folder") == 1, run.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == [".lock"], "the refused launch wrote nothing"

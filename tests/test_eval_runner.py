@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ast
+import copy
+import fcntl
 import json
 import shutil
 from pathlib import Path
@@ -11,9 +14,14 @@ import torch
 from transformers import LlavaForConditionalGeneration
 
 from vlmzip.cli import main
-from vlmzip.eval.data import load_folder
+from vlmzip.eval.data import ensure_lab_dataset, load_dataset
+from vlmzip.eval.format import load_folder
 from vlmzip.eval.report import accuracy_figure, plot_accuracy, retention_table
-from vlmzip.lab.scenes import write_split
+from vlmzip.eval.runner import evaluate as run_eval
+from vlmzip.eval.runs import EvalConfig
+from vlmzip.eval.scorers import answer_vocabulary, normalize_answer
+from vlmzip.lab import scenes
+from vlmzip.lab.scenes import SplitSpec, write_split
 
 ARGS = ["--methods", "vanilla,visionzip,random", "--tokens", "16,8", "--limit", "6", "--max-new-tokens", "3"]
 
@@ -300,3 +308,114 @@ def test_eval_sweeps_methods_with_bracketed_knobs_as_their_own_columns(llava_dir
     assert "cannot read knob 'seed'" in capsys.readouterr().err
     assert main([*argv[:-1], "vanilla,random[nosuch=1]"]) == 2
     assert "nosuch" in capsys.readouterr().err
+
+
+def test_off_vocabulary_of_a_lab_split_is_judged_against_every_answer_of_the_benchmark(llava_dir, tmp_path,
+                                                                                         monkeypatch):
+    """A lab split (any --limit) knows every answer a type can have; a folder knows its records' answers."""
+    from vlmzip.eval import runner
+
+    monkeypatch.setenv("VLMZIP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(scenes.SPLITS, "test-small", SplitSpec(seed=2002, n_images=7, id_prefix="test"))
+    monkeypatch.delitem(scenes.EXPECTED_HASHES, "test-small")
+    gold = answer_vocabulary(load_dataset("lab-test-small"))
+    unseen = {qtype: next(a for a in answers if normalize_answer(a) not in gold.get(qtype, set()))
+              for qtype, answers in scenes.answers_by_type().items() if qtype not in ("presence", "spatial")}
+    monkeypatch.setattr(runner, "answer_batch", lambda model, processor, records, max_new_tokens: [
+        unseen.get(r.type, "maybe") for r in records])  # valid answers no question of the split has; "maybe": none
+    base = ["eval", "--model", str(llava_dir), "--methods", "vanilla", "--limit", "14", "--max-new-tokens", "2"]
+    assert main([*base, "--data", "lab-test-small", "--out", str(tmp_path / "lab")]) == 0
+    scores = json.loads((tmp_path / "lab" / "results.json").read_text())["runs"][0]["scores"]
+    yes_no = sum(scores["per_type"].get(t, {"n": 0})["n"] for t in ("presence", "spatial"))
+    assert 0 < yes_no < 14
+    assert scores["accuracy"] == 0.0 and scores["off_vocabulary"] == pytest.approx(yes_no / 14)
+
+    folder = ensure_lab_dataset("lab-test-small")  # the same records as a dataset folder: its own answers only
+    assert main([*base, "--data", str(folder), "--out", str(tmp_path / "folder")]) == 0
+    scores = json.loads((tmp_path / "folder" / "results.json").read_text())["runs"][0]["scores"]
+    assert scores["off_vocabulary"] == 1.0
+
+
+def test_evaluate_leaves_the_config_it_was_given_unchanged(llava_dir, data_dir, tmp_path):
+    cfg = EvalConfig(data=str(data_dir), out=str(tmp_path / "ev"), model=str(llava_dir), methods=["visionzip"],
+                     limit=2, max_new_tokens=2)
+    before = copy.deepcopy(cfg)
+    results = run_eval(cfg)
+    assert cfg == before and cfg.tokens is None
+    assert results["config"]["tokens"] == [21, 14, 7], "results.json records the budgets resolved"
+    assert [r["key"] for r in results["runs"]] == ["vanilla", "visionzip@21", "visionzip@14", "visionzip@7"]
+    assert run_eval(cfg)["runs"] == results["runs"] and cfg == before
+
+
+def test_a_second_eval_into_a_folder_being_written_is_refused_at_once(llava_dir, data_dir, tmp_path, capsys,
+                                                                        monkeypatch):
+    from vlmzip.eval import loop, runner
+
+    out = tmp_path / "ev"
+    out.mkdir()
+    cfg = EvalConfig(data=str(data_dir), out=str(out), model=str(llava_dir), methods=["vanilla"], limit=2,
+                     max_new_tokens=2)
+    real_load = loop.load_model
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model is loaded although the folder is locked")
+
+    monkeypatch.setattr(loop, "load_model", no_model)
+    with (out / ".lock").open("w") as first:  # an eval that is writing to the folder holds its lock
+        fcntl.flock(first, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(ValueError, match="another vlmzip eval is writing to this folder") as info:
+            run_eval(cfg)
+        assert "wait until it has finished and rerun this command" in str(info.value)
+        assert "pass another --out folder" in str(info.value)
+        argv = ["eval", "--model", str(llava_dir), "--data", str(data_dir), "--out", str(out), *ARGS]
+        assert main(argv) == 2
+        assert f"--out {out}: another vlmzip eval is writing to this folder" in capsys.readouterr().err
+        assert sorted(p.name for p in out.iterdir()) == [".lock"], "the refused evals wrote nothing"
+    monkeypatch.setattr(loop, "load_model", real_load)
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("crashed mid-run")
+
+    monkeypatch.setattr(runner, "answer_batch", crash)
+    with pytest.raises(RuntimeError, match="crashed mid-run"):
+        run_eval(cfg)  # an eval that crashed leaves the folder free
+    monkeypatch.undo()
+    assert run_eval(cfg)["n_questions"] == 2
+    with (out / ".lock").open("w") as after:  # and free once an eval has finished
+        fcntl.flock(after, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_a_folder_holding_only_the_lock_is_an_evaluation_folder(llava_dir, data_dir, tmp_path):
+    out = tmp_path / "ev"
+    out.mkdir()
+    (out / ".lock").touch()  # left by an eval stopped before it wrote identity.json
+    assert evaluate(llava_dir, data_dir, out, "--methods", "vanilla") == 0
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "identity.json", "plot.png", "predictions",
+                                                     "results.json", "table.md"]
+
+
+def test_the_eval_modules_import_each_other_one_way():
+    """No import circle between the modules of vlmzip.eval, imports inside functions included."""
+    folder = Path(__file__).resolve().parents[1] / "vlmzip" / "eval"
+    graph = {}
+    for path in folder.glob("*.py"):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                names.update([node.module] if node.module else [a.name for a in node.names])
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("vlmzip.eval."):
+                names.add(node.module.split(".")[2])
+        graph[path.stem] = {n.split(".")[0] for n in names}
+    assert "multiturn" in graph["runner"] and "loop" in graph["multiturn"]
+
+    def reachable(start: str) -> set[str]:
+        seen, todo = set(), [start]
+        while todo:
+            for name in graph.get(todo.pop(), ()):
+                if name not in seen:
+                    seen.add(name)
+                    todo.append(name)
+        return seen
+
+    circles = sorted(m for m in graph if m in reachable(m))
+    assert circles == [], f"modules on an import circle: {circles}"

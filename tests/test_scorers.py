@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vlmzip.eval.data import Record
+from vlmzip.eval.format import Record
 from vlmzip.eval.scorers import (
     answer_vocabulary,
     exact_match,

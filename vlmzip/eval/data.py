@@ -6,8 +6,12 @@
 ``$VLMZIP_CACHE``, else ``$XDG_CACHE_HOME/vlmzip`` or ``~/.cache/vlmzip``) and reused afterwards.
 
 The dependency runs one way: this module uses the lab's generator, the lab uses the generic format
-(``vlmzip.eval.format``), and the format knows nothing of either. The format's names are re-exported
-here, so ``vlmzip.eval.data.Record`` etc. keep working.
+(``vlmzip.eval.format``), and the format knows nothing of either. Records, the loader and the writer
+live in ``vlmzip.eval.format``.
+
+Out-of-vocabulary answers (``vlmzip.eval.scorers.score_records``) are judged per question type against
+``dataset_vocabulary``: for a lab split every answer the benchmark can have, for a dataset folder every gold
+answer of its records.
 """
 
 from __future__ import annotations
@@ -17,26 +21,15 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from ..lab import scenes
 from ..paths import cache_dir
-from .format import (
-    FOLDER_HINT,
-    FORMAT_HINT,
-    HASH_METHOD,
-    REQUIRED_FIELDS,
-    DatasetFormatError,
-    Record,
-    check_image_path,
-    content_hash,
-    load_folder,
-    load_image,
-    validate_record,
-    write_dataset,
-)
+from .format import FOLDER_HINT, DatasetFormatError, Record, content_hash, load_folder
+from .scorers import answer_vocabulary, normalize_answer
 
 # name -> split of vlmzip.lab.scenes.SPLITS
 LAB_DATASETS: dict[str, str] = {"lab-test": "test", "lab-val": "val", "lab-test-small": "test-small"}
@@ -56,6 +49,32 @@ def load_dataset(path: str | os.PathLike[str]) -> list[Record]:
             f"or one of the names {sorted(LAB_DATASETS)}"
         )
     return load_folder(path)
+
+
+def lab_split(data: str) -> str | None:
+    """``data`` when it names a lab split (a key of ``LAB_DATASETS``) and no folder of that name exists
+    (a folder takes precedence), else None."""
+    return data if data in LAB_DATASETS and not Path(data).is_dir() else None
+
+
+def data_folder(data: str) -> Path:
+    """The folder behind ``data``: an existing folder, or a lab split name generated on first use."""
+    if lab_split(data):
+        return ensure_lab_dataset(data)
+    if Path(data).is_dir():
+        return Path(data)
+    known = ", ".join(sorted(LAB_DATASETS))
+    raise ValueError(f"--data {data!r} is neither a dataset folder nor a lab dataset ({known})")
+
+
+def dataset_vocabulary(data: str, records: Iterable[Record]) -> dict[str, set[str]]:
+    """Every valid answer of each question type of the dataset ``data`` (``records``), normalised
+    (``normalize_answer``): for a lab split every answer the benchmark can give the type
+    (``vlmzip.lab.scenes.answers_by_type``), whatever subset of it was generated or is evaluated; for a
+    dataset folder every gold answer of its records of the type."""
+    if lab_split(data):
+        return {qtype: {normalize_answer(a) for a in answers} for qtype, answers in scenes.answers_by_type().items()}
+    return answer_vocabulary(records)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -120,7 +139,5 @@ def ensure_lab_dataset(name: str, *, verify: bool = True) -> Path:
 
 
 __all__ = [
-    "DatasetFormatError", "FORMAT_HINT", "HASH_METHOD", "LAB_DATASETS", "REQUIRED_FIELDS", "Record",
-    "check_image_path", "content_hash", "ensure_lab_dataset", "load_dataset", "load_folder", "load_image",
-    "validate_record", "write_dataset",
+    "LAB_DATASETS", "data_folder", "dataset_vocabulary", "ensure_lab_dataset", "lab_split", "load_dataset",
 ]  # fmt: skip

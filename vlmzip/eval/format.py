@@ -9,6 +9,9 @@ A dataset is a folder holding ``data.jsonl`` and the images it names (by convent
       images/0001.png
       meta.json      optional: written by ``write_dataset`` (counts per type, content hash, ...)
 
+Image paths are relative to the folder and stay inside it: no absolute path, no ``..``, and no symbolic
+link (of the image or of a folder on its path) that leads outside the folder once followed.
+
 ``load_folder`` reads any such folder; ``write_dataset`` writes one. This module knows nothing of the
 lab: ``vlmzip.lab.scenes`` writes its splits with ``write_dataset``, and ``vlmzip.eval.data`` adds the
 named lab datasets on top.
@@ -107,6 +110,21 @@ def check_image_path(rel: str, where: str) -> None:
         )
 
 
+def resolve_inside(root: Path, rel: str, where: str) -> Path:
+    """``root / rel`` with every symbolic link followed; DatasetFormatError when that is outside ``root``
+    (itself resolved by the caller): a link in the folder (``images/x.png -> /elsewhere/x.png``, or the
+    folder ``images -> /elsewhere``) may not take a dataset out of its folder. Links that stay inside are
+    followed."""
+    path = (root / rel).resolve()
+    if not path.is_relative_to(root):
+        raise DatasetFormatError(
+            f"{where}: image {rel!r} is a symbolic link, or lies in a linked folder, that leads outside the dataset "
+            f"folder {root} (to {path}); image paths must stay inside the dataset folder once links are followed: "
+            "copy the image (or its folder) into the dataset folder, or link to a file inside it"
+        )
+    return path
+
+
 def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
     """(line number, record) for every non-blank line, validated."""
     rows = []
@@ -146,7 +164,7 @@ def load_folder(folder: str | os.PathLike[str]) -> list[Record]:
                 f"{where}: duplicate id {obj['id']!r} (first on line {seen[obj['id']]}); ids must be unique"
             )
         seen[obj["id"]] = lineno
-        image_path = (root / obj["image"]).resolve()
+        image_path = resolve_inside(root, obj["image"], where)
         if not image_path.is_file():
             raise DatasetFormatError(
                 f"{where}: image {obj['image']!r} not found (looked for {image_path}); "
@@ -187,7 +205,7 @@ def _image_digest_update(h: Any, rel_path: str, image: Image.Image) -> None:
 
 def content_hash(folder: str | os.PathLike[str]) -> str:
     """Content hash of a dataset folder (see module docstring); decodes every image."""
-    root = Path(folder)
+    root = Path(folder).resolve()
     jsonl_bytes = (root / "data.jsonl").read_bytes()
     h = hashlib.sha256()
     seen: set[str] = set()
@@ -197,7 +215,7 @@ def content_hash(folder: str | os.PathLike[str]) -> str:
         rel = json.loads(line)["image"]
         if rel not in seen:
             seen.add(rel)
-            with Image.open(root / rel) as image:
+            with Image.open(resolve_inside(root, rel, f"{root / 'data.jsonl'}")) as image:
                 _image_digest_update(h, rel, image)
     h.update(jsonl_bytes)
     return h.hexdigest()
@@ -219,6 +237,7 @@ def write_dataset(
     if (root / "data.jsonl").exists() and not overwrite:
         raise FileExistsError(f"{root / 'data.jsonl'} exists; pass overwrite=True or choose an empty folder")
     root.mkdir(parents=True, exist_ok=True)
+    real_root = root.resolve()
     h = hashlib.sha256()
     lines: list[str] = []
     written: set[str] = set()
@@ -227,7 +246,7 @@ def write_dataset(
         if rel in written:
             raise ValueError(f"image {rel!r} written twice")
         written.add(rel)
-        path = root / rel
+        path = resolve_inside(real_root, rel, f"image {len(written) - 1}")
         path.parent.mkdir(parents=True, exist_ok=True)
         image.save(path, format="PNG")
         _image_digest_update(h, rel, image)
@@ -257,5 +276,6 @@ def write_dataset(
 
 __all__ = [
     "DatasetFormatError", "FOLDER_HINT", "FORMAT_HINT", "HASH_METHOD", "REQUIRED_FIELDS", "Record",
-    "check_image_path", "content_hash", "load_folder", "load_image", "validate_record", "write_dataset",
+    "check_image_path", "content_hash", "load_folder", "load_image", "resolve_inside", "validate_record",
+    "write_dataset",
 ]  # fmt: skip

@@ -4,35 +4,40 @@ Turn 1 asks the first question as the normal eval does. Turn 2 continues the sam
 Hugging Face chat does: its prompt is turn 1's prompt + the answer the model gave + the chat template's
 next user turn with the second question, and ``generate`` resumes from turn 1's KV cache (only the new
 tokens are computed; a compressed model maps them onto the cached, shrunk prompt). So whatever a method
-chose while reading question 1 is what question 2 sees: seed 000's Fig. 7 argument that text-guided
-in-LLM pruning (FastV, SparseVLM) hurts a second question while VisionZip's text-agnostic selection does not.
+chose while reading question 1 is what question 2 sees: the argument of the VisionZip paper (Yang et al.,
+"VisionZip: Longer is Better but Not Necessary in Vision Language Models", arXiv:2412.04467, Fig. 7) that
+text-guided in-LLM pruning (FastV, SparseVLM) hurts a second question while VisionZip's text-agnostic
+selection does not.
 
 Conversations (``conversations``): for each image of the dataset, the first pair of its questions, in
 file order, whose target objects (``question_targets``, read from the lab record's scene graph) are both
 known and disjoint. Batches pad on the left for turn 1; in turn 2 each row's follow-up is padded in the
 middle (masked out), after turn 1's tokens, so every row keeps the cache's columns.
+
+The evaluation (``ConversationTask``) runs through the loop of every ``vlmzip eval`` (``vlmzip.eval.loop``):
+resumable, and data-parallel under ``torchrun`` / ``accelerate launch``. A predictions line holds the
+conversation's id, both turns (question id, prediction, gold answers, type, subtype) and the run;
+results.json has per run ``turn1`` and ``turn2`` scores; table.md is ``multi_turn_table``.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import re
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
-from ..api import PAPER_BUDGETS, compressed, paper_budget
-from ..io import batch_inputs, load_model
+from ..io import batch_inputs
 from ..lab import scenes
-from .data import Record, load_folder, load_image
+from .format import Record, load_image
+from .loop import Task
+from .outdir import write_atomically
 from .report import token_cell
-from .scorers import answer_vocabulary, score_records
+from .scorers import score_records
 
 _PLURALS = {plural: shape for shape, plural in scenes.SHAPE_PLURALS.items()}
 _SENTINEL = "\u0000ANSWER\u0000"
@@ -180,15 +185,6 @@ def answer_conversations(
     return [(a.strip(), b.strip()) for a, b in zip(first, second, strict=True)]
 
 
-def conversation_rows(conv: Conversation, answers: tuple[str, str], key: str) -> dict[str, Any]:
-    """One predictions line: both turns' question ids, predictions, gold answers and types."""
-    def turn(record: Record, prediction: str) -> dict[str, Any]:
-        return {"id": record.id, "prediction": prediction, "answers": record.answers, "type": record.type,
-                "subtype": record.subtype}
-
-    return {"id": conv.id, "run": key, "turn1": turn(conv.first, answers[0]), "turn2": turn(conv.second, answers[1])}
-
-
 def multi_turn_table(results: dict[str, Any]) -> str:
     """Markdown: per run, turn-1 and turn-2 accuracy (% of vanilla's same turn), turn 2's drop from
     vanilla's turn 2 in points, and turn 2's retention minus turn 1's (negative: question 2 suffers more)."""
@@ -221,64 +217,54 @@ def multi_turn_table(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def evaluate_multi_turn(cfg: Any) -> dict[str, Any]:
-    """``vlmzip eval --multi-turn``: every run of ``cfg`` (an ``EvalConfig``) on the dataset's two-turn
-    conversations (``cfg.turn2_from_scratch``: turn 2 without turn 1's cache, the control); writes
-    ``OUT/predictions/<run>.jsonl`` (resumable, batch by batch), results.json and table.md.
-    One process (a launcher's WORLD_SIZE > 1 is refused)."""
-    from . import runner
+class ConversationTask(Task[Conversation]):
+    """Two questions about different objects of one image per item, turn 2 on turn 1's KV cache (or, with
+    ``turn2_from_scratch``, recomputed from its full prompt and the image: the control); each turn scored
+    by ``score_records``; reports table.md (``multi_turn_table``)."""
 
-    if int(os.environ.get("WORLD_SIZE") or 1) > 1:
-        raise ValueError("--multi-turn runs in one process; start it without torchrun / accelerate launch")
-    out = Path(cfg.out)
-    runner.check_out_folder(out)
-    folder = runner.data_folder(cfg.data)
-    dataset = load_folder(folder)
-    convs = conversations(dataset)[: cfg.limit]
-    if not convs:
-        raise ValueError(f"--data {cfg.data}: no image has two questions about different objects (the lab "
-                         "datasets' records carry a scene graph; other datasets cannot be paired)")
-    vocabulary = answer_vocabulary(dataset)
-    model, processor = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
-    if cfg.tokens is None:
-        cfg.tokens = [paper_budget(model, t) for t in PAPER_BUDGETS]
-    runs = runner.plan_runs(model, cfg.methods, cfg.tokens)
-    ident = {**runner.identity(cfg, folder, runner.weights_sha256(model)), "multi_turn": True}
-    if cfg.turn2_from_scratch:
-        ident["turn2_from_scratch"] = True
-    runner.check_resumable(out, ident)
-    runs = runner.merge_runs(runner.previous_runs(out), runs)
-    predictions_dir = out / "predictions"
-    predictions_dir.mkdir(exist_ok=True)
-    done = {run.key: runner.read_predictions(predictions_dir / f"{run.key}.jsonl", repair=True) for run in runs}
-    remaining = sum(c.id not in done[run.key] for run in runs for c in convs)
-    with tqdm(total=remaining, unit="conv", desc="vlmzip eval --multi-turn", dynamic_ncols=True) as bar:
-        for run in runs:
-            todo = [c for c in convs if c.id not in done[run.key]]
-            if not todo:
-                continue
-            bar.set_postfix_str(run.key)
-            context = nullcontext() if run.method == runner.VANILLA else compressed(model, run.method, **run.knobs)
-            with context, (predictions_dir / f"{run.key}.jsonl").open("a") as sink:
-                for start in range(0, len(todo), cfg.batch_size):
-                    chunk = todo[start : start + cfg.batch_size]
-                    answers_of = answer_conversations(model, processor, chunk, cfg.max_new_tokens,
-                                                      reuse_cache=not cfg.turn2_from_scratch)
-                    for conv, answers in zip(chunk, answers_of, strict=True):
-                        row = conversation_rows(conv, answers, run.key)
-                        done[run.key][conv.id] = row
-                        sink.write(json.dumps(row) + "\n")
-                    sink.flush()
-                    bar.update(len(chunk))
-    scored = []
-    for run in runs:
-        rows = [done[run.key][c.id] for c in convs]
-        turns = {t: score_records([r[t] for r in rows], match=cfg.match, vocabulary=vocabulary)
-                 for t in ("turn1", "turn2")}
-        scored.append({**asdict(run), **turns})
-    results = {"config": asdict(cfg), "identity": ident, "multi_turn": True, "n_conversations": len(convs),
-               "vanilla_tokens": runs[0].tokens, "runs": scored}
-    runner._write_atomically(out / "results.json", lambda p: p.write_text(json.dumps(results, indent=2) + "\n"))
-    runner._write_atomically(out / "table.md", lambda p: p.write_text(multi_turn_table(results)))
-    return results
+    unit = "conversation"
+    bar_unit = "conv"
+    label = "vlmzip eval --multi-turn"
+    count_key = "n_conversations"
 
+    def __init__(self, turn2_from_scratch: bool = False) -> None:
+        self.turn2_from_scratch = turn2_from_scratch
+
+    def items(self, dataset: list[Record], data: str) -> list[Conversation]:
+        """The dataset's conversations (``conversations``); ValueError when it has none."""
+        found = conversations(dataset)
+        if not found:
+            raise ValueError(f"--data {data}: no image has two questions about different objects (the lab "
+                             "datasets' records carry a scene graph; other datasets cannot be paired)")
+        return found
+
+    def answer(
+        self, model: nn.Module, processor: Any, batch: list[Conversation], max_new_tokens: int
+    ) -> list[dict[str, Any]]:
+        """Per conversation, each turn's question id, prediction, gold answers, type and subtype."""
+        answered = answer_conversations(model, processor, batch, max_new_tokens,
+                                        reuse_cache=not self.turn2_from_scratch)
+        return [{"turn1": _turn(c.first, a1), "turn2": _turn(c.second, a2)}
+                for c, (a1, a2) in zip(batch, answered, strict=True)]
+
+    def score(self, rows: list[dict[str, Any]], match: str, vocabulary: Mapping[str, set[str]]) -> dict[str, Any]:
+        """``{"turn1": score_records(...), "turn2": score_records(...)}``."""
+        return {t: score_records([r[t] for r in rows], match=match, vocabulary=vocabulary) for t in ("turn1", "turn2")}
+
+    def write_reports(self, results: dict[str, Any], out: Path) -> None:
+        """table.md (``multi_turn_table``)."""
+        write_atomically(out / "table.md", lambda p: p.write_text(multi_turn_table(results)))
+
+    def identity(self) -> dict[str, Any]:
+        """``multi_turn``, and ``turn2_from_scratch`` when set: another evaluation than the cached one."""
+        return {"multi_turn": True, **({"turn2_from_scratch": True} if self.turn2_from_scratch else {})}
+
+    def flags(self) -> dict[str, Any]:
+        """``{"multi_turn": True}``."""
+        return {"multi_turn": True}
+
+
+def _turn(record: Record, prediction: str) -> dict[str, Any]:
+    """One turn of a predictions line."""
+    return {"id": record.id, "prediction": prediction, "answers": record.answers, "type": record.type,
+            "subtype": record.subtype}

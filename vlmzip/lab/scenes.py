@@ -315,6 +315,26 @@ def vocabulary() -> list[str]:
     return sorted(tokens)
 
 
+def answers_by_type(config: SceneConfig | None = None) -> dict[str, tuple[str, ...]]:
+    """Every answer a question of each type (``QUESTION_TYPES``) can have, as the generator writes it.
+
+    presence and spatial: yes/no; count: 0 to ``config.max_objects``; color: the colours; shape: the
+    shapes; text: the words and the numbers 0-99; detail: the colours and the shapes (its two forms).
+    """
+    config = config or SceneConfig()
+    yes_no = ("yes", "no")
+    colors, shapes = tuple(COLORS), SHAPES
+    return {
+        "presence": yes_no,
+        "count": tuple(str(n) for n in range(config.max_objects + 1)),
+        "color": colors,
+        "shape": shapes,
+        "spatial": yes_no,
+        "text": WORDS + NUMBERS,
+        "detail": colors + shapes,
+    }
+
+
 def combo_weight(shape: str, color: str) -> float:
     """Prior weight of a shape-colour combination (proportional to its expected dataset frequency)."""
     return SHAPE_WEIGHTS[shape] * COLOR_WEIGHTS[color]
@@ -759,7 +779,7 @@ if __name__ == "__main__":
 __all__ = [
     "COLORS", "EXPECTED_HASHES", "GENERATOR_VERSION", "NEGATIVE_KINDS", "NUMBERS", "QA", "QUESTION_TYPES", "SHAPES",
     "SHAPE_PLURALS", "SIZES", "SPLITS", "TEMPLATES", "WORDS", "Scene", "SceneConfig", "SceneObject",
-    "SplitSpec", "TextItem", "combo_weight", "iter_samples", "question_types_for_index", "render",
+    "SplitSpec", "TextItem", "answers_by_type", "combo_weight", "iter_samples", "question_types_for_index", "render",
     "sample", "sample_scene", "solve", "spatial_relation", "split_records", "tokenize", "vocabulary",
     "write_split",
 ]  # fmt: skip
