@@ -51,7 +51,8 @@ def retention_table(results: dict[str, Any]) -> str:
         f"Data: {results['config']['data']} ({results['n_questions']} questions); "
         f"model: {results['identity']['model']}; scorer: {results['config']['match']} match.",
         "Cells: accuracy (% of vanilla). Avg: mean over question types. Off-vocab: % of answers that are no "
-        "gold answer of their type (out of format, not just wrong).",
+        "valid answer of their type (out of format, not just wrong; valid: for a lab split every answer the "
+        "benchmark has for the type, for a dataset folder every gold answer of the type in it).",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),

@@ -165,7 +165,7 @@ def score_records(
 
         {"n": int, "accuracy": mean over questions, "macro_accuracy": mean of per-type accuracies,
          "per_type": {type: {"n", "accuracy"}}, "per_subtype": {"type/subtype": {"n", "accuracy"}},
-         "off_vocabulary": share of predictions that are no gold answer of their type (see below),
+         "off_vocabulary": share of predictions that are no valid answer of their type (see below),
          "pope": {"all": pope_metrics, "random": ..., "popular": ..., "adversarial": ...}}
 
     ``off_vocabulary`` tells a wrong answer from an answer out of format (a shape question answered
