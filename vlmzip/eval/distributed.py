@@ -11,9 +11,9 @@ The share of a process is a set of whole batches: the questions are cut into con
 single-process run, so the answers are the same (not merely the same up to batch effects), whatever the
 number of processes.
 
-Rank 0 does everything that touches the folder's shared files (checks, identity.json, the merge, scores,
-results.json / table.md / plot.png); a ``ValueError`` it raises there is relayed to every process, which
-exit with the same message (printed once, by rank 0).
+Rank 0 does everything that touches the folder's shared files (checks, the folder's lock, identity.json,
+the merge, scores, results.json and the reports); a ``ValueError`` it raises there is relayed to every
+process, which exit with the same message (printed once, by rank 0).
 """
 
 from __future__ import annotations
