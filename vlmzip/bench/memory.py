@@ -62,8 +62,8 @@ def _release_heap() -> None:
 @torch.no_grad()
 def _run(spec: ChildSpec) -> int | None:
     from ..api import compressed
-    from ..cli import default_image
     from ..io import batch_inputs, load_model
+    from ..lab import default_image
     from .prefill import peak_memory
 
     model, processor = load_model(spec.model, device=spec.device, dtype=spec.dtype, layers=spec.layers)

@@ -23,3 +23,12 @@ def load(device: str = "cpu", dtype: str = "float32") -> tuple[Any, Any]:
     from ..io import load_model  # here, not at the top: the CLI imports the lab without torch
 
     return load_model(folder, device=device, dtype=dtype)
+
+
+def default_image() -> Any:
+    """The image ``vlmzip bench`` times (a ``PIL.Image``, 336 x 336): scene 0 of seed 0 of the lab benchmark's
+    procedural scenes, the same on every machine."""
+    from . import scenes  # here, not at the top: the CLI imports the lab to build its parser
+
+    image, _, _ = scenes.sample(0, 0, scenes.SceneConfig())
+    return image

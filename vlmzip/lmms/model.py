@@ -26,6 +26,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .. import api
+from ..devices import resolve_device
 from ..eval.distributed import from_env
 from ..io import batch_inputs, chat_prompt, load_model
 
@@ -33,8 +34,6 @@ VANILLA = "vanilla"
 
 
 def _resolve_device(device: str) -> str:
-    from ..cli import resolve_device  # cli imports torch lazily: cheap
-
     name = resolve_device(device)
     return from_env().device(name)  # under accelerate launch / torchrun: cuda -> cuda:LOCAL_RANK
 
