@@ -14,7 +14,9 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .knobs import parse_value, split_methods
+from .devices import resolve_device
+from .knobs import parse_value, split_knobs, split_methods
+from .lab import default_image
 
 if TYPE_CHECKING:
     from torch import nn
@@ -25,6 +27,7 @@ Send a vision-language model far fewer visual tokens, and measure what it costs 
 examples:
   vlmzip demo                      one lab scene: vanilla vs VisionZip answers, speedup, kept-token picture
   vlmzip run --image FILE --prompt "What is in the image?" --method visionzip --tokens 64
+  vlmzip run --method "fastv[layer=3]" --ratio 0.25
   vlmzip eval --methods vanilla,visionzip,random --out runs/eval
   vlmzip bench --model arch:llava-1.5-7b --device cuda --dtype float16
   vlmzip viz --image FILE --methods visionzip,random,spatial --tokens 64
@@ -37,6 +40,14 @@ Run "vlmzip COMMAND --help" for the options of a command.
 PAPER_BUDGETS_HELP = (
     "budgets, e.g. 192,128,64 (default: the papers' 192,128,64 of LLaVA-1.5's 576 patches, scaled to the "
     "model's patch count: 85,57,28 for the 256-patch lab model)"
+)
+# run / demo without a budget: the papers' (VisionZip, SparseVLM, FastV) smallest budget, 64 of LLaVA-1.5's 576
+PAPER_TOKENS, PAPER_PATCHES = 64, 576
+BUDGET_KNOBS = frozenset({"tokens", "ratio", "dominant", "contextual"})
+FLAG_NAMES = ("tokens", "ratio", "dominant", "contextual", "layer")  # the knobs run / demo take as --NAME
+LAYER_RULE = (
+    "a decoder layer of the LLM: >= 1 (an in-LLM method scores the tokens with the layer before) and below "
+    "the LLM's number of decoder layers"
 )
 
 
@@ -52,206 +63,52 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return text
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
+# -- argparse types: a bad value is refused while parsing, before any model loads ------------------------------
+
+
+def _integer(text: str) -> int:
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = _integer(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
 
 
-def resolve_device(name: str) -> str:
-    """``--device``: ``auto`` -> cuda when available, else cpu; a clear ValueError for a device this machine
-    does not have (rather than a traceback from deep inside torch)."""
-    import torch
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    value = _integer(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
 
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+
+def share(text: str) -> float:
+    """argparse type of ``--ratio``: a number in (0, 1]."""
     try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ValueError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            why = "this torch build has no CUDA support" if torch.version.cuda is None else "no CUDA GPU is visible"
-            raise ValueError(f"--device {name}: CUDA is not available on this machine ({why}); use --device cpu")
-        count = torch.cuda.device_count()
-        if device.index is not None and device.index >= count:
-            raise ValueError(f"--device {name}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device {name}: MPS is not available on this machine; use --device cpu")
-    return name
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1] (1.0 keeps every token), got {text}")
+    return value
 
 
-def parse_knobs(args: argparse.Namespace) -> dict[str, Any]:
-    """Collect the method knobs given on the command line (``--tokens`` etc. and ``--knob k=v``)."""
-    knobs: dict[str, Any] = {}
-    for name in ("tokens", "ratio", "dominant", "contextual", "layer"):
-        value = getattr(args, name, None)
-        if value is not None:
-            knobs[name] = value
-    for item in getattr(args, "knob", None) or []:
-        if "=" not in item:
-            raise ValueError(f"--knob expects key=value, got {item!r}")
-        key, raw = item.split("=", 1)
-        knobs[key] = parse_value(raw)
-    return knobs
-
-
-def method_knobs(args: argparse.Namespace, model: nn.Module) -> dict[str, Any]:
-    """The knobs of ``vlmzip run`` / ``demo``: as given, or else the papers' 64-of-576 budget scaled to the model."""
-    from .adapters import adapter_for
-    from .api import paper_budget
-
-    knobs = parse_knobs(args)
-    if not {"tokens", "ratio", "dominant", "contextual"} & set(knobs) and args.method != "vanilla":
-        knobs = {**knobs, "tokens": paper_budget(model, 64)}
-        if knobs["tokens"] != 64:
-            patches = adapter_for(model).unit_layout().num_patches
-            print(f"budget:  {knobs['tokens']} tokens = the papers' 64 of 576, as the same share of {patches} patches")
-    return knobs
-
-
-def add_method_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--method", default="visionzip", help='a registered method (see "vlmzip list")')
-    parser.add_argument(
-        "--tokens", type=int, help="visual tokens per image sent to the LLM (default: 64 of 576, scaled to the model)"
-    )
-    parser.add_argument(
-        "--ratio", type=float, help="or: that share of each image's visual tokens, 0 < r <= 1 (default: none)"
-    )
-    parser.add_argument(
-        "--dominant", type=int, help="VisionZip: dominant tokens, CLS included (default: from --tokens)"
-    )
-    parser.add_argument("--contextual", type=int, help="VisionZip: contextual tokens (default: from --tokens)")
-    parser.add_argument("--layer", type=int, help="in-LLM methods (fastv): prune from decoder layer K on "
-                        "(default: the method's, 2)")
-    parser.add_argument(
-        "--knob", action="append", metavar="KEY=VALUE", help="any other method knob, repeatable (default: none)"
-    )
-
-
-def add_device_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda or cuda:N")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
-                        help="dtype the model runs in")
-
-
-def cmd_list(args: argparse.Namespace) -> int:
-    from . import catalog  # the registry as data: no torch import, so the answer is instant
-
-    for method in catalog.read():
-        print(f"{method['name']:<12} [{method['stage']}] {method['description']}")
-        for knob in method["knobs"]:
-            default = "" if knob["default"] is None else f" (default {knob['default']})"
-            print(f"    --{knob['name']:<12} {knob['type']:<5} {knob['help']}{default}")
-        if method["stage"] == "llm":
-            print("    (acts inside the LLM: eval tables give the visual tokens the LLM ends with and their mean "
-                  "over decoder layers, the count that compares fairly with pre-LLM budgets)")
-    return 0
-
-
-def default_image():
-    """The image ``vlmzip bench`` times: a procedural scene from the lab benchmark."""
-    from .lab import scenes
-
-    image, _, _ = scenes.sample(0, 0, scenes.SceneConfig())
-    return image
-
-
-def model_name(args: argparse.Namespace) -> str:
-    """How the CLI names the model it loaded: the folder given, or the built-in default."""
-    if args.model:
-        return args.model
-    from .lab import checkpoint_dir
-
-    if checkpoint_dir() is not None:
-        return "built-in lab mini-VLM (vlmzip.lab.load())"
-    return "built-in small LLaVA (random weights: no lab checkpoint in this install)"
-
-
-def cmd_run(args: argparse.Namespace) -> int:
-    from .compare import compare_answers, describe
-    from .io import load_model, read_image
-    from .lab import scenes
-
-    if args.image:
-        image = read_image(args.image)
-        if args.prompt is None:
-            raise ValueError("--prompt is required with --image (the question to ask about your image)")
-        prompt, source = args.prompt, args.image
-    else:  # a test scene of the lab benchmark, with its own first question unless --prompt is given
-        image, _, qas = scenes.sample(scenes.SPLITS["test"].seed, 0)
-        prompt, source = args.prompt or qas[0].question, "lab test scene 0"
-    model, processor = load_model(args.model, device=resolve_device(args.device), dtype=args.dtype)
-    result = compare_answers(model, processor, image, prompt, args.method, method_knobs(args, model),
-                             repeats=args.repeats, max_new_tokens=args.max_new_tokens)
-    print(f"model:   {model_name(args)}  [{type(model).__name__}]")
-    print(f"image:   {source}")
-    print(f"prompt:  {prompt}")
-    print(describe(result, args.method, args.repeats))
-    return 0
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from .compare import compare_answers, describe
-    from .io import load_model
-    from .lab import scenes
-    from .viz import figure, legend_order, method_label, method_panel, plain_picture, view_caption, view_of
-
-    image, _, qas = scenes.sample(scenes.SPLITS["test"].seed, args.index)
-    wanted = [q for q in qas if q.type == args.type] if args.type else qas
-    if not wanted:
-        raise ValueError(f"test scene {args.index} has no {args.type!r} question; try another --index")
-    qa = wanted[0]
-    model, processor = load_model(args.model, device=resolve_device(args.device), dtype=args.dtype)
-    knobs = method_knobs(args, model)
-    result = compare_answers(model, processor, image, qa.question, args.method, knobs,
-                             repeats=args.repeats, max_new_tokens=args.max_new_tokens)
-    print(f"model:   {model_name(args)}  [{type(model).__name__}]")
-    print(f"scene:   lab test image {args.index}; question type {qa.type}")
-    print(f"question: {qa.question}   (correct answer: {qa.answer!r})")
-    print(describe(result, args.method, args.repeats))
-
-    view = view_of(model, processor, image, qa.question)
-    caption, picture, keys = method_panel(model, view, args.method, knobs)
-    headline = caption.split("\n")[0]
-    title = (f"{headline}\nlab test scene {args.index}: {qa.question} (correct: {qa.answer}); answers: vanilla "
-             f"{result.vanilla_answer!r}, {method_label(args.method)} {result.method_answer!r}")
-    panels = [(view_caption(view), plain_picture(view)), (caption, picture)]
-    figure(panels, title, legend_order(keys)).save(args.out)
-    if keys:
-        print(f"kept tokens drawn over the image: {args.out}")
-    else:
-        print(f"{args.method} keeps every token before the LLM (nothing to draw); picture: {args.out}")
-    return 0
-
-
-def cmd_viz(args: argparse.Namespace) -> int:
-    from .api import paper_budget
-    from .io import load_model, read_image
-    from .lab import scenes
-    from .methods import get_method
-    from .viz import methods_figure
-
-    device = resolve_device(args.device)
-    for method in args.methods:
-        get_method(method)  # an unknown name fails before the model loads
-    if args.image:
-        image, source = read_image(args.image), args.image
-    else:
-        image, source = scenes.sample(scenes.SPLITS["test"].seed, 3)[0], "lab test scene 3"
-    model, processor = load_model(args.model, device=device, dtype=args.dtype)
-    tokens = args.tokens or paper_budget(model, 64)
-    picture = methods_figure(model, processor, image, args.methods, tokens, source)
-    picture.save(args.out)
-    print(f"model:   {model_name(args)}  [{type(model).__name__}]")
-    print(f"image:   {source}")
-    print(f"{', '.join(args.methods)} at {tokens} visual tokens per image drawn side by side: {args.out}")
-    return 0
+def layer_index(text: str) -> int:
+    """argparse type of ``--layer``: a decoder layer index >= 1 (the upper bound depends on the model)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a decoder layer index (an integer), got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be {LAYER_RULE}; got {value}")
+    return value
 
 
 def _method_list(text: str) -> list[str]:
@@ -279,6 +136,230 @@ def _csv(cast: Any) -> Any:
     return parse
 
 
+# -- checks of run / demo / viz / bench inputs, before any model loads -----------------------------------------
+
+
+def check_utf8(text: str | None, flag: str) -> None:
+    """A clear ValueError for text given as bytes that are not UTF-8 (``--prompt $'\\xff'`` from a shell):
+    Python keeps such bytes as lone surrogates, which no tokenizer accepts."""
+    if text is None:
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        bad = ", ".join(f"0x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF else f"U+{ord(c):04X}"
+                        for c in err.object[err.start : err.end])
+        raise ValueError(f"{flag} is not valid UTF-8 text ({bad} at character {err.start + 1}); pass the text "
+                         "in UTF-8 (check the encoding of your terminal or script)") from None
+
+
+def check_out_file(out: str, flag: str = "--out") -> None:
+    """A clear ValueError, before any model loads, when the picture ``out`` cannot be written: its folder is
+    missing or not writable, it is a folder, or its extension names no image format."""
+    from PIL import Image
+
+    path = Path(out)
+    if path.is_dir():
+        raise ValueError(f"{flag} {out} is a folder; pass a file path such as {path / 'picture.png'}")
+    folder = path.parent
+    if not folder.is_dir():
+        raise ValueError(f"{flag} {out}: the folder {folder} does not exist; create it first or choose another path")
+    if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ValueError(f"{flag} {out}: cannot write there (no write permission); choose another path")
+    if path.suffix.lower() not in Image.registered_extensions():
+        raise ValueError(f"{flag} {out}: {path.suffix or 'no extension'} names no image format; end it in .png or .jpg")
+
+
+def _spelled(key: str, value: Any) -> str:
+    """A knob as run / demo take it on the command line: ``--tokens 64``, or ``--knob key=value``."""
+    return f"--{key} {value}" if key in FLAG_NAMES else f"--knob {key}={value}"
+
+
+def parse_knobs(args: argparse.Namespace) -> dict[str, Any]:
+    """Collect the method knobs given as flags (``--tokens`` etc. and ``--knob k=v``); a knob given twice with
+    different values is an error."""
+    knobs: dict[str, Any] = {}
+    for name in FLAG_NAMES:
+        value = getattr(args, name, None)
+        if value is not None:
+            knobs[name] = value
+    for item in getattr(args, "knob", None) or []:
+        key, eq, raw = item.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise ValueError(f"--knob expects key=value, got {item!r}")
+        value = parse_value(raw.strip())
+        if key in knobs and knobs[key] != value:
+            raise ValueError(f"{key} is given twice with different values: {_spelled(key, knobs[key])} and "
+                             f"--knob {item}; give it once")
+        knobs[key] = value
+    return knobs
+
+
+def given_knobs(args: argparse.Namespace) -> dict[str, Any]:
+    """The knobs of ``vlmzip run`` / ``demo`` as given: the bracketed ones of ``--method`` (``fastv[layer=3]``,
+    as ``vlmzip eval`` takes them) merged with the flags. ``args.method`` becomes the bare method name.
+
+    Checked before any model loads: a knob given both ways with different values, and a layer below 1."""
+    method, bracketed = split_knobs(args.method)
+    flags = parse_knobs(args)
+    for key in sorted(bracketed.keys() & flags.keys()):
+        if bracketed[key] != flags[key]:
+            raise ValueError(f"{key} is given twice with different values: --method {args.method!r} and "
+                             f"{_spelled(key, flags[key])}; give it once")
+    knobs = {**bracketed, **flags}
+    layer = knobs.get("layer")
+    if isinstance(layer, int) and not isinstance(layer, bool) and layer < 1:
+        raise ValueError(f"layer={layer}: a layer must be {LAYER_RULE}")
+    args.method = method
+    args.given_knobs = knobs  # main() spells the library's errors with them
+    return knobs
+
+
+def method_knobs(args: argparse.Namespace, model: nn.Module, knobs: dict[str, Any]) -> dict[str, Any]:
+    """The knobs of ``vlmzip run`` / ``demo``: ``knobs`` (see :func:`given_knobs`) as given, or, without a
+    budget, the papers' 64 of LLaVA-1.5's 576 patches as the same share of this model's images.
+
+    A model whose images all have one token count gets that share as ``tokens`` (``vlmzip.paper_budget``);
+    one whose count depends on the image (LLaVA-NeXT's crops, Qwen2-VL's dynamic resolution) gets it as
+    ``ratio``, the same share of each image's own count. The choice is printed."""
+    from .api import paper_budget, plan
+
+    if args.method == "vanilla" or BUDGET_KNOBS & set(knobs):
+        return knobs
+    if plan(model, "vanilla").vanilla_tokens is not None:
+        tokens = paper_budget(model, PAPER_TOKENS)
+        if tokens != PAPER_TOKENS:
+            from .adapters import adapter_for
+
+            patches = adapter_for(model).unit_layout().num_patches
+            print(f"budget:  {tokens} tokens = the papers' {PAPER_TOKENS} of {PAPER_PATCHES}, as the same share of "
+                  f"{patches} patches")
+        return {**knobs, "tokens": tokens}
+    ratio = PAPER_TOKENS / PAPER_PATCHES
+    print(f"budget:  ratio {ratio:.4f} = the papers' {PAPER_TOKENS} of {PAPER_PATCHES}, as the same share of each "
+          "image's own visual tokens (their count depends on the image with this model)")
+    return {**knobs, "ratio": ratio}
+
+
+def model_name(args: argparse.Namespace) -> str:
+    """How the CLI names the model it loaded: the folder given, or the built-in default."""
+    if args.model:
+        return args.model
+    from .lab import checkpoint_dir
+
+    if checkpoint_dir() is not None:
+        return "built-in lab mini-VLM (vlmzip.lab.load())"
+    return "built-in small LLaVA (random weights: no lab checkpoint in this install)"
+
+
+# -- commands ----------------------------------------------------------------------------------------------------
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    """``vlmzip list``: the registered methods and their knobs."""
+    from . import catalog  # the registry as data: no torch import, so the answer is instant
+
+    for method in catalog.read():
+        print(f"{method['name']:<12} [{method['stage']}] {method['description']}")
+        for knob in method["knobs"]:
+            default = "" if knob["default"] is None else f" (default {knob['default']})"
+            print(f"    --{knob['name']:<12} {knob['type']:<5} {knob['help']}{default}")
+        if method["stage"] == "llm":
+            print("    (acts inside the LLM: eval tables give the visual tokens the LLM ends with and their mean "
+                  "over decoder layers, the count that compares fairly with pre-LLM budgets)")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """``vlmzip run``: one question answered vanilla and compressed, with both times to first token."""
+    from .compare import compare_answers, describe
+    from .io import load_model, read_image
+    from .lab import scenes
+
+    knobs = given_knobs(args)
+    check_utf8(args.prompt, "--prompt")
+    if args.image:
+        image = read_image(args.image)
+        if args.prompt is None:
+            raise ValueError("--prompt is required with --image (the question to ask about your image)")
+        prompt, source = args.prompt, args.image
+    else:  # a test scene of the lab benchmark, with its own first question unless --prompt is given
+        image, _, qas = scenes.sample(scenes.SPLITS["test"].seed, 0)
+        prompt, source = args.prompt or qas[0].question, "lab test scene 0"
+    model, processor = load_model(args.model, device=resolve_device(args.device), dtype=args.dtype)
+    result = compare_answers(model, processor, image, prompt, args.method, method_knobs(args, model, knobs),
+                             repeats=args.repeats, max_new_tokens=args.max_new_tokens)
+    print(f"model:   {model_name(args)}  [{type(model).__name__}]")
+    print(f"image:   {source}")
+    print(f"prompt:  {prompt}")
+    print(describe(result, args.method, args.repeats))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """``vlmzip demo``: a lab scene answered vanilla and compressed, and the picture of the kept tokens."""
+    from .compare import compare_answers, describe
+    from .io import load_model
+    from .lab import scenes
+    from .viz import figure, legend_order, method_label, method_panel, plain_picture, view_caption, view_of
+
+    knobs = given_knobs(args)
+    check_out_file(args.out)
+    image, _, qas = scenes.sample(scenes.SPLITS["test"].seed, args.index)
+    wanted = [q for q in qas if q.type == args.type] if args.type else qas
+    if not wanted:
+        raise ValueError(f"test scene {args.index} has no {args.type!r} question; try another --index")
+    qa = wanted[0]
+    model, processor = load_model(args.model, device=resolve_device(args.device), dtype=args.dtype)
+    knobs = method_knobs(args, model, knobs)
+    result = compare_answers(model, processor, image, qa.question, args.method, knobs,
+                             repeats=args.repeats, max_new_tokens=args.max_new_tokens)
+    print(f"model:   {model_name(args)}  [{type(model).__name__}]")
+    print(f"scene:   lab test image {args.index}; question type {qa.type}")
+    print(f"question: {qa.question}   (correct answer: {qa.answer!r})")
+    print(describe(result, args.method, args.repeats))
+
+    view = view_of(model, processor, image, qa.question)
+    caption, picture, keys = method_panel(model, view, args.method, knobs)
+    headline = caption.split("\n")[0]
+    title = (f"{headline}\nlab test scene {args.index}: {qa.question} (correct: {qa.answer}); answers: vanilla "
+             f"{result.vanilla_answer!r}, {method_label(args.method)} {result.method_answer!r}")
+    panels = [(view_caption(view), plain_picture(view)), (caption, picture)]
+    figure(panels, title, legend_order(keys)).save(args.out)
+    if keys:
+        print(f"kept tokens drawn over the image: {args.out}")
+    else:
+        print(f"{args.method} keeps every token before the LLM (nothing to draw); picture: {args.out}")
+    return 0
+
+
+def cmd_viz(args: argparse.Namespace) -> int:
+    """``vlmzip viz``: the tokens each method sends to the LLM, side by side over the image."""
+    from .api import paper_budget
+    from .io import load_model, read_image
+    from .lab import scenes
+    from .methods import get_method
+    from .viz import methods_figure
+
+    device = resolve_device(args.device)
+    check_out_file(args.out)
+    for method in args.methods:
+        get_method(method)  # an unknown name fails before the model loads
+    if args.image:
+        image, source = read_image(args.image), args.image
+    else:
+        image, source = scenes.sample(scenes.SPLITS["test"].seed, 3)[0], "lab test scene 3"
+    model, processor = load_model(args.model, device=device, dtype=args.dtype)
+    tokens = args.tokens or paper_budget(model, 64)
+    picture = methods_figure(model, processor, image, args.methods, tokens, source)
+    picture.save(args.out)
+    print(f"model:   {model_name(args)}  [{type(model).__name__}]")
+    print(f"image:   {source}")
+    print(f"{', '.join(args.methods)} at {tokens} visual tokens per image drawn side by side: {args.out}")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from .eval.runner import EvalConfig, evaluate
 
@@ -296,7 +377,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
         plot = "" if args.multi_turn else " plot.png,"
         print(f"wrote {args.out}/results.json, table.md,{plot} and predictions/*.jsonl")
     return 0
-
 
 def _launch(name: str, default: int) -> int:
     """``RANK`` / ``WORLD_SIZE`` as set by a launcher (torchrun, accelerate launch); ``default`` without one."""
@@ -335,6 +415,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.eval and not args.out:
         raise ValueError("--eval needs --out DIR: the Pareto plot is written to DIR/pareto.png")
+    check_utf8(args.prompt, "--prompt")
     args.device = resolve_device(args.device)
     model, processor = load_model(args.model, device=args.device, dtype=args.dtype, layers=args.layers)
     image = default_image()
@@ -390,138 +471,6 @@ def cmd_lab_train(args: argparse.Namespace) -> int:
     return train.cmd_train(args)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The whole command line; builds without importing torch or transformers."""
-    from .lab import train_config
-
-    parser = argparse.ArgumentParser(prog="vlmzip", description=DESCRIPTION, formatter_class=HelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    def command(name: str, summary: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".",
-                              formatter_class=HelpFormatter)
-
-    p_list = command("list", "list registered methods and their knobs")
-    p_list.set_defaults(func=cmd_list)
-
-    p_run = command("run", "answer one question vanilla and compressed; compare time to first token")
-    p_run.add_argument(
-        "--model", help="checkpoint folder, or arch:llava-1.5-7b (random weights) (default: the lab mini-VLM)"
-    )
-    p_run.add_argument("--image", help="image file (default: a procedural lab scene)")
-    p_run.add_argument("--prompt", help="the question (default: the lab scene's own question; needed with --image)")
-    add_method_args(p_run)
-    p_run.add_argument("--max-new-tokens", type=positive_int, default=16, help="length limit of each answer")
-    p_run.add_argument("--repeats", type=positive_int, default=5, help="timed repeats per side (median reported)")
-    add_device_args(p_run)
-    p_run.set_defaults(func=cmd_run)
-
-    p_demo = command("demo", "one lab scene: vanilla vs compressed answers, speedup, kept-token picture")
-    p_demo.add_argument("--model", help="checkpoint folder (default: the lab mini-VLM)")
-    p_demo.add_argument("--index", type=int, default=3, help="which test-split scene")
-    p_demo.add_argument("--type", choices=["presence", "count", "color", "shape", "spatial", "text", "detail"],
-                        help="question type to ask (default: the scene's first question)")
-    add_method_args(p_demo)
-    p_demo.add_argument("--max-new-tokens", type=positive_int, default=8, help="length limit of each answer")
-    p_demo.add_argument("--repeats", type=positive_int, default=5, help="timed repeats per side (median reported)")
-    p_demo.add_argument("--out", default="vlmzip-demo.png", help="where to write the kept-token picture")
-    add_device_args(p_demo)
-    p_demo.set_defaults(func=cmd_demo)
-
-    p_viz = command("viz", "draw what each method sends to the LLM, side by side, over the image the model sees")
-    p_viz.add_argument("--model", help="checkpoint folder (default: the lab mini-VLM)")
-    p_viz.add_argument("--image", help="image file (default: lab test scene 3, the demo's)")
-    p_viz.add_argument("--methods", type=_csv(str), default="visionzip,random,spatial",
-                       help="comma-separated methods, one panel each")
-    p_viz.add_argument("--tokens", type=positive_int,
-                       help="visual tokens per image sent to the LLM (default: 64 of 576, scaled to the model)")
-    p_viz.add_argument("--out", default="vlmzip-viz.png", help="where to write the picture")
-    add_device_args(p_viz)
-    p_viz.set_defaults(func=cmd_viz)
-
-    p_lab = command("lab", "the offline lab: train the mini-VLM")
-    lab_commands = p_lab.add_subparsers(dest="lab_command", required=True, metavar="LAB_COMMAND")
-    train_config.add_parser(lab_commands, func=cmd_lab_train)
-
-    p_eval = command("eval", "accuracy of methods x budgets vs vanilla on a dataset")
-    p_eval.add_argument("--model", help="checkpoint folder (default: the lab mini-VLM)")
-    p_eval.add_argument("--data", default="lab-test", help="dataset folder, or lab-test / lab-val / lab-test-small")
-    p_eval.add_argument("--methods", type=_method_list, default="vanilla,visionzip",
-                        help="comma-separated methods or compositions (visionzip@128+fastv: VisionZip to the "
-                        "papers' 128 of 576, then fastv at each budget), each with optional knobs in brackets "
-                        "(cluster_saliency[variant=2], sparsevlm[version=2.0,recycle=none]); vanilla is always "
-                        "evaluated, once, as the reference")
-    p_eval.add_argument("--tokens", type=_csv(int), help=PAPER_BUDGETS_HELP)
-    p_eval.add_argument("--limit", type=int, help="evaluate only the first N questions (default: all)")
-    p_eval.add_argument("--batch-size", type=int, default=8, help="questions per generate call")
-    p_eval.add_argument("--max-new-tokens", type=int, default=8, help="length limit of each answer")
-    p_eval.add_argument("--match", default="exact", choices=["exact", "relaxed"],
-                        help="exact: normalised answer equals a gold answer; relaxed: or starts with one")
-    p_eval.add_argument("--multi-turn", action="store_true",
-                        help="two questions about different objects of one image per conversation, turn 2 "
-                        "continuing turn 1's KV cache; --limit counts conversations")
-    p_eval.add_argument("--turn2-from-scratch", action="store_true",
-                        help="with --multi-turn: recompute turn 2 from its full prompt and the image instead of "
-                        "turn 1's cache (in-LLM methods then choose their tokens for question 2): the control")
-    p_eval.add_argument("--out", required=True,
-                        help="output folder, new or empty, or one of this evaluation (rerun the same command to "
-                        "resume; required)")
-    add_device_args(p_eval)
-    p_eval.epilog = (
-        "over several GPUs (or CPU processes), each process a share of the questions, results merged by the "
-        "first:\n  torchrun --nproc_per_node N -m vlmzip.cli eval ...   (or: accelerate launch --multi_gpu "
-        "--num_processes N -m vlmzip.cli eval ...)"
-    )
-    p_eval.set_defaults(func=cmd_eval)
-
-    p_bench = command("bench", "prefill / time-to-first-token speedups vs vanilla, with the ideal")
-    p_bench.add_argument("--model", help="checkpoint folder or arch:llava-1.5-7b (default: the lab mini-VLM)")
-    p_bench.add_argument("--methods", type=_csv(str), default="visionzip", help="comma-separated methods to time")
-    p_bench.add_argument("--tokens", type=_csv(int), help=PAPER_BUDGETS_HELP)
-    p_bench.add_argument("--batch-sizes", type=_csv(positive_int), default="1,8",
-                         help="comma-separated batch sizes (images per prefill)")
-    p_bench.add_argument("--repeats", type=positive_int, default=10, help="timed repeats per configuration (median)")
-    p_bench.add_argument("--layers", type=positive_int, default=None,
-                         help="arch:NAME only: build the LLM with N decoder layers (default: all of them)")
-    p_bench.add_argument("--image-size", type=positive_int, default=None,
-                         help="resize the timed image to N x N pixels (default: the lab scene's 336)")
-    p_bench.add_argument("--prompt", default="What color is the small object?",
-                         help="the question sent with each image")
-    p_bench.add_argument("--out", default=None,
-                         help="also write DIR/bench.json (one object per row) and DIR/speedup.png "
-                              "(default: print the table only)")
-    p_bench.add_argument("--eval", default=None, metavar="RUN_DIR",
-                         help="a vlmzip eval --out folder of the same model: with --out, also DIR/pareto.png "
-                              "(accuracy vs time to first token per method; default: none)")
-    p_bench.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
-                         help="torch.compile the language model (backend, default inductor; on CUDA with CUDA "
-                              "graphs) and use a static KV cache, vanilla and method alike (in-LLM methods run "
-                              "eager); the first round compiles (default: eager, dynamic KV cache)")
-    p_bench.add_argument("--peak-memory", choices=["process", "child"], default="process",
-                         help="CPU peak memory: this process's peak (fast, noisy) or each configuration in a "
-                              "fresh child process (slower: loads the model once per configuration; default: process)")
-    p_bench.add_argument("--quiet", action="store_true",
-                         help="no progress bar (default: a bar on stderr when it is a terminal)")
-    add_device_args(p_bench)
-    p_bench.set_defaults(func=cmd_bench)
-
-    p_tune = command("tune", "fine-tune only the projector on a pre-LLM method's compressed tokens (seed 000's "
-                     "VisionZip-tuned); save a plain model to use compressed")
-    p_tune.add_argument("--model", help="checkpoint folder (default: the lab mini-VLM)")
-    p_tune.add_argument("--method", default="visionzip", help="a pre-LLM method (default: %(default)s)")
-    p_tune.add_argument("--tokens", type=positive_int, required=True, help="visual tokens per image to tune for")
-    p_tune.add_argument("--out", required=True, help="folder of the tuned model (+ tune.json, log.jsonl)")
-    p_tune.add_argument("--steps", type=positive_int, default=100, help="updates (default: %(default)s)")
-    p_tune.add_argument("--batch-size", type=positive_int, default=16, help="lab train images per update, all their "
-                        "questions (default: %(default)s)")
-    p_tune.add_argument("--lr", type=float, default=2e-5, help="AdamW learning rate (default: %(default)s, seed 000's)")
-    p_tune.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
-    p_tune.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda or cuda:N "
-                        "(float32 weights)")
-    p_tune.set_defaults(func=cmd_tune)
-    return parser
-
-
 def cmd_tune(args: argparse.Namespace) -> int:
     """``vlmzip tune``: projector fine-tune on compressed tokens (``vlmzip.lab.tune``); prints the folder."""
     from .lab.tune import TuneConfig, tune
@@ -532,20 +481,247 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- the parser: one function per command, in the order of `vlmzip --help` ---------------------------------------
+
+
+def _command(sub: argparse._SubParsersAction, name: str, summary: str) -> argparse.ArgumentParser:
+    """A sub-command whose description is its one-line summary as a sentence."""
+    return sub.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".",
+                          formatter_class=HelpFormatter)
+
+
+def add_method_args(parser: argparse.ArgumentParser) -> None:
+    """``--method`` and its knobs (run, demo)."""
+    parser.add_argument("--method", default="visionzip",
+                        help='a registered method (see "vlmzip list"), optionally with knobs in brackets: '
+                        '"fastv[layer=3]"')
+    parser.add_argument("--tokens", type=positive_int,
+                        help="visual tokens per image sent to the LLM (default: 64 of 576, scaled to the model; "
+                        "on models whose images differ in token count, that share of each image's)")
+    parser.add_argument("--ratio", type=share,
+                        help="or: that share of each image's visual tokens, 0 < r <= 1 (default: none)")
+    parser.add_argument("--dominant", type=positive_int,
+                        help="VisionZip: dominant tokens, CLS included (default: from --tokens)")
+    parser.add_argument("--contextual", type=non_negative_int,
+                        help="VisionZip: contextual tokens (default: from --tokens)")
+    parser.add_argument("--layer", type=layer_index,
+                        help="in-LLM methods (fastv): prune from decoder layer K on (default: the method's, 2)")
+    parser.add_argument("--knob", action="append", metavar="KEY=VALUE",
+                        help="any other method knob, repeatable (default: none)")
+
+
+def add_device_args(parser: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--dtype``."""
+    parser.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                        help="dtype the model runs in")
+
+
+def add_list_parser(sub: argparse._SubParsersAction) -> None:
+    """``vlmzip list``."""
+    p = _command(sub, "list", "list registered methods and their knobs")
+    p.set_defaults(func=cmd_list)
+
+
+def add_run_parser(sub: argparse._SubParsersAction) -> None:
+    """``vlmzip run``."""
+    p = _command(sub, "run", "answer one question vanilla and compressed; compare time to first token")
+    p.add_argument("--model",
+                   help="checkpoint folder, or arch:llava-1.5-7b (random weights) (default: the lab mini-VLM)")
+    p.add_argument("--image", help="image file (default: a procedural lab scene)")
+    p.add_argument("--prompt", help="the question (default: the lab scene's own question; needed with --image)")
+    add_method_args(p)
+    p.add_argument("--max-new-tokens", type=positive_int, default=16, help="length limit of each answer")
+    p.add_argument("--repeats", type=positive_int, default=5, help="timed repeats per side (median reported)")
+    add_device_args(p)
+    p.set_defaults(func=cmd_run)
+
+
+def add_demo_parser(sub: argparse._SubParsersAction) -> None:
+    """``vlmzip demo``."""
+    p = _command(sub, "demo", "one lab scene: vanilla vs compressed answers, speedup, kept-token picture")
+    p.add_argument("--model", help="checkpoint folder (default: the lab mini-VLM)")
+    p.add_argument("--index", type=int, default=3, help="which test-split scene")
+    p.add_argument("--type", choices=["presence", "count", "color", "shape", "spatial", "text", "detail"],
+                   help="question type to ask (default: the scene's first question)")
+    add_method_args(p)
+    p.add_argument("--max-new-tokens", type=positive_int, default=8, help="length limit of each answer")
+    p.add_argument("--repeats", type=positive_int, default=5, help="timed repeats per side (median reported)")
+    p.add_argument("--out", default="vlmzip-demo.png", help="where to write the kept-token picture")
+    add_device_args(p)
+    p.set_defaults(func=cmd_demo)
+
+
+def add_viz_parser(sub: argparse._SubParsersAction) -> None:
+    """``vlmzip viz``."""
+    p = _command(sub, "viz", "draw what each method sends to the LLM, side by side, over the image the model sees")
+    p.add_argument("--model", help="checkpoint folder (default: the lab mini-VLM)")
+    p.add_argument("--image", help="image file (default: lab test scene 3, the demo's)")
+    p.add_argument("--methods", type=_csv(str), default="visionzip,random,spatial",
+                   help="comma-separated methods, one panel each")
+    p.add_argument("--tokens", type=positive_int,
+                   help="visual tokens per image sent to the LLM (default: 64 of 576, scaled to the model)")
+    p.add_argument("--out", default="vlmzip-viz.png", help="where to write the picture")
+    add_device_args(p)
+    p.set_defaults(func=cmd_viz)
+
+
+def add_lab_parser(sub: argparse._SubParsersAction) -> None:
+    """``vlmzip lab train`` (its flags come from ``vlmzip.lab.train_config``)."""
+    from .lab import train_config
+
+    p = _command(sub, "lab", "the offline lab: train the mini-VLM")
+    lab_commands = p.add_subparsers(dest="lab_command", required=True, metavar="LAB_COMMAND")
+    train_config.add_parser(lab_commands, func=cmd_lab_train)
+
+
+def add_eval_parser(sub: argparse._SubParsersAction) -> None:
+    """``vlmzip eval``."""
+    p = _command(sub, "eval", "accuracy of methods x budgets vs vanilla on a dataset")
+    p.add_argument("--model", help="checkpoint folder (default: the lab mini-VLM)")
+    p.add_argument("--data", default="lab-test", help="dataset folder, or lab-test / lab-val / lab-test-small")
+    p.add_argument("--methods", type=_method_list, default="vanilla,visionzip",
+                   help="comma-separated methods or compositions (visionzip@128+fastv: VisionZip to the "
+                   "papers' 128 of 576, then fastv at each budget), each with optional knobs in brackets "
+                   "(cluster_saliency[variant=2], sparsevlm[version=2.0,recycle=none]); vanilla is always "
+                   "evaluated, once, as the reference")
+    p.add_argument("--tokens", type=_csv(int), help=PAPER_BUDGETS_HELP)
+    p.add_argument("--limit", type=int, help="evaluate only the first N questions (default: all)")
+    p.add_argument("--batch-size", type=int, default=8, help="questions per generate call")
+    p.add_argument("--max-new-tokens", type=int, default=8, help="length limit of each answer")
+    p.add_argument("--match", default="exact", choices=["exact", "relaxed"],
+                   help="exact: normalised answer equals a gold answer; relaxed: or starts with one")
+    p.add_argument("--multi-turn", action="store_true",
+                   help="two questions about different objects of one image per conversation, turn 2 "
+                   "continuing turn 1's KV cache; --limit counts conversations")
+    p.add_argument("--turn2-from-scratch", action="store_true",
+                   help="with --multi-turn: recompute turn 2 from its full prompt and the image instead of "
+                   "turn 1's cache (in-LLM methods then choose their tokens for question 2): the control")
+    p.add_argument("--out", required=True,
+                   help="output folder, new or empty, or one of this evaluation (rerun the same command to "
+                   "resume; required)")
+    add_device_args(p)
+    p.epilog = (
+        "over several GPUs (or CPU processes), each process a share of the questions, results merged by the "
+        "first:\n  torchrun --nproc_per_node N -m vlmzip.cli eval ...   (or: accelerate launch --multi_gpu "
+        "--num_processes N -m vlmzip.cli eval ...)"
+    )
+    p.set_defaults(func=cmd_eval)
+
+
+def add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    """``vlmzip bench``."""
+    p = _command(sub, "bench", "prefill / time-to-first-token speedups vs vanilla, with the ideal")
+    p.add_argument("--model", help="checkpoint folder or arch:llava-1.5-7b (default: the lab mini-VLM)")
+    p.add_argument("--methods", type=_csv(str), default="visionzip", help="comma-separated methods to time")
+    p.add_argument("--tokens", type=_csv(int), help=PAPER_BUDGETS_HELP)
+    p.add_argument("--batch-sizes", type=_csv(positive_int), default="1,8",
+                   help="comma-separated batch sizes (images per prefill)")
+    p.add_argument("--repeats", type=positive_int, default=10, help="timed repeats per configuration (median)")
+    p.add_argument("--layers", type=positive_int, default=None,
+                   help="arch:NAME only: build the LLM with N decoder layers (default: all of them)")
+    p.add_argument("--image-size", type=positive_int, default=None,
+                   help="resize the timed image to N x N pixels (default: the lab scene's 336)")
+    p.add_argument("--prompt", default="What color is the small object?", help="the question sent with each image")
+    p.add_argument("--out", default=None,
+                   help="also write DIR/bench.json (one object per row) and DIR/speedup.png "
+                   "(default: print the table only)")
+    p.add_argument("--eval", default=None, metavar="RUN_DIR",
+                   help="a vlmzip eval --out folder of the same model: with --out, also DIR/pareto.png "
+                   "(accuracy vs time to first token per method; default: none)")
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile the language model (backend, default inductor; on CUDA with CUDA "
+                   "graphs) and use a static KV cache, vanilla and method alike (in-LLM methods run "
+                   "eager); the first round compiles (default: eager, dynamic KV cache)")
+    p.add_argument("--peak-memory", choices=["process", "child"], default="process",
+                   help="CPU peak memory: this process's peak (fast, noisy) or each configuration in a "
+                   "fresh child process (slower: loads the model once per configuration; default: process)")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bar (default: a bar on stderr when it is a terminal)")
+    add_device_args(p)
+    p.set_defaults(func=cmd_bench)
+
+
+def add_tune_parser(sub: argparse._SubParsersAction) -> None:
+    """``vlmzip tune``."""
+    p = _command(sub, "tune", "fine-tune only the projector on a pre-LLM method's compressed tokens, "
+                 "VisionZip-tuned (VisionZip, arXiv 2412.04467); save a plain model to use compressed")
+    p.add_argument("--model", help="checkpoint folder (default: the lab mini-VLM)")
+    p.add_argument("--method", default="visionzip", help="a pre-LLM method (default: %(default)s)")
+    p.add_argument("--tokens", type=positive_int, required=True, help="visual tokens per image to tune for")
+    p.add_argument("--out", required=True, help="folder of the tuned model (+ tune.json, log.jsonl)")
+    p.add_argument("--steps", type=positive_int, default=100, help="updates (default: %(default)s)")
+    p.add_argument("--batch-size", type=positive_int, default=16,
+                   help="lab train images per update, all their questions (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=2e-5,
+                   help="AdamW learning rate (default: %(default)s, VisionZip's projector fine-tune)")
+    p.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
+    p.add_argument("--device", default="auto",
+                   help="auto (cuda when available, else cpu), cpu, cuda or cuda:N (float32 weights)")
+    p.set_defaults(func=cmd_tune)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line; builds without importing torch or transformers."""
+    parser = argparse.ArgumentParser(prog="vlmzip", description=DESCRIPTION, formatter_class=HelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (add_list_parser, add_run_parser, add_demo_parser, add_viz_parser, add_lab_parser, add_eval_parser,
+                add_bench_parser, add_tune_parser):
+        add(sub)
+    return parser
+
+
+# -- errors and exit codes ---------------------------------------------------------------------------------------
+
 FLAG_KNOBS = ("tokens", "ratio", "dominant", "contextual", "layer", "seed")
 
 
-def as_flags(message: str) -> str:
-    """A library error in the command line's words: ``tokens=100000`` becomes ``--tokens 100000``."""
+def as_flags(message: str, knobs: dict[str, Any] | None = None) -> str:
+    """A library error in the command line's words: ``tokens=100000`` becomes ``--tokens 100000``, and
+    VisionZip's ``dominant + contextual = 310`` becomes ``--dominant 300 + --contextual 10 = 310`` (the values
+    from ``knobs``, the knobs the command was given). Knobs in a method's brackets (``fastv[layer=3]``) and
+    after ``--knob`` stay as they are."""
+    knobs = knobs or {}
+
+    def visionzip_pair(match: re.Match) -> str:
+        dominant, contextual = knobs.get("dominant"), knobs.get("contextual")
+        if dominant is None:
+            return f"--dominant + --contextual = {match[1]}"
+        return f"--dominant {dominant} + --contextual {contextual or 0} = {match[1]}"
+
+    message = re.sub(r"(?<![\w-])dominant \+ contextual ?= ?(\d+)", visionzip_pair, message)
+    message = re.sub(r"(?<![\w-])dominant \+ contextual <=", "--dominant + --contextual <=", message)
     for knob in FLAG_KNOBS:
-        message = re.sub(rf"(?<![\w-]){knob}=(\S+)", rf"--{knob} \1", message)
+        message = re.sub(rf"(?<![\w\-\[,])(?<!--knob ){knob}=(\S+)", rf"--{knob} \1", message)
         message = re.sub(rf"(?<![\w-]){knob} <=", f"--{knob} <=", message)
     return message
 
 
+def _quiet_stdout() -> None:
+    """Point stdout at the null device once its reader has gone (``vlmzip list | head -1``), so that the
+    interpreter's final flush of what is still buffered does not fail a second time."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file (a test's captured stdout)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``vlmzip`` command; returns the exit code: 2 with a message on bad input (argparse's
-    usage errors included), 130 after Ctrl-C."""
+    usage errors included), 130 after Ctrl-C, 0 when the reader of its output stops early (``| head``)."""
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # a reader gone early shows here, while it can still be caught
+        return code
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 0
+
+
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = build_parser().parse_args(argv)
@@ -556,7 +732,8 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ValueError as err:
         if not getattr(err, "relayed", False):  # an error of rank 0 relayed to the other processes: said once
-            print(f"vlmzip {args.command}: error: {as_flags(str(err))}", file=sys.stderr)
+            print(f"vlmzip {args.command}: error: {as_flags(str(err), getattr(args, 'given_knobs', None))}",
+                  file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         if _rank() != 0:
