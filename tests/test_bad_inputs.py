@@ -282,6 +282,24 @@ def test_answer_running_past_the_context_is_an_error(model, processor):
         generate_answers(model, processor, [random_image(0)], ["what color ?"], 5000)
 
 
+def test_lmms_eval_model_refuses_what_exceeds_the_context(llava_dir):
+    pytest.importorskip("lmms_eval")
+    from lmms_eval.api.instance import Instance
+
+    from vlmzip.lmms.model import VlmzipLMM
+
+    lmm = VlmzipLMM(pretrained=str(llava_dir), device="cpu")
+    image = random_image(0)
+    with pytest.raises(ValueError, match=r"the prompt and up to 5000 new tokens \(max_new_tokens\) take \d+ tokens"):
+        lmm._answer([image], ["what color ?"], {"max_new_tokens": 5000})
+    lmm.task_dict = {"t": {"test": [{"question": "red " * 3000}]}}
+    request = Instance(request_type="loglikelihood", idx=0, metadata={"task": "t", "doc_id": 0, "repeats": 1},
+                       arguments=("red " * 3000, " yes", lambda doc: [image], 0, "t", "test"))
+    with pytest.raises(ValueError, match=r"task 't' document 0: the context and continuation take \d+ tokens .* "
+                                         r"context of 2048 tokens"):
+        lmm.loglikelihood([request])
+
+
 # -- the default budget of run / demo on models whose images differ in token count ---------------------------------
 
 

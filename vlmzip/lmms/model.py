@@ -103,6 +103,13 @@ class VlmzipLMM(lmms):
             )
         return images[0].convert("RGB")
 
+    def _within_context(self, tokens: int, what: str) -> None:
+        """A clear error when ``tokens`` positions exceed the model's context (``max_position_embeddings``)."""
+        context = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
+        if context is not None and tokens > context:
+            raise ValueError(f"vlmzip: {what} take {tokens} tokens (image tokens included), over the model's "
+                             f"context of {context} tokens (max_position_embeddings)")
+
     @torch.no_grad()
     def _answer(self, images: list[Image.Image], questions: list[str], gen: dict[str, Any]) -> list[str]:
         """Answers to a batch of (image, question), ``gen``: lmms-eval generation kwargs (greedy by default)."""
@@ -113,7 +120,9 @@ class VlmzipLMM(lmms):
                                   "num_beams": int(gen.get("num_beams", 1) or 1)}
         if sample:
             kwargs.update(temperature=float(gen["temperature"]), top_p=float(gen.get("top_p", 1.0) or 1.0))
-        inputs = batch_inputs(self.processor, images, questions, self.model)
+        inputs = batch_inputs(self.processor, images, questions, self.model)  # refuses a prompt over the context
+        self._within_context(inputs["input_ids"].shape[1] + kwargs["max_new_tokens"],
+                             f"the prompt and up to {kwargs['max_new_tokens']} new tokens (max_new_tokens)")
         out = self.model.generate(**inputs, **kwargs)
         new = out[:, inputs["input_ids"].shape[1] :]
         return [cut_at_stops(t, until) for t in self.processor.batch_decode(new, skip_special_tokens=True)]
@@ -156,6 +165,8 @@ class VlmzipLMM(lmms):
             image = self._image(doc_to_visual, task, split, doc_id)
             prompt = chat_prompt(self.processor, context)
             enc = self.processor(images=[image], text=[prompt + continuation], return_tensors="pt").to(self.device)
+            self._within_context(enc["input_ids"].shape[1], f"task {task!r} document {doc_id}: the context and "
+                                 "continuation")
             prompt_len = self.processor(images=[image], text=[prompt], return_tensors="pt")["input_ids"].shape[1]
             n = enc["input_ids"].shape[1] - prompt_len
             if n < 1:
