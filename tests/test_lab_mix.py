@@ -8,9 +8,14 @@ from dataclasses import replace
 import pytest
 import torch
 from conftest import TINY_TRAIN as TINY
+from transformers import LlavaForConditionalGeneration
 
-from vlmzip.lab import train as T
+from vlmzip.builders.llava import build_llava
 from vlmzip.lab import train_mix as M
+from vlmzip.lab.train import _read_log, start_run, train, update
+from vlmzip.lab.train_config import lab_words, model_config
+from vlmzip.lab.train_data import _tokenizer, make_batch
+from vlmzip.lab.train_losses import distill_loss, eager_attention, full_rows, loss_terms, losses
 
 GRID, N = 16, 256
 
@@ -178,93 +183,93 @@ def test_draw_plan_covers_every_component_and_its_budgets() -> None:
 
 def test_mixed_batches_start_at_drop_from_and_carry_their_planned_token_counts() -> None:
     cfg = replace(TINY, mix=True, drop_prob=1.0, drop_from=0.5, steps=4, batch_size=4)
-    assert T.make_batch(cfg, 1).mix is None  # before drop_from: the plain path
-    batch = T.make_batch(cfg, 2)
+    assert make_batch(cfg, 1).mix is None  # before drop_from: the plain path
+    batch = make_batch(cfg, 2)
     assert batch.mix is not None and len(batch.mix) == 4 and all(p.mode != "full" for p in batch.mix)
-    image_id = T._tokenizer(T.lab_words()).convert_tokens_to_ids("<image>")
+    image_id = _tokenizer(lab_words()).convert_tokens_to_ids("<image>")
     assert (batch.input_ids == image_id).sum(1).tolist() == [p.tokens for p in batch.mix]
-    assert T.make_batch(cfg, 2).mix == batch.mix  # deterministic
-    assert T.make_batch(replace(cfg, mix=False), 2).mix is None
+    assert make_batch(cfg, 2).mix == batch.mix  # deterministic
+    assert make_batch(replace(cfg, mix=False), 2).mix is None
 
 
 def test_a_mixed_batch_trains_and_all_full_plans_equal_the_stock_forward() -> None:
     cfg = replace(TINY, mix=True, drop_prob=1.0, batch_size=4)
-    model, processor = T.build_llava(None, T.model_config(cfg))
-    batch = T.make_batch(cfg, 3)
-    restore = T.eager_attention(model)
-    answer, aux, attn = T.losses(model, processor, batch, torch.device("cpu"), attn_layer=0)
+    model, processor = build_llava(None, model_config(cfg))
+    batch = make_batch(cfg, 3)
+    restore = eager_attention(model)
+    answer, aux, attn = losses(model, processor, batch, torch.device("cpu"), attn_layer=0)
     restore()
     assert all(torch.isfinite(x) and x > 0 for x in (answer, aux, attn))
     answer.backward()
     assert model.model.vision_tower.get_input_embeddings().weight.grad.abs().sum() > 0
 
-    plain = T.make_batch(replace(cfg, mix=False, drop_prob=0.0), 3)
+    plain = make_batch(replace(cfg, mix=False, drop_prob=0.0), 3)
     full = replace(plain, mix=[M.MixPlan("full", plain.keep.shape[1])] * 4)
     with torch.no_grad():
-        a, x, _ = T.losses(model, processor, full, torch.device("cpu"))
-        b, y, _ = T.losses(model, processor, plain, torch.device("cpu"))
+        a, x, _ = losses(model, processor, full, torch.device("cpu"))
+        b, y, _ = losses(model, processor, plain, torch.device("cpu"))
     assert torch.allclose(a, b, atol=1e-5) and torch.allclose(x, y, atol=1e-5)
 
 
 def test_init_from_starts_from_a_saved_model_and_refuses_a_wrong_one(tmp_path) -> None:
-    first = T.train(tmp_path / "a", replace(TINY, steps=2), resume=False)
+    first = train(tmp_path / "a", replace(TINY, steps=2), resume=False)
     cfg = replace(TINY, steps=1, init_from=str(first), lr=1e-12, min_lr=1e-12, warmup_steps=0)
-    run = T.start_run(tmp_path / "b", cfg, resume=False)
-    saved = T.LlavaForConditionalGeneration.from_pretrained(first).state_dict()
+    run = start_run(tmp_path / "b", cfg, resume=False)
+    saved = LlavaForConditionalGeneration.from_pretrained(first).state_dict()
     assert all(torch.equal(saved[k], v) for k, v in run.model.state_dict().items())
     with pytest.raises(ValueError, match="does not fit|do not fit"):
-        T.start_run(tmp_path / "c", replace(cfg, text_hidden=64), resume=False)
+        start_run(tmp_path / "c", replace(cfg, text_hidden=64), resume=False)
     with pytest.raises(ValueError, match="no config.json"):
-        T.start_run(tmp_path / "d", replace(cfg, init_from=str(tmp_path)), resume=False)
+        start_run(tmp_path / "d", replace(cfg, init_from=str(tmp_path)), resume=False)
 
 
 def test_a_branch_from_the_base_runs_checkpoint_equals_the_whole_run_with_its_late_recipe(tmp_path) -> None:
     late = replace(TINY, steps=4, mix=True, drop_prob=1.0, drop_from=0.5)  # augmentation from update 2
-    whole = T.train(tmp_path / "whole", late, resume=False)
+    whole = train(tmp_path / "whole", late, resume=False)
     base = replace(late, mix=False, drop_prob=0.0)
-    T.train(tmp_path / "base", base, resume=False, stop_after=2)
-    branch = T.train(tmp_path / "branch", replace(late, branch_from=str(tmp_path / "base")), resume=False)
-    a = T.LlavaForConditionalGeneration.from_pretrained(whole).state_dict()
-    b = T.LlavaForConditionalGeneration.from_pretrained(branch).state_dict()
+    train(tmp_path / "base", base, resume=False, stop_after=2)
+    branch = train(tmp_path / "branch", replace(late, branch_from=str(tmp_path / "base")), resume=False)
+    a = LlavaForConditionalGeneration.from_pretrained(whole).state_dict()
+    b = LlavaForConditionalGeneration.from_pretrained(branch).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    losses = [[r["loss"] for r in T._read_log(tmp_path / d / "log.jsonl", 4)] for d in ("whole", "branch")]
-    assert losses[0] == losses[1] and len(losses[0]) == 4  # the base's rows carried over, then the branch's
+    logged = [[r["loss"] for r in _read_log(tmp_path / d / "log.jsonl", 4)] for d in ("whole", "branch")]
+    assert logged[0] == logged[1] and len(logged[0]) == 4  # the base's rows carried over, then the branch's
 
 
 def test_a_branch_is_refused_past_the_augmentation_or_with_other_early_fields(tmp_path) -> None:
     late = replace(TINY, steps=4, mix=True, drop_prob=1.0, drop_from=0.5)
-    T.train(tmp_path / "base", replace(late, mix=False, drop_prob=0.0), resume=False, stop_after=3)
+    train(tmp_path / "base", replace(late, mix=False, drop_prob=0.0), resume=False, stop_after=3)
     with pytest.raises(ValueError, match="past update 2.*--stop-after 2"):
-        T.start_run(tmp_path / "b", replace(late, branch_from=str(tmp_path / "base")), resume=False)
+        start_run(tmp_path / "b", replace(late, branch_from=str(tmp_path / "base")), resume=False)
     with pytest.raises(ValueError, match="lr: 0.003 there vs 0.001 here"):
-        T.start_run(tmp_path / "c", replace(late, drop_from=1.0, lr=1e-3, branch_from=str(tmp_path / "base")),
+        start_run(tmp_path / "c", replace(late, drop_from=1.0, lr=1e-3, branch_from=str(tmp_path / "base")),
                     resume=False)
     with pytest.raises(ValueError, match="no checkpoint there"):
-        T.start_run(tmp_path / "d", replace(late, branch_from=str(tmp_path / "nothing")), resume=False)
+        start_run(tmp_path / "d", replace(late, branch_from=str(tmp_path / "nothing")), resume=False)
 
 
 def test_distillation_anchor_is_zero_against_itself_and_pulls_full_rows_back_to_the_teacher(tmp_path) -> None:
-    first = T.train(tmp_path / "a", replace(TINY, steps=2), resume=False)
+    first = train(tmp_path / "a", replace(TINY, steps=2), resume=False)
     cfg = replace(TINY, init_from=str(first), mix=True, drop_prob=0.5, batch_size=4, distill=1.0)
-    run = T.start_run(tmp_path / "b", cfg, resume=False)
+    run = start_run(tmp_path / "b", cfg, resume=False)
     assert run.teacher is not None and not any(p.requires_grad for p in run.teacher.parameters())
-    batch = next(b for b in (T.make_batch(cfg, s) for s in range(20)) if 0 < int(T.full_rows(b).sum()) < 4)
+    batch = next(b for b in (make_batch(cfg, s) for s in range(20)) if 0 < int(full_rows(b).sum()) < 4)
     cpu = torch.device("cpu")
     # the student starts as the teacher: no pull on its full rows (eager vs sdpa attention: float noise only)
-    *_, same = T.loss_terms(run.model, run.processor, batch, cpu, attn_layer=0, teacher=run.teacher)
+    *_, same = loss_terms(run.model, run.processor, batch, cpu, attn_layer=0, teacher=run.teacher)
     assert 0 <= same.item() < 1e-5
     with torch.no_grad():  # move the student away: the anchor is positive and its gradient points back
         for p in run.model.model.language_model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    *_, moved = T.loss_terms(run.model, run.processor, batch, cpu, attn_layer=0, teacher=run.teacher)
+    *_, moved = loss_terms(run.model, run.processor, batch, cpu, attn_layer=0, teacher=run.teacher)
     assert moved > 1e-3
     moved.backward()
     assert run.model.lm_head.weight.grad.abs().sum() > 0
     none = replace(batch, mix=[M.MixPlan("random", 3)] * 4)  # no full row: nothing to anchor
-    assert T.full_rows(none).sum() == 0
-    assert float(T.distill_loss(torch.zeros(4, batch.input_ids.shape[1], 1), run.teacher, run.processor, none,
+    assert full_rows(none).sum() == 0
+    assert float(distill_loss(torch.zeros(4, batch.input_ids.shape[1], 1), run.teacher, run.processor, none,
                                 cpu)) == 0.0
-    stats = T.update(run, batch)
+    stats = update(run, batch)
     assert "distill_loss" in stats and stats["distill_loss"] >= 0
     with pytest.raises(ValueError, match="needs .*--init-from"):
         replace(TINY, distill=1.0)
@@ -274,9 +279,9 @@ def test_distillation_anchor_is_zero_against_itself_and_pulls_full_rows_back_to_
 
 def test_freeze_vision_trains_the_projector_and_the_lm_but_not_the_tower(tmp_path) -> None:
     cfg = replace(TINY, mix=True, drop_prob=1.0, batch_size=2, freeze_vision=True)
-    run = T.start_run(tmp_path / "a", cfg, resume=False)
+    run = start_run(tmp_path / "a", cfg, resume=False)
     before = {k: v.clone() for k, v in run.model.state_dict().items()}
-    T.update(run, T.make_batch(cfg, 0))
+    update(run, make_batch(cfg, 0))
     after = run.model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and not any(k.startswith("model.vision_tower.") for k in changed)

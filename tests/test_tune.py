@@ -8,14 +8,16 @@ import pytest
 import torch
 
 import vlmzip
+from vlmzip.builders.llava import build_llava
 from vlmzip.cli import main
 from vlmzip.io import load_model
 from vlmzip.lab import scenes
-from vlmzip.lab import train as T
+from vlmzip.lab.train import export
+from vlmzip.lab.train_config import TrainConfig, model_config
 from vlmzip.lab.tune import TuneConfig, tune
 
 # a random lab-format model (lab words, 112 px / patch 14 -> 64 patches): small enough for a few updates
-TINY = T.TrainConfig(
+TINY = TrainConfig(
     image_size=112, patch_size=14, vision_hidden=32, vision_layers=2, vision_heads=2, vision_intermediate=64,
     text_hidden=32, text_layers=1, text_heads=2, text_kv_heads=1, text_intermediate=64, attn_weight=0.0,
 )  # fmt: skip
@@ -23,8 +25,8 @@ TINY = T.TrainConfig(
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
-    model, processor = T.build_llava(None, T.model_config(TINY))
-    return T.export(model, processor, tmp_path_factory.mktemp("tiny") / "model")
+    model, processor = build_llava(None, model_config(TINY))
+    return export(model, processor, tmp_path_factory.mktemp("tiny") / "model")
 
 
 @pytest.mark.parametrize("method", ["visionzip", "cluster_aggregate"])

@@ -6,25 +6,25 @@ features from vision layer -2, CLS dropped) trained from scratch on the procedur
 ``vlmzip.lab.scenes``. Default: 336 px, patch 21, 256 patch tokens + CLS (LLaVA-1.5's patch 14 / 576
 tokens does not fit the 60-minute CPU budget; ``TrainConfig`` says why).
 
-The rest of the training code is in three modules, whose names this one re-exports (so that
-``vlmzip.lab.train`` stays the one namespace of training for the CLI and the tests):
-``train_config`` (``TrainConfig``, every knob, and what follows from it alone, plus the command line's
-flags; free of torch, so that ``vlmzip --help`` answers at once), ``train_data`` (the
-batch of every update, a pure function of config and step: packed multi-turn conversations, curriculum,
-patch targets, token-count augmentation) and ``train_losses`` (answer, dense auxiliary and attention
-losses, and a continuation's distillation anchor, ``--distill``). ``train_mix`` holds the mixture
-augmentation's pure tensor functions (``--mix``: shortened images built like the methods build them);
-``--init-from`` starts a continuation phase from a saved model (``--freeze-vision``: tower frozen).
+The rest of the training code is in four modules: ``train_config`` (``TrainConfig``, every knob, and what
+follows from it alone, plus the command line's flags; free of torch, so that ``vlmzip --help`` answers at
+once), ``train_data`` (the batch of every update, a pure function of config and step: packed multi-turn
+conversations, curriculum, patch targets, token-count augmentation), ``train_losses`` (answer, dense
+auxiliary and attention losses, and a continuation's distillation anchor, ``--distill``) and ``train_mix``
+(the mixture augmentation's pure tensor functions, ``--mix``: shortened images built like the methods
+build them). ``--init-from`` starts a continuation phase from a saved model (``--freeze-vision``: tower
+frozen).
 
 Four training-only aids, all knobs of ``TrainConfig`` (the exported model is a plain LLaVA either way):
 a size curriculum (big objects first, the benchmark's scenes from half-way on), a dense auxiliary loss
 (the LM head names what every image-token position shows: colour + shape word, the written word, or
 background) and attention supervision (at every answer, one LM layer is trained to look at the patches
-of what the question names, read off the scene graph: ``named_objects``, ``patch_owners``), plus an
-optional token-count augmentation (random subsets of an image's patches reach the LM: ``kept_patches``).
+of what the question names, read off the scene graph: ``train_data.named_objects``,
+``train_data.patch_owners``), plus an optional token-count augmentation (random subsets of an image's
+patches reach the LM: ``train_data.kept_patches``).
 
-The defaults are the recipe of the shipped checkpoint; its training time, accuracy and the runs that
-chose each knob are in BENCHMARKS.md ("The shipped lab mini-VLM" and the sections after it).
+The defaults are the recipe of the shipped checkpoint's base run; both stages of that recipe, their
+training time and accuracy are in docs/lab-model.md.
 
 Outputs in ``out_dir``: ``checkpoint/state.pt`` (model, optimizer, RNG, step; written every
 ``checkpoint_every`` updates and on Ctrl-C), ``log.jsonl`` (loss, lr, grad norm, throughput, evals),
@@ -49,43 +49,22 @@ import torch
 from PIL import Image
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
+from vlmzip.builders.llava import build_llava
 from vlmzip.eval.scorers import score_records
 from vlmzip.io import generate_answers
 from vlmzip.lab import scenes
 from vlmzip.lab.train_config import (  # torch-free, so that the CLI builds its parser without torch
-    FLAG_HELP,
     LATE_FIELDS,
     PRECISION_NAMES,
     RUNTIME_FIELDS,
     TrainConfig,
     config_from_args,
-    image_tokens,
-    lab_words,
     lr_at,
     model_config,
 )
 from vlmzip.lab.train_config import add_parser as _add_parser
-from vlmzip.lab.train_data import (
-    IGNORE_INDEX,
-    Batch,
-    _tokenizer,  # noqa: F401  (the tests reach it here)
-    batches,
-    drop_start,
-    encode_conversation,
-    image_sample,
-    kept_patches,
-    make_batch,
-    named_objects,
-    owner_words,
-    patch_owners,
-    pixel_values,
-    scene_config,
-    scene_scale,
-    shuffled,
-    to_uint8,
-)
-from vlmzip.lab.train_losses import distill_loss, eager_attention, full_rows, loss_terms, losses  # noqa: F401
-from vlmzip.tiny import build_llava
+from vlmzip.lab.train_data import Batch, batches, drop_start
+from vlmzip.lab.train_losses import eager_attention, loss_terms
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp32": torch.float32}  # TrainConfig.precision -> autocast dtype
 assert tuple(sorted(PRECISIONS)) == tuple(sorted(PRECISION_NAMES))
@@ -102,7 +81,7 @@ def _fingerprint(cfg: TrainConfig) -> dict[str, Any]:
 
 def _check_resumable(saved: dict[str, Any], cfg: TrainConfig) -> None:
     now = _fingerprint(cfg)
-    saved = {**asdict(TrainConfig()), **saved}  # a field added after the checkpoint was written ran at its default
+    saved = {**asdict(TrainConfig()), **saved}  # a field missing from the checkpoint's config ran at its default
     before = {k: (tuple(v) if isinstance(v, list) else v) for k, v in saved.items() if k not in RUNTIME_FIELDS}
     diff = [f"{k}: checkpoint {before[k]!r} vs now {v!r}" for k, v in now.items() if before[k] != v]
     if diff:
@@ -334,10 +313,12 @@ class TrainingRun:
 
     @property
     def checkpoint_path(self) -> Path:
+        """The run's checkpoint file, ``out/checkpoint/state.pt``."""
         return self.out / "checkpoint" / "state.pt"
 
     @property
     def log_path(self) -> Path:
+        """The run's log, ``out/log.jsonl``."""
         return self.out / "log.jsonl"
 
     def log(self, row: dict[str, Any]) -> None:
@@ -346,6 +327,7 @@ class TrainingRun:
             f.write(json.dumps(row) + "\n")
 
     def checkpoint(self) -> None:
+        """Write the run's checkpoint at its current update (``save_checkpoint``)."""
         save_checkpoint(self.checkpoint_path, self.step, self.model, self.optimizer, self.cfg)
 
 
@@ -444,13 +426,16 @@ class LossMeter:
         self.reset()
 
     def reset(self) -> None:
+        """Forget the updates so far and restart the clock (after a log row)."""
         self.updates: list[dict[str, float]] = []
         self.restart_clock()
 
     def restart_clock(self) -> None:
+        """Time from now on (after an evaluation, whose time is not the updates')."""
         self.start = time.perf_counter()
 
     def add(self, stats: dict[str, float]) -> None:
+        """Record one update's ``update`` stats."""
         self.updates.append(stats)
 
     def row(self, step: int, batch_size: int) -> dict[str, Any]:
@@ -598,11 +583,8 @@ if __name__ == "__main__":
 
 
 __all__ = [
-    "FLAG_HELP", "IGNORE_INDEX", "PRECISION_NAMES", "PRECISIONS", "RUNTIME_FIELDS", "Batch", "TrainConfig",
-    "TrainingRun", "add_parser", "autocast",
-    "batches",
-    "build_llava", "cmd_train", "config_from_args", "drop_start", "eager_attention", "encode_conversation",
-    "evaluate", "export", "format_eval", "image_sample", "image_tokens", "kept_patches", "lab_words", "losses",
-    "lr_at", "make_batch", "model_config", "named_objects", "owner_words", "patch_owners", "pixel_values",
-    "plot_loss", "scene_config", "scene_scale", "shuffled", "to_uint8", "train",
+    "CHECKPOINT_VERSION", "PRECISIONS", "LossMeter", "TrainingRun", "add_parser", "autocast", "branch_checkpoint",
+    "cmd_train", "evaluate", "export", "finish", "first_augmented", "format_eval", "init_weights", "load_branch",
+    "load_checkpoint", "load_teacher", "log_eval", "main", "make_optimizer", "plot_loss", "progress_bar",
+    "run_updates", "save_checkpoint", "start_run", "train", "update",
 ]  # fmt: skip

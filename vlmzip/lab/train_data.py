@@ -32,10 +32,10 @@ import torch
 from PIL import Image
 from transformers import LlavaProcessor, PreTrainedTokenizerFast
 
+from vlmzip.builders.llava import build_tokenizer
 from vlmzip.lab import scenes
 from vlmzip.lab.train_config import TrainConfig, image_tokens, lab_words
 from vlmzip.lab.train_mix import MixPlan, draw_plan
-from vlmzip.tiny import build_tokenizer
 
 IGNORE_INDEX = -100
 
@@ -339,3 +339,10 @@ def batches(cfg: TrainConfig, start: int) -> Iterator[Batch]:
                 pending.append(pool.submit(make_batch, cfg, next_step))
                 next_step += 1
             yield pending.popleft().result()
+
+
+__all__ = [
+    "IGNORE_INDEX", "Batch", "batches", "drop_start", "encode_conversation", "image_sample", "kept_patches",
+    "make_batch", "mix_plan", "named_objects", "owner_words", "patch_owners", "pixel_values", "scene_config",
+    "scene_scale", "shuffled", "to_uint8",
+]  # fmt: skip

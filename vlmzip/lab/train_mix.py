@@ -1,7 +1,7 @@
 """Mixture augmentation of the lab training: image runs shortened in every way the methods shorten them.
 
 From ``drop_from`` on (``TrainConfig.mix``), an image that the token-count augmentation shortens reaches
-the LM as ``k`` tokens built by one component, drawn at random per image (``mix_plan``):
+the LM as ``k`` tokens built by one component, drawn at random per image (``train_data.mix_plan``):
 
 - ``random``: a random subset of the patches (random sampling, FastV-like drops);
 - ``strided``: a uniform-stride subset in raster order, random offset (spatial sampling);
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 MIX_MODES = ("random", "strided", "salient", "neighbours", "similar", "salient_similar", "diverse", "kmeans")
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # train_data.IGNORE_INDEX (train_data imports this module, not the reverse)
 
 
 @dataclass(frozen=True)
@@ -229,6 +229,7 @@ def slot_named(slots: torch.Tensor, named: torch.Tensor, k: int) -> torch.Tensor
 
 
 __all__ = [
-    "MIX_MODES", "MixPlan", "draw_plan", "merge_slots", "neighbour_slots", "plan_slots", "random_slots",
-    "salient_similar_slots", "salient_slots", "similar_slots", "slot_named", "slot_targets", "strided_slots",
+    "IGNORE_INDEX", "MIX_MODES", "MixPlan", "diverse_slots", "draw_plan", "kmeans_slots", "merge_slots",
+    "neighbour_slots", "plan_slots", "random_slots", "salient_similar_slots", "salient_slots", "similar_slots",
+    "slot_named", "slot_targets", "strided_slots",
 ]  # fmt: skip

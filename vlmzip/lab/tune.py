@@ -1,5 +1,6 @@
-"""``vlmzip tune``: fine-tune only the projector of a LLaVA model on compressed tokens (seed 000's
-"VisionZip-tuned" mode: the projector learns the compressed tokens' distribution; vision tower and LLM frozen).
+"""``vlmzip tune``: fine-tune only the projector of a LLaVA model on compressed tokens (VisionZip's, arXiv
+2412.04467, "VisionZip-tuned" mode: the projector learns the compressed tokens' distribution; vision tower and
+LLM frozen).
 
 Data: the lab training split (``vlmzip.lab.train_data.image_sample``: every question of an image packed into
 one multi-turn conversation), from ``image_offset`` on, so that the images are not the lab recipe's. Each
@@ -16,8 +17,13 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from PIL import Image
+    from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 DEFAULT_IMAGE_OFFSET = 200_000  # far past every image of the lab recipe (base run + continuation)
 
@@ -30,7 +36,7 @@ class TuneConfig:
     tokens: int = 64
     steps: int = 100
     batch_size: int = 16
-    lr: float = 2e-5  # seed 000's projector fine-tune
+    lr: float = 2e-5  # VisionZip's projector fine-tune (arXiv 2412.04467)
     seed: int = 0
     image_offset: int = DEFAULT_IMAGE_OFFSET
     log_every: int = 10
@@ -49,11 +55,13 @@ def tunable_method(method: str) -> None:
         raise ValueError("vlmzip tune needs a compressing method (vanilla keeps every token)")
 
 
-def conversations(processor, cfg: TuneConfig, step: int, image_tokens: int) -> tuple[list, torch.Tensor,
-                                                                                    torch.Tensor, torch.Tensor]:
+def conversations(
+    processor: LlavaProcessor, cfg: TuneConfig, step: int, image_tokens: int
+) -> tuple[list[Image.Image], torch.Tensor, torch.Tensor, torch.Tensor]:
     """Images and right-padded (input_ids, attention_mask, labels) (B, L) of update ``step``, each with an
     image run of ``image_tokens`` placeholders (the compressed count)."""
-    from vlmzip.lab.train import IGNORE_INDEX, TrainConfig, encode_conversation, image_sample
+    from vlmzip.lab.train_config import TrainConfig
+    from vlmzip.lab.train_data import IGNORE_INDEX, encode_conversation, image_sample
 
     data = TrainConfig(batch_size=cfg.batch_size, seed=cfg.seed, image_offset=cfg.image_offset, easy_scale=1.0)
     tokenizer = processor.tokenizer
@@ -72,11 +80,17 @@ def conversations(processor, cfg: TuneConfig, step: int, image_tokens: int) -> t
     return images, input_ids, mask, labels
 
 
-def answer_loss(model, processor, images: list, input_ids: torch.Tensor, mask: torch.Tensor,
-                labels: torch.Tensor) -> torch.Tensor:
+def answer_loss(
+    model: LlavaForConditionalGeneration,
+    processor: LlavaProcessor,
+    images: list[Image.Image],
+    input_ids: torch.Tensor,
+    mask: torch.Tensor,
+    labels: torch.Tensor,
+) -> torch.Tensor:
     """Answer cross-entropy of a compressed LLaVA on one batch: the compressed features (B x (K, D), from the
     model's own compressing ``get_image_features``) fill the K placeholders of each row."""
-    from vlmzip.lab.train import IGNORE_INDEX
+    from vlmzip.lab.train_data import IGNORE_INDEX
 
     device = next(model.parameters()).device
     pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"].to(device)
