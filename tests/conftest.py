@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -10,17 +11,25 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+from vlmzip.builders.llava import LlavaSpec, build_llava
 from vlmzip.lab.train_config import TrainConfig
-from vlmzip.tiny import TinyLlavaConfig, build_llava
 
 # 112 px / patch 14 -> an 8 x 8 grid: 64 patches + CLS, LLaVA-1.5's layout at a smaller scale.
-TEST_CFG = TinyLlavaConfig(image_size=112, patch_size=14, vision_layers=4, text_layers=2)
+TEST_CFG = LlavaSpec(image_size=112, patch_size=14, vision_layers=4, text_layers=2)
 
 
 @pytest.fixture(scope="session")
 def llava_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("tiny-llava")
     build_llava(out, TEST_CFG)
+    return out
+
+
+@pytest.fixture(scope="session")
+def six_layer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The test LLaVA with 6 decoder layers (in-LLM methods that prune at several layers)."""
+    out = tmp_path_factory.mktemp("tiny-llava-6")
+    build_llava(out, replace(TEST_CFG, text_layers=6))
     return out
 
 

@@ -11,14 +11,8 @@ from conftest import random_image
 
 import vlmzip
 from vlmzip.bench import bench_prefill, compare_ttft, interleaved, llm_prefill_macs
-from vlmzip.bench.prefill import (
-    compression_overhead,
-    count_flops,
-    kv_cache_bytes,
-    peak_memory,
-    prefill_cache,
-    prefill_lengths,
-)
+from vlmzip.bench.memory import peak_memory
+from vlmzip.bench.prefill import compression_overhead, count_flops, kv_cache_bytes, prefill_cache, prefill_lengths
 from vlmzip.cli import main
 from vlmzip.io import batch_inputs
 
@@ -56,7 +50,7 @@ def test_bench_prefill_and_compare_ttft_time_both_sides(model, processor) -> Non
 
     (row,) = bench_prefill(model, make_inputs, [("visionzip", {"tokens": 16})], [2], repeats=1)
     assert (row.method, row.tokens, row.batch_size) == ("visionzip", 16, 2)
-    assert row.forward_ratio > 0 and row.ttft_ratio > 0 and row.ideal > 1
+    assert row.forward_speedup > 0 and row.ttft_speedup > 0 and row.ideal_speedup_llm > 1
     assert row.vanilla_forward_ms > 0 and row.method_forward_ms > 0
     timing = compare_ttft(model, make_inputs(1), "visionzip", {"tokens": 16}, repeats=2)
     assert len(timing.vanilla_s) == len(timing.compressed_s) == 2 and timing.speedup > 0
@@ -76,7 +70,8 @@ def test_ideal_counts_each_layers_tokens_for_in_llm_methods(model, processor) ->
     with vlmzip.compressed(model, "fastv", tokens=16, layer=1):
         assert prefill_lengths(model, make_inputs(1)) == [prompt, prompt - 48], "layer 1 holds 16 of 64"
     assert row.tokens == 16
-    assert row.ideal == pytest.approx(llm_prefill_macs(prompt, cfg) / llm_prefill_macs([prompt, prompt - 48], cfg))
+    expected = llm_prefill_macs(prompt, cfg) / llm_prefill_macs([prompt, prompt - 48], cfg)
+    assert row.ideal_speedup_llm == pytest.approx(expected)
 
 
 def test_rows_carry_memory_kv_decode_and_overhead(model, processor) -> None:
@@ -127,18 +122,20 @@ def test_bench_out_writes_json_rows(llava_dir, tmp_path, capsys) -> None:
 
 
 def test_arch_memory_check_refuses_with_a_depth_that_fits(monkeypatch) -> None:
+    import vlmzip.builders.registry as registry
     import vlmzip.io as io
 
-    monkeypatch.setattr(io, "available_memory", lambda device: int(21.3e9))
+    monkeypatch.setattr(registry, "available_memory", lambda device: int(21.3e9))
     with pytest.raises(ValueError, match=r"arch:llava-1.5-7b in float32 needs ~3\d\.\d GB .* 21\.3 GB available on "
                                          r"cpu; --layers (\d+) fits") as err:
         io.load_model("arch:llava-1.5-7b", dtype="float32")
     fits = int(err.value.args[0].rsplit("--layers ", 1)[1].split()[0])
-    total, per_layer, depth = io.weight_bytes(*io.arch_builders()["llava-1.5-7b"], torch.float32)
+    arch = registry.get_arch("llava-1.5-7b")
+    total, per_layer, depth = registry.weight_bytes(arch, arch.spec, torch.float32)
     assert depth == 32 and 6.5e9 < total / 4 < 7.5e9  # ~7B parameters in 4 bytes each
     with pytest.raises(ValueError, match=f"with {fits + 1} decoder layers"):
         io.load_model("arch:llava-1.5-7b", dtype="float32", layers=fits + 1)
-    monkeypatch.setattr(io, "available_memory", lambda device: int(1e9))
+    monkeypatch.setattr(registry, "available_memory", lambda device: int(1e9))
     with pytest.raises(ValueError, match="not even --layers 1 fits"):
         io.load_model("arch:llava-1.5-7b", dtype="bfloat16", layers=1)
 

@@ -11,8 +11,9 @@ import pytest
 import vlmzip
 from vlmzip.cli import main
 from vlmzip.compose import expand, parse
-from vlmzip.eval.data import load_folder
-from vlmzip.eval.runner import answer_batch, batches
+from vlmzip.eval.format import load_folder
+from vlmzip.eval.loop import batches
+from vlmzip.eval.runner import answer_batch
 from vlmzip.io import load_model
 from vlmzip.lab.scenes import write_split
 
@@ -36,8 +37,8 @@ def small_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_parse_and_expand_map_the_earlier_budget_from_the_papers_576(lab):
     model, _ = lab
     assert parse(COMPOSITION) == [("visionzip", 128), ("fastv", None)]
-    assert expand(model, COMPOSITION, {"tokens": 28}) == (STAGES, {})
-    assert expand(model, "visionzip", {"tokens": 5}) == ("visionzip", {"tokens": 5})  # not a composition
+    assert expand(COMPOSITION, {"tokens": 28}, patches=256) == (STAGES, {})
+    assert expand("visionzip", {"tokens": 5}, patches=256) == ("visionzip", {"tokens": 5})  # not a composition
     planned = vlmzip.plan(model, COMPOSITION, tokens=28)
     assert (planned.tokens, planned.final_tokens, planned.layer_avg_tokens) == (57, 28, (57 * 2 + 28 * 2) / 4)
     assert planned.method == "visionzip+fastv"
@@ -88,7 +89,7 @@ def test_run_accepts_a_composition(capsys):
 
 def test_seed_000_table_5_composition_plans_and_groups_by_its_nominal_budget(lab):
     from vlmzip.eval.report import retention_table
-    from vlmzip.eval.runner import plan_runs
+    from vlmzip.eval.runs import plan_runs
 
     runs = plan_runs(lab[0], ["visionzip@128+sparsevlm", "sparsevlm"], [28])
     composed, alone = runs[1], runs[2]

@@ -21,11 +21,9 @@ from vlmzip.viz import (
     legend_order,
     method_label,
     method_panel,
-    model_view,
     split_note,
     token_overlay,
-    units_of,
-    view_caption,
+    unit_selections,
     view_of,
 )
 
@@ -63,16 +61,6 @@ def test_overlay_darkens_dropped_patches_and_frames_kept_ones():
     assert out.getpixel((30, 30))[0] < 120, "dropped patch darkened"
     assert out.getpixel((10, 10)) == (200, 200, 200), "inside of a kept patch untouched"
     assert out.getpixel((0, 0))[0] > 200 and out.getpixel((0, 0))[1] < 60, "kept patch framed in red"
-
-
-def test_model_view_matches_a_center_crop():
-    image = Image.new("RGB", (200, 100), (0, 0, 0))
-    image.paste((255, 255, 255), (50, 0, 150, 100))
-    view = model_view(image, 50)
-    assert view.size == (50, 50) and view.getpixel((25, 25)) == (255, 255, 255)
-
-
-# -- titles, legend and the figure ------------------------------------------------------------------
 
 
 def _red(picture: Image.Image, box: tuple[int, int, int, int]) -> int:
@@ -118,8 +106,8 @@ def test_figure_draws_title_panels_and_legend():
 def test_the_picture_is_what_the_processor_gives_the_tower(model, processor):
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (112, 112, 3), dtype=np.uint8))
     view = view_of(model, processor, image)
-    assert view.image.size == (112, 112) and view.total == 64 and view.crops == 1
-    assert view_caption(view) == "The image as the model sees it: all 64 visual tokens"
+    assert view.image.size == (112, 112) and view.total == 64 and len(view.pictures) == 1 and view.grid is None
+    assert view.caption == "The image as the model sees it: all 64 visual tokens"
     diff = np.abs(np.asarray(view.image).astype(int) - np.asarray(image).astype(int))
     assert diff.max() <= 2
 
@@ -190,10 +178,10 @@ def test_viz_errors_are_clear(llava_dir, tmp_path, capsys, args, message):
 
 @pytest.fixture(scope="module")
 def next_dir(tmp_path_factory):
-    from vlmzip.tiny_next import TinyLlavaNextConfig, build_llava_next
+    from vlmzip.builders.llava_next import LlavaNextSpec, build_llava_next
 
     out = tmp_path_factory.mktemp("viz-next")
-    build_llava_next(out, TinyLlavaNextConfig(image_size=84, patch_size=14, vision_layers=2, text_layers=3))
+    build_llava_next(out, LlavaNextSpec(image_size=84, patch_size=14, vision_layers=2, text_layers=3))
     return out
 
 
@@ -214,9 +202,9 @@ def test_viz_of_llava_next_draws_every_crop_and_explains_in_llm_methods(next_dir
 
     model, processor = load_model(str(next_dir))
     view = view_of(model, processor, Image.open(image))
-    assert view.crops == 4 and view.grid == (1, 3) and len(view.crop_images) == 4
+    assert len(view.pictures) == 4 and view.grid == (1, 3) and len(view.layouts) == 4
     assert view.image.size == (84, 84)
-    assert view_caption(view).startswith("As the model sees it: the base crop (the whole image) and 1 x 3")
+    assert view.caption.startswith("As the model sees it: the base crop (the whole image) and 1 x 3")
     caption, drawn, keys = method_panel(model, view, "random", {"tokens": 12})
     assert caption == (f"Random, 12 of {view.total} visual tokens\nleft: the base crop, 3 of its 36 tokens; right: "
                        "the 1 x 3 high-resolution crops, 9 tokens")
@@ -227,11 +215,46 @@ def test_viz_of_llava_next_draws_every_crop_and_explains_in_llm_methods(next_dir
     assert caption == f"FastV, 12 of {view.total} visual tokens from LLM layer 2 on" and keys == set()
 
 
-def test_crop_selections_are_found_by_share():
-    # 10 tokens over 4 crops: shares 3, 3, 2, 2 -> the adapter runs the method twice (3 per crop, then 2)
-    first = Selection(features=torch.zeros(2, 3, 1), indices=torch.tensor([[1, 2, 3], [4, 5, 6]]))
-    second = Selection(features=torch.zeros(2, 2, 1), indices=torch.tensor([[7, 8], [9, 10]]))
-    units = units_of([first, second], [3, 3, 2, 2])
-    assert [(sel is first, row) for sel, row in units] == [(True, 0), (True, 1), (False, 0), (False, 1)]
-    with pytest.raises(RuntimeError, match="expected 2 recorded crop batches"):
-        units_of([first], [3, 3, 2, 2])
+@pytest.fixture(scope="module", params=["2", "2.5"], ids=["qwen2-vl", "qwen2.5-vl"])
+def qwen_dir(request, tmp_path_factory):
+    from vlmzip.builders.qwen_vl import QwenVLSpec, build_qwen_vl
+
+    out = tmp_path_factory.mktemp(f"viz-qwen{request.param}")
+    build_qwen_vl(out, QwenVLSpec(text_layers=3), version=request.param)  # FastV's default layer 2 exists
+    return out
+
+
+def test_viz_of_qwen_vl_draws_the_merged_grid_over_the_image_as_resized(qwen_dir, tmp_path, capsys):
+    from vlmzip.io import load_model
+
+    image = tmp_path / "wide.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (60, 150, 3), dtype=np.uint8)).save(image)
+    model, processor = load_model(str(qwen_dir))
+    view = view_of(model, processor, Image.open(image))
+    t, h, w = view.inputs["image_grid_thw"][0].tolist()
+    assert view.grid is None and len(view.pictures) == 1
+    assert view.image.size == (w * 8, h * 8)  # patch 8: the image resized to whole patches, not square
+    assert view.layouts[0].grid == (h // 2, w // 2) and view.total == h * w // 4
+    seen = np.asarray(Image.open(image).convert("RGB").resize(view.image.size, Image.Resampling.BICUBIC)).astype(int)
+    assert np.abs(np.asarray(view.image).astype(int) - seen).mean() < 12  # the processor's own resize, read back
+    caption, drawn, keys = method_panel(model, view, "random", {"tokens": 6})
+    assert caption == f"Random, 6 of {view.total} visual tokens" and keys == {"kept", "dropped"}
+    assert drawn.height == PANEL_SIZE and drawn.width == round(w * 8 * PANEL_SIZE / (h * 8))
+    assert _red(drawn, (0, 0, drawn.width, drawn.height)) > 50 and _dark(drawn, (0, 0, drawn.width, drawn.height)) > 0
+    out = tmp_path / "viz.png"
+    assert main(["viz", "--model", str(qwen_dir), "--image", str(image), "--methods", "visionzip,fastv",
+                 "--out", str(out)]) == 0
+    default = max(1, round(64 * view.total / 576))  # the papers' 64 of 576 as a share of this image's tokens
+    assert f"at {default} visual tokens per image" in capsys.readouterr().out and Image.open(out).height > PANEL_SIZE
+
+
+def test_recorded_selections_say_which_unit_each_row_is():
+    # 10 tokens over 4 crops: shares 3, 3, 2, 2 -> the method ran twice (3 per crop, then 2), in any order
+    first = Selection(features=torch.zeros(2, 2, 1), indices=torch.tensor([[7, 8], [9, 10]]), units=((0, 2), (0, 3)))
+    second = Selection(features=torch.zeros(3, 3, 1), indices=torch.tensor([[1, 2, 3], [4, 5, 6], [1, 1, 1]]),
+                       units=((0, 0), (0, 1), (1, 0)))
+    units = unit_selections([first, second])
+    assert sorted(units) == [0, 1, 2, 3]
+    assert [(units[u][0] is first, units[u][1]) for u in range(4)] == [(False, 0), (False, 1), (True, 0), (True, 1)]
+    assert unit_selections([first, second], image=1) == {0: (second, 2)}

@@ -7,6 +7,7 @@ import pickle
 
 import pytest
 import torch
+from conftest import load
 
 import vlmzip
 
@@ -46,6 +47,27 @@ def test_beams_and_return_sequences_start_with_their_own_prompt(model, batch_inp
     for out in (beams, sampled):
         assert out.shape[0] == 6
         assert torch.equal(out[:, :prompt], inputs["input_ids"].repeat_interleave(2, dim=0))
+
+
+IN_LLM = [("fastv", {"layer": 2, "tokens": 20}), ("sparsevlm", {"tokens": 20}), ("saliency", {"tokens": 20})]
+
+
+@pytest.mark.parametrize("method", IN_LLM, ids=[m for m, _ in IN_LLM])
+def test_in_llm_methods_prune_the_rows_generate_expands(six_layer_dir, batch_inputs, method):
+    """Beams, num_return_sequences and sampling repeat each caller row: every copy is pruned as its row is
+    (one-best sampling returns each row's greedy answer; a one-step beam search its greedy first token)."""
+    inputs, _, _ = batch_inputs
+    model = load(six_layer_dir)
+    name, knobs = method
+    prompt = inputs["input_ids"].shape[1]
+    with vlmzip.compressed(model, name, **knobs):
+        greedy = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        sampled = model.generate(**inputs, max_new_tokens=4, do_sample=True, top_k=1, num_return_sequences=2)
+        beams = model.generate(**inputs, max_new_tokens=3, num_beams=3, num_return_sequences=2, do_sample=False)
+        step = model.generate(**inputs, max_new_tokens=1, num_beams=2, do_sample=False)
+    assert torch.equal(sampled, greedy.repeat_interleave(2, dim=0))
+    assert beams.shape[0] == 6 and torch.equal(beams[:, :prompt], inputs["input_ids"].repeat_interleave(2, dim=0))
+    assert torch.equal(step, greedy[:, : prompt + 1])
 
 
 def test_beam_search_on_compressed_equals_beam_search_on_the_shrunk_prompt(model, batch_inputs):

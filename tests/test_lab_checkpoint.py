@@ -12,11 +12,11 @@ from transformers import LlamaModel, LlavaForConditionalGeneration
 
 import vlmzip
 from vlmzip.adapters import adapter_for
+from vlmzip.budgets import split_budget
 from vlmzip.cli import main
 from vlmzip.eval.scorers import score_records
 from vlmzip.io import default_model_dir, generate_answers
 from vlmzip.lab import CHECKPOINT_DIR, checkpoint_dir, load, scenes
-from vlmzip.methods.visionzip import split_budget
 
 N_VAL_IMAGES = 40  # 120 questions of the validation split (the test split stays unseen by tests too)
 
@@ -74,3 +74,11 @@ def test_shipped_model_compresses_to_the_paper_budgets(shipped):
     planned = vlmzip.plan(model, "visionzip", tokens=28)
     assert (planned.vanilla_tokens, planned.tokens, planned.final_tokens) == (256, 28, 28)
     assert split_budget(planned.tokens) == (24, 4)
+
+
+def test_sparsevlm_on_the_lab_models_four_layers_runs_the_scaled_layers_and_says_so(shipped):
+    model, _ = shipped
+    planned = vlmzip.plan(model, "sparsevlm", tokens=28)
+    assert len(planned.notes) == 1
+    assert "4 decoder layers, too few for the authors' pruning layers (2, 6, 15)" in planned.notes[0]
+    assert "pruning after layers (0, 1, 2)" in planned.notes[0]

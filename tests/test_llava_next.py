@@ -17,13 +17,14 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaNextFo
 import vlmzip
 from vlmzip.adapters import adapter_for
 from vlmzip.adapters.llava_next import LlavaNextAdapter, split_evenly
+from vlmzip.builders import get_arch
+from vlmzip.builders.llava_next import LlavaNextSpec, build_llava_next
 from vlmzip.methods import base as method_base
 from vlmzip.methods import get_method
 from vlmzip.methods.visionzip import visionzip
-from vlmzip.tiny_next import ARCHITECTURES_NEXT, TinyLlavaNextConfig, build_llava_next
 
 # 84 px crops / patch 14 -> 6 x 6 patches + CLS per crop; pinpoints 1x2, 2x1, 2x2, 3x1, 1x3 crops.
-NEXT_CFG = TinyLlavaNextConfig(image_size=84, patch_size=14, vision_layers=2, text_layers=3)
+NEXT_CFG = LlavaNextSpec(image_size=84, patch_size=14, vision_layers=2, text_layers=3)
 PER_CROP = 36
 # (width, height): 2x2 crops (5 with the base), 1x3 (4), 3x1 (4): three different placeholder counts.
 SIZES = [(130, 120), (200, 60), (60, 190)]
@@ -81,7 +82,7 @@ def test_checkpoint_loads_like_a_real_one(next_dir, next_processor, next_batch):
 def test_counts_equal_the_processors_placeholders(next_model, next_batch):
     inputs, _, _ = next_batch
     adapter = adapter_for(next_model)
-    counts = adapter.image_counts(dict(inputs))
+    counts = [item.vanilla for item in adapter.items(dict(inputs))]
     assert counts == placeholders(inputs, next_model)
     assert len(set(counts)) == 3
     assert adapter.static_tokens_per_image() is None
@@ -125,7 +126,7 @@ def released_layout(model, pixel_values, image_size, keeps):
     rows, cols = adapter.crop_grid(image_size)
     crops = []
     for crop, keep in enumerate(keeps):
-        tokens = adapter.tower.tokens(pixel_values[crop : crop + 1], adapter.layout,
+        tokens = adapter.tower.run(pixel_values[crop : crop + 1], adapter.layout,
                                       frozenset({"keys", "cls_attention"}))
         sel = visionzip(tokens, keep)
         crops.append((projector(sel.features[0]), sel.indices[0], sel.dominant))
@@ -281,7 +282,7 @@ def test_every_image_size_sends_its_budget(next_model, next_processor, width, he
     inputs = next_processor(images=[image], text=[chat_prompt(next_processor, "what ?")], return_tensors="pt")
     adapter = adapter_for(next_model)
     count = placeholders(inputs, next_model)[0]
-    assert adapter.image_counts(dict(inputs)) == [count]
+    assert [item.vanilla for item in adapter.items(dict(inputs))] == [count]
     crops = adapter.num_crops(inputs["image_sizes"][0])
     tokens = crops + round(share * (min(count - 1, crops * PER_CROP) - crops))
     with vlmzip.compressed(next_model, method, tokens=tokens), torch.no_grad():
@@ -292,7 +293,7 @@ def test_every_image_size_sends_its_budget(next_model, next_processor, width, he
 
 
 def test_real_architecture_shapes():
-    cfg = ARCHITECTURES_NEXT["llava-next-7b"]
+    cfg = get_arch("llava-next-7b").spec
     assert (cfg.image_size, cfg.patch_size, cfg.vision_hidden, cfg.vision_layers) == (336, 14, 1024, 24)
     assert (cfg.text_hidden, cfg.text_layers, cfg.text_heads, cfg.text_intermediate) == (4096, 32, 32, 11008)
     assert cfg.pinpoints() == [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from vlmzip.eval.runner import EvalConfig, evaluate
+from vlmzip.eval.runner import evaluate
+from vlmzip.eval.runs import EvalConfig
 from vlmzip.lmms.task import write_task
 
 HAVE_LMMS = importlib.util.find_spec("lmms_eval") is not None
@@ -130,15 +131,15 @@ def test_write_task_refuses_bad_options(tmp_path: Path) -> None:
 @pytest.mark.parametrize("family", ["llava-next", "qwen2-vl"])
 def test_other_families_answer_as_vlmzip_does(lmms_eval_cli: Path, family: str, tmp_path: Path) -> None:
     from vlmzip.api import compressed
+    from vlmzip.builders.llava_next import LlavaNextSpec, build_llava_next
+    from vlmzip.builders.qwen_vl import QwenVLSpec, build_qwen_vl
     from vlmzip.io import generate_answers, load_model
     from vlmzip.lmms.model import VlmzipLMM
-    from vlmzip.tiny_next import TinyLlavaNextConfig, build_llava_next
-    from vlmzip.tiny_qwen import TinyQwenConfig, build_qwen_vl
 
     if family == "qwen2-vl":
-        build_qwen_vl(tmp_path / "model", TinyQwenConfig(), version="2")
+        build_qwen_vl(tmp_path / "model", QwenVLSpec(), version="2")
     else:
-        build_llava_next(tmp_path / "model", TinyLlavaNextConfig(image_size=84, patch_size=14, vision_layers=2,
+        build_llava_next(tmp_path / "model", LlavaNextSpec(image_size=84, patch_size=14, vision_layers=2,
                                                                  text_layers=3))
     write_task("lab-test-small", tmp_path / "task", limit=5)
     docs = [json.loads(line) for line in (tmp_path / "task/vlmzip_lab.jsonl").open()]

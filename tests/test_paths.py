@@ -30,15 +30,17 @@ def test_cache_dir_is_vlmzip_cache_else_xdg_else_home(tmp_path: Path, monkeypatc
     assert cache_dir() == tmp_path / "home" / ".cache" / "vlmzip"
 
 
-def test_lab_datasets_and_the_default_model_share_one_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The two former owners of a cache rule (io.cache_dir, eval.data.cache_root) disagreed under
-    VLMZIP_CACHE: datasets went to $VLMZIP_CACHE itself but to ~/.cache/vlmzip/data without it."""
+def test_lab_datasets_go_to_the_one_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VLMZIP_CACHE", str(tmp_path))
     monkeypatch.setitem(scenes.SPLITS, "test-small", SplitSpec(seed=2002, n_images=1, id_prefix="test"))
     monkeypatch.delitem(scenes.EXPECTED_HASHES, "test-small")
     dataset = data.ensure_lab_dataset("lab-test-small")
-    monkeypatch.setattr(io, "checkpoint_dir", lambda: None)  # an install without the shipped lab model
-    model = io.default_model_dir()
     assert dataset == tmp_path / "data" / f"lab-test-small-v{scenes.GENERATOR_VERSION}"
-    assert model == tmp_path / "models" / io.DEFAULT_MODEL_NAME and (model / "config.json").is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "models"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
+def test_an_install_without_the_lab_model_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default model is the lab model shipped in the package; nothing is built in its place."""
+    monkeypatch.setattr(io, "checkpoint_dir", lambda: None)
+    with pytest.raises(ValueError, match="has no lab checkpoint .*pass --model DIR"):
+        io.default_model_dir()

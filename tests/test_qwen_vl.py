@@ -11,17 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import random_image
-from transformers import AutoModelForImageTextToText
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import vlmzip
-from vlmzip.tiny_qwen import (
-    ARCHITECTURES_QWEN,
-    TinyQwenConfig,
-    build_qwen_vl,
-    build_tokenizer,
-    load_processor,
-    qwen_config,
-)
+from vlmzip.adapters.qwen_vl import load_processor
+from vlmzip.builders import arch_names, get_arch
+from vlmzip.builders.qwen_vl import QwenVLSpec, build_qwen_vl, build_tokenizer, qwen_config
+
+QWEN_ARCHS = [name for name in arch_names() if get_arch(name).family == "qwen-vl"]
 
 NEW = 5
 # Three images with three different grids (patch 8, merge 2): 8x8, 6x10 and 9x6 merged tokens.
@@ -32,7 +29,7 @@ QUESTIONS = ["what color is the shape ?", "how many ?", "is there a red circle l
 @pytest.fixture(scope="module", params=["2", "2.5"], ids=["qwen2-vl", "qwen2.5-vl"])
 def qwen_dir(request, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
     out = tmp_path_factory.mktemp(f"tiny-qwen{request.param}")
-    build_qwen_vl(out, TinyQwenConfig(), version=request.param)
+    build_qwen_vl(out, QwenVLSpec(), version=request.param)
     return request.param, out
 
 
@@ -322,7 +319,8 @@ def test_visionzip_signals_match_an_eager_attention(qwen_dir, processor, batch, 
     state = vlmzip.api.state_of(model)
     handed: list = []
     select = state.select
-    monkeypatch.setattr(state, "select", lambda tokens, keep: handed.append(tokens) or select(tokens, keep))
+    monkeypatch.setattr(state, "select",
+                        lambda tokens, keep, units=None: handed.append(tokens) or select(tokens, keep, units))
     with torch.no_grad():
         model(**inputs)
     # per patch, in the blocks' order: mean over heads and the segment's queries, then summed per 2x2 group
@@ -348,9 +346,9 @@ def test_visionzip_signals_match_an_eager_attention(qwen_dir, processor, batch, 
     assert start == merged.shape[0]
 
 
-@pytest.mark.parametrize("name", sorted(ARCHITECTURES_QWEN))
+@pytest.mark.parametrize("name", QWEN_ARCHS)
 def test_real_architectures_have_the_7b_shapes(name):
-    cfg = replace(ARCHITECTURES_QWEN[name], text_layers=2)  # reduced text depth, the rest as released
+    cfg = replace(get_arch(name).spec, text_layers=2)  # reduced text depth, the rest as released
     config = qwen_config(cfg, build_tokenizer(cfg.words))
     text, vision = config.text_config, config.vision_config
     assert (text.num_hidden_layers, text.hidden_size, text.num_attention_heads) == (2, 3584, 28)
@@ -376,3 +374,25 @@ def test_new_images_on_a_filled_cache_are_refused(model, processor, batch):
         with pytest.raises(ValueError, match="images in the first call on a cache only"):
             model(input_ids=ids, attention_mask=mask, cache=cache, mm_token_type_ids=second["mm_token_type_ids"],
                   pixel_values=second["pixel_values"], image_grid_thw=second["image_grid_thw"])
+
+
+def test_a_checkpoint_keeps_its_own_chat_template_when_autoprocessor_cannot_be_built(tmp_path):
+    """Without torchvision transformers cannot build Qwen's processor; the image-only one vlmzip builds instead
+    carries the checkpoint's own template (its system prompt included), never another one."""
+    build_qwen_vl(tmp_path, QwenVLSpec())
+    own = ("{% for message in messages %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+           "<|im_start|>{{ message['role'] }}\n{% for part in message['content'] %}{% if part['type'] == 'image' %}"
+           "<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ part['text'] }}{% endif %}{% endfor %}"
+           "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    (tmp_path / "chat_template.jinja").write_text(own)
+    processor = load_processor(tmp_path)
+    assert processor.chat_template == own
+    assert "You are a helpful assistant." in prompt(processor, "what is it ?")
+    (tmp_path / "chat_template.jinja").unlink()
+    try:
+        AutoProcessor.from_pretrained(tmp_path)
+    except Exception:  # the image-only fallback is what runs here: without a template of its own, it refuses
+        with pytest.raises(ValueError, match="has no chat template of its own"):
+            load_processor(tmp_path)
+    else:
+        pytest.skip("transformers builds Qwen's own processor here (torchvision works): no fallback to check")

@@ -13,8 +13,9 @@ from hypothesis import strategies as st
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import vlmzip
+from vlmzip.budgets import Budget
 from vlmzip.methods import saliency as saliency_module
-from vlmzip.methods.base import Budget, LLMTokens
+from vlmzip.methods.base import LLMTokens
 from vlmzip.methods.cluster import saliency_clusters
 from vlmzip.methods.kmeans import cluster_means
 from vlmzip.methods.saliency import cluster_counts, cluster_saliency_llm, text_rows, text_saliency
@@ -293,25 +294,25 @@ def test_cluster_saliency_llm_keeps_and_adds_its_plan(layout, variant, k, share)
 
 @pytest.fixture(scope="module")
 def qwen_dir(tmp_path_factory) -> Path:
-    from vlmzip.tiny_qwen import TinyQwenConfig, build_qwen_vl
+    from vlmzip.builders.qwen_vl import QwenVLSpec, build_qwen_vl
 
     out = tmp_path_factory.mktemp("tiny-qwen2-sal")
-    build_qwen_vl(out, TinyQwenConfig(), version="2")
+    build_qwen_vl(out, QwenVLSpec(), version="2")
     return out
 
 
 @pytest.fixture(scope="module")
 def next_dir(tmp_path_factory) -> Path:
-    from vlmzip.tiny_next import TinyLlavaNextConfig, build_llava_next
+    from vlmzip.builders.llava_next import LlavaNextSpec, build_llava_next
 
     out = tmp_path_factory.mktemp("tiny-next-sal")
-    build_llava_next(out, TinyLlavaNextConfig(image_size=84, patch_size=14, vision_layers=2, text_layers=3))
+    build_llava_next(out, LlavaNextSpec(image_size=84, patch_size=14, vision_layers=2, text_layers=3))
     return out
 
 
 def family_batch(folder: Path, qwen: bool):
     if qwen:
-        from vlmzip.tiny_qwen import load_processor
+        from vlmzip.adapters.qwen_vl import load_processor
 
         processor = load_processor(folder)
     else:

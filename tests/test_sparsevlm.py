@@ -11,23 +11,21 @@ import torch
 from conftest import TEST_CFG, load
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_fastv import eager_layer, rotate_half
+from reference import eager_layer, rotate_half
 
 import vlmzip
-from vlmzip.methods.base import Budget
+from vlmzip.budgets import Budget
+from vlmzip.builders.llava import build_llava
 from vlmzip.methods.sparsevlm import cluster_and_merge, recycled_count, scale_layers, schedule
-from vlmzip.tiny import build_llava
 
 NEW = 4
 TOKENS = 21  # 192 of 576 at the test model's 64 patches: the authors' 192 schedule, scaled by 64 / 576
 
 
 @pytest.fixture(scope="module")
-def deep_dir(tmp_path_factory):
+def deep_dir(six_layer_dir):
     """The test LLaVA with 6 decoder layers: SparseVLM's layers 2 / 6 / 15 of 32 scale to 0 / 1 / 3."""
-    out = tmp_path_factory.mktemp("tiny-llava-6")
-    build_llava(out, replace(TEST_CFG, text_layers=6))
-    return out
+    return six_layer_dir
 
 
 def reference_cluster_and_merge(x: torch.Tensor, cluster_num: int) -> torch.Tensor:
@@ -159,17 +157,48 @@ def test_sparsevlm_matches_the_eager_reference(deep_dir, processor, batch_inputs
 def test_sparsevlm_cache_and_layer_lengths_follow_the_schedule(deep_dir, batch_inputs):
     inputs, _, _ = batch_inputs
     model = load(deep_dir)
-    lengths: list[int] = []
     with vlmzip.compressed(model, "sparsevlm", tokens=TOKENS):
-        hooks = [layer.register_forward_pre_hook(lambda m, a, k: lengths.append(k["hidden_states"].shape[1]
-                                                                                 if not a else a[0].shape[1]),
-                                                 with_kwargs=True) for layer in model.model.language_model.layers]
-        with torch.no_grad():
-            model(**inputs)
-        for h in hooks:
-            h.remove()
+        lengths = layer_lengths(model, inputs)
     full = inputs["input_ids"].shape[1]
     assert lengths == [full, full - 64 + 35, full - 64 + 23, full - 64 + 23, full - 64 + 13, full - 64 + 13]
+
+
+def layer_lengths(model, inputs) -> list[int]:
+    """The sequence length each decoder layer receives in one forward."""
+    lengths: list[int] = []
+    hooks = [layer.register_forward_pre_hook(lambda m, a, k: lengths.append(k["hidden_states"].shape[1]
+                                                                             if not a else a[0].shape[1]),
+                                             with_kwargs=True) for layer in model.model.language_model.layers]
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return lengths
+
+
+def test_an_llm_deep_enough_prunes_after_the_authors_layers_2_6_15(tmp_path, batch_inputs):
+    """The released code prunes after layers 2, 6 and 15 whatever the depth: an 18-layer LLaVA does too."""
+    inputs, _, _ = batch_inputs
+    build_llava(tmp_path, replace(TEST_CFG, text_layers=18))
+    model = load(tmp_path)
+    planned = vlmzip.plan(model, "sparsevlm", tokens=TOKENS)
+    assert [step.layer for step in vlmzip.api.llm_steps(list(planned.stages), 18)] == [3, 7, 16]
+    assert planned.notes == ()
+    with vlmzip.compressed(model, "sparsevlm", tokens=TOKENS):
+        lengths = layer_lengths(model, inputs)
+    full = inputs["input_ids"].shape[1]
+    after = [full - 64 + n for n in (35, 23, 13)]  # the 192 schedule scaled to 64 patches, recycled tokens included
+    assert lengths == [full] * 3 + [after[0]] * 4 + [after[1]] * 9 + [after[2]] * 2
+
+
+def test_a_shallow_llm_runs_the_scaled_layers_and_says_so(deep_dir):
+    planned = vlmzip.plan(load(deep_dir), "sparsevlm", tokens=TOKENS)
+    assert [step.layer for step in vlmzip.api.llm_steps(list(planned.stages), 6)] == [1, 2, 4]
+    assert len(planned.notes) == 1 and "pruning after layers (0, 1, 3)" in planned.notes[0]
+    assert "(2, 6, 15)" in planned.notes[0] and "6 decoder layers" in planned.notes[0]
+    assert vlmzip.plan(load(deep_dir), "sparsevlm", tokens=TOKENS, layers=(0, 1, 3)).notes == ()
 
 
 def test_sparsevlm_keep_all_reproduces_vanilla(deep_dir, batch_inputs):
@@ -260,9 +289,10 @@ def test_sparsevlm_on_qwen_vl_keeps_mrope_positions(tmp_path, version):
     from conftest import random_image
     from transformers import AutoModelForImageTextToText
 
-    from vlmzip.tiny_qwen import TinyQwenConfig, build_qwen_vl, load_processor
+    from vlmzip.adapters.qwen_vl import load_processor
+    from vlmzip.builders.qwen_vl import QwenVLSpec, build_qwen_vl
 
-    build_qwen_vl(tmp_path, TinyQwenConfig(text_layers=5), version=version)
+    build_qwen_vl(tmp_path, QwenVLSpec(text_layers=5), version=version)
     model = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
     processor = load_processor(tmp_path)
     texts = [processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text",
@@ -281,9 +311,9 @@ def test_sparsevlm_on_llava_next(tmp_path):
     from conftest import chat_prompt, random_image
     from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 
-    from vlmzip.tiny_next import TinyLlavaNextConfig, build_llava_next
+    from vlmzip.builders.llava_next import LlavaNextSpec, build_llava_next
 
-    build_llava_next(tmp_path, TinyLlavaNextConfig(image_size=84, patch_size=14, vision_layers=2, text_layers=5))
+    build_llava_next(tmp_path, LlavaNextSpec(image_size=84, patch_size=14, vision_layers=2, text_layers=5))
     model = LlavaNextForConditionalGeneration.from_pretrained(tmp_path).eval()
     processor = AutoProcessor.from_pretrained(tmp_path)
     images = [random_image(0, (130, 120)), random_image(1, (200, 60))]

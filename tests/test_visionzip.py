@@ -9,8 +9,9 @@ from hypothesis import strategies as st
 
 import vlmzip
 from vlmzip.adapters import adapter_for
+from vlmzip.budgets import split_budget
 from vlmzip.methods.base import TokenLayout, VisionTokens
-from vlmzip.methods.visionzip import split_budget, visionzip, visionzip_select
+from vlmzip.methods.visionzip import visionzip, visionzip_select
 
 
 def eager_reference(model, pixel_values):
@@ -58,7 +59,7 @@ def test_scores_from_sdpa_hooks_equal_eager_attention(llava_dir, batch_inputs):
     with torch.no_grad():
         attn, hidden, keys = eager_reference(eager, inputs["pixel_values"])
         adapter = adapter_for(sdpa)
-        tokens = adapter.tower.tokens(inputs["pixel_values"], adapter.layout, frozenset({"keys", "cls_attention"}))
+        tokens = adapter.tower.run(inputs["pixel_values"], adapter.layout, frozenset({"keys", "cls_attention"}))
     torch.testing.assert_close(tokens.cls_attention, attn[:, :, 0, :].sum(dim=1), atol=1e-5, rtol=0)
     torch.testing.assert_close(tokens.keys, keys, atol=1e-5, rtol=0)
     torch.testing.assert_close(tokens.hidden, hidden, atol=1e-5, rtol=0)

@@ -1,6 +1,7 @@
-"""Issue 14's CPU targets on a reduced-depth 7B architecture, measured with the functions `vlmzip bench`
-uses but fewer forwards (no decode / forward timing; one interleaved TTFT round after a warm-up), for a
-machine too slow or too shared for the full bench at this size. Prints one JSON line per measurement.
+"""The bench's CPU targets (time to first token vs its end-to-end ideal, compression overhead) on a
+reduced-depth 7B architecture, measured with the functions `vlmzip bench` uses but fewer forwards (no decode /
+forward timing; one interleaved TTFT round after a warm-up), for a machine too slow or too shared for the full
+bench at this size. Prints one JSON line per measurement.
 
     OMP_NUM_THREADS=1 python tools/bench_targets_cpu.py --layers 1 --batch-size 1
 """
@@ -17,8 +18,8 @@ import vlmzip
 from vlmzip.bench import compare_ttft
 from vlmzip.bench.memory import ChildSpec, child_peak_memory
 from vlmzip.bench.prefill import compression_overhead, count_flops, kv_cache_bytes, prefill_cache
-from vlmzip.cli import default_image
 from vlmzip.io import batch_inputs, load_model
+from vlmzip.lab import default_image
 
 PROMPT = "What color is the small object?"
 

@@ -34,7 +34,7 @@ def foreground_shares(folder: str, images: int, ks: tuple[int, ...]) -> tuple[fl
         on_object = patch_owners(image, scene, grid, 0.1) >= 0  # (grid * grid,)
         pixels = torch.from_numpy(to_uint8(image, size)).unsqueeze(0)
         with torch.no_grad():
-            tokens = adapter.tower.tokens(pixel_values(pixels, processor), adapter.layout, frozenset({"cls_attention"}))
+            tokens = adapter.tower.run(pixel_values(pixels, processor), adapter.layout, frozenset({"cls_attention"}))
         attention = tokens.cls_attention[0, 1:]  # (n_patches,)
         chance.append(on_object.mean())
         for k in ks:

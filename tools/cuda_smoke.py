@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 
 import vlmzip
+from vlmzip.builders.llava import LlavaSpec, build_llava
+from vlmzip.builders.llava_next import build_llava_next
+from vlmzip.builders.qwen_vl import build_qwen_vl
 from vlmzip.io import chat_prompt
-from vlmzip.tiny import TinyLlavaConfig, build_llava
-from vlmzip.tiny_next import build_llava_next
-from vlmzip.tiny_qwen import build_qwen_vl
 
 
 def image(seed: int, size: tuple[int, int]) -> Image.Image:
@@ -38,7 +38,7 @@ def run(model, processor, device: str, method: str, knobs: dict) -> tuple[torch.
 
 def main() -> int:
     builders = {
-        "llava": lambda: build_llava(None, replace(TinyLlavaConfig(image_size=112, patch_size=14), text_layers=3)),
+        "llava": lambda: build_llava(None, replace(LlavaSpec(image_size=112, patch_size=14), text_layers=3)),
         "llava-next": lambda: build_llava_next(None, None),
         "qwen2.5-vl": lambda: build_qwen_vl(None, None, version="2.5"),
     }

@@ -16,17 +16,20 @@ from typing import Any
 
 from torch import nn
 
-from . import compose, llm_hooks, runtime
+from . import compose, llm_hooks
 from .adapters import Adapter, adapter_for
+from .budgets import PAPER_BUDGETS, parse_budget, scale_paper_budget
+from .instance import InstanceAttr
 from .methods import get_method, registered
-from .methods.base import LLMStep, Selection, check_knobs, parse_budget
-from .runtime import CompressedForward, CompressedGenerate, CompressionState, InstanceAttr, Stage
+from .methods.base import LLMStep, Selection, check_knobs
+from .runtime import CompressedForward, CompressedGenerate, CompressionState, Stage
 
 STATE_ATTR = "_vlmzip"
 
-# The papers' budgets (VisionZip, SparseVLM, ...) count tokens kept of LLaVA-1.5's 576 patches per image.
-PAPER_PATCHES = 576
-PAPER_BUDGETS = (192, 128, 64)
+__all__ = [
+    "PAPER_BUDGETS", "STATE_ATTR", "Plan", "compress", "compressed", "decompress", "is_compressed", "list_methods",
+    "llm_steps", "paper_budget", "plan", "recorded", "state_of",
+]  # fmt: skip
 
 MethodArg = str | Sequence[str | tuple[str, dict[str, Any]]]
 
@@ -43,6 +46,8 @@ class Plan:
     - ``final_tokens``: visual tokens per image the LLM ends with (after its in-LLM stages).
     - ``layer_avg_tokens``: visual tokens per image averaged over the LLM's decoder layers (what a
       FLOP-fair comparison of in-LLM with pre-LLM methods uses).
+    - ``notes``: what the user should know about how the methods fit this model (e.g. SparseVLM's pruning
+      layers scaled to an LLM too shallow for the authors' layers 2, 6 and 15).
     """
 
     method: str
@@ -52,6 +57,7 @@ class Plan:
     tokens: int | None
     final_tokens: int | None
     layer_avg_tokens: float | None
+    notes: tuple[str, ...] = ()
 
     @property
     def knobs(self) -> dict[str, Any]:
@@ -139,8 +145,8 @@ def plan(model: nn.Module, method: MethodArg, **knobs: Any) -> Plan:
     setting, or stages in the wrong order (pre-LLM first, then in-LLM by layer). A string such as
     ``"visionzip@128+fastv"`` is a composition (``vlmzip.compose``): ``knobs`` go to its last stage.
     """
-    method, knobs = compose.expand(model, method, knobs)
     adapter = adapter_for(model)
+    method, knobs = compose.expand(method, knobs, adapter.unit_layout().num_patches)
     stages = [s for s in _stages(method, knobs) if s.method != "vanilla"]
     pre = [s for s in stages if s.spec.stage != "llm"]
     llm = [s for s in stages if s.spec.stage == "llm"]
@@ -183,7 +189,8 @@ def plan(model: nn.Module, method: MethodArg, **knobs: Any) -> Plan:
         bounds = [0, *layers, num_layers]
         avg = sum(counts[i] * (bounds[i + 1] - bounds[i]) for i in range(len(counts))) / num_layers
     name = "+".join(s.method for s in stages) or "vanilla"
-    return Plan(name, tuple(stages), adapter, vanilla, tokens, final, avg)
+    notes = tuple(dict.fromkeys(step.note for step in steps if step.note))
+    return Plan(name, tuple(stages), adapter, vanilla, tokens, final, avg, notes)
 
 
 def llm_steps(llm: list[Stage], num_layers: int) -> list[LLMStep]:
@@ -197,10 +204,7 @@ def paper_budget(model: nn.Module, tokens: int) -> int:
     Rounded, at least 1. A 576-patch model gets ``tokens`` back; the 256-patch lab model gets 85 / 57 / 28
     for the papers' 192 / 128 / 64, so that a budget keeps the same share of the image on both.
     """
-    if tokens < 1:
-        raise ValueError(f"a budget must be >= 1 token, got {tokens}")
-    patches = adapter_for(model).unit_layout().num_patches
-    return max(1, round(tokens * patches / PAPER_PATCHES))
+    return scale_paper_budget(tokens, adapter_for(model).unit_layout().num_patches)
 
 
 def compress(model: nn.Module, method: MethodArg, *, padding_side: str | None = None, **knobs: Any) -> nn.Module:
@@ -239,7 +243,7 @@ def compress(model: nn.Module, method: MethodArg, *, padding_side: str | None = 
         if llm:
             lm = adapter.language_model()
             state.steps = llm_steps(llm, len(lm.layers))
-            state.pruner = llm_hooks.Pruner(lm.layers, lm.config._attn_implementation, state.steps,
+            state.pruner = llm_hooks.Pruner(state, lm.layers, lm.config._attn_implementation, state.steps,
                                             rotary=getattr(lm, "rotary_emb", None))
             state.pruner.install()
     except Exception:
@@ -250,7 +254,6 @@ def compress(model: nn.Module, method: MethodArg, *, padding_side: str | None = 
 
 
 def _undo(state: CompressionState) -> None:
-    runtime.forget(state)
     if state.pruner is not None:
         state.pruner.remove()
     for record in reversed(state.undo):
@@ -277,7 +280,8 @@ def compressed(model: nn.Module, method: MethodArg, **knobs: Any) -> Iterator[nn
 @contextlib.contextmanager
 def recorded(model: nn.Module) -> Iterator[list[Selection]]:
     """Inside the block, every pre-LLM selection of this compressed model is appended (on the CPU) to the
-    yielded list, one :class:`Selection` per batch of units; outside it nothing is kept alive."""
+    yielded list, one :class:`Selection` per batch of units (its ``units`` say which image and crop / tile /
+    frame each row is); outside it nothing is kept alive."""
     state = state_of(model)
     state.recording = []
     try:

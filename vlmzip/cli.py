@@ -244,13 +244,7 @@ def method_knobs(args: argparse.Namespace, model: nn.Module, knobs: dict[str, An
 
 def model_name(args: argparse.Namespace) -> str:
     """How the CLI names the model it loaded: the folder given, or the built-in default."""
-    if args.model:
-        return args.model
-    from .lab import checkpoint_dir
-
-    if checkpoint_dir() is not None:
-        return "built-in lab mini-VLM (vlmzip.lab.load())"
-    return "built-in small LLaVA (random weights: no lab checkpoint in this install)"
+    return args.model or "built-in lab mini-VLM (vlmzip.lab.load())"
 
 
 # -- commands ----------------------------------------------------------------------------------------------------
@@ -302,7 +296,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .compare import compare_answers, describe
     from .io import load_model
     from .lab import scenes
-    from .viz import figure, legend_order, method_label, method_panel, plain_picture, view_caption, view_of
+    from .viz import figure, legend_order, method_label, method_panel, plain_picture, view_of
 
     knobs = given_knobs(args)
     check_out_file(args.out)
@@ -325,7 +319,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     headline = caption.split("\n")[0]
     title = (f"{headline}\nlab test scene {args.index}: {qa.question} (correct: {qa.answer}); answers: vanilla "
              f"{result.vanilla_answer!r}, {method_label(args.method)} {result.method_answer!r}")
-    panels = [(view_caption(view), plain_picture(view)), (caption, picture)]
+    panels = [(view.caption, plain_picture(view)), (caption, picture)]
     figure(panels, title, legend_order(keys)).save(args.out)
     if keys:
         print(f"kept tokens drawn over the image: {args.out}")
@@ -336,7 +330,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_viz(args: argparse.Namespace) -> int:
     """``vlmzip viz``: the tokens each method sends to the LLM, side by side over the image."""
-    from .api import paper_budget
     from .io import load_model, read_image
     from .lab import scenes
     from .methods import get_method
@@ -351,8 +344,7 @@ def cmd_viz(args: argparse.Namespace) -> int:
     else:
         image, source = scenes.sample(scenes.SPLITS["test"].seed, 3)[0], "lab test scene 3"
     model, processor = load_model(args.model, device=device, dtype=args.dtype)
-    tokens = args.tokens or paper_budget(model, 64)
-    picture = methods_figure(model, processor, image, args.methods, tokens, source)
+    picture, tokens = methods_figure(model, processor, image, args.methods, args.tokens, source)
     picture.save(args.out)
     print(f"model:   {model_name(args)}  [{type(model).__name__}]")
     print(f"image:   {source}")
@@ -361,7 +353,8 @@ def cmd_viz(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .eval.runner import EvalConfig, evaluate
+    from .eval.runner import evaluate
+    from .eval.runs import EvalConfig
 
     cfg = EvalConfig(
         data=args.data, out=args.out, model=args.model, methods=args.methods, tokens=args.tokens,
@@ -393,7 +386,7 @@ def _rank() -> int:
 def _eval_of_same_model(run_dir: str, model: Any) -> dict:
     """The eval results.json in ``run_dir``, refused unless it evaluated these very weights."""
     from .bench.plots import read_eval
-    from .eval.runner import weights_sha256
+    from .eval.outdir import weights_sha256
 
     results = read_eval(run_dir)
     theirs = results.get("identity", {}).get("weights_sha256")

@@ -2,11 +2,11 @@
 
 Stages are joined by ``+`` and applied in order (pre-LLM first, then in-LLM by layer, as ``vlmzip.plan``
 checks). ``name@N`` fixes a stage's budget at N visual tokens **of LLaVA-1.5's 576 patches** (the papers'
-unit), mapped to the model with ``vlmzip.paper_budget`` (the 256-patch lab model: 128 -> 57). The stage
+unit), mapped to the model as ``vlmzip.paper_budget`` does (the 256-patch lab model: 128 -> 57). The stage
 without ``@N`` (the last one) takes the call's own knobs, e.g. ``tokens=28``; so on the lab model
 ``vlmzip.compress(model, "visionzip@128+fastv", tokens=28)`` is
-``vlmzip.compress(model, [("visionzip", {"tokens": 57}), ("fastv", {"tokens": 28})])`` (seed 000's
-Table 5 recipe: VisionZip to the 128-equivalent, then the in-LLM method at the run's budget).
+``vlmzip.compress(model, [("visionzip", {"tokens": 57}), ("fastv", {"tokens": 28})])`` (VisionZip's Table 5
+recipe, arXiv 2412.04467: VisionZip to the 128-equivalent, then the in-LLM method at the run's budget).
 """
 
 from __future__ import annotations
@@ -14,8 +14,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from torch import nn
-
+from .budgets import scale_paper_budget
 from .methods import get_method
 
 SEPARATOR = "+"
@@ -53,20 +52,19 @@ def parse(method: str) -> list[tuple[str, int | None]]:
     return stages
 
 
-def expand(model: nn.Module, method: Any, knobs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+def expand(method: Any, knobs: dict[str, Any], patches: int) -> tuple[Any, dict[str, Any]]:
     """A composition string and the call's knobs -> the list form ``vlmzip.compress`` takes, and no knobs.
 
-    The knobs go to the last stage (unless it fixed its budget with ``@N``: then they must not hold a
-    budget). Anything that is not a composition string is returned unchanged.
+    ``patches``: the model's patches per image (or crop), which ``@N`` budgets are scaled to. The knobs go to
+    the last stage (unless it fixed its budget with ``@N``: then they must not hold a budget). Anything that
+    is not a composition string is returned unchanged.
     """
     if not is_composition(method):
         return method, knobs
-    from .api import paper_budget  # api imports this module
-
     stages = parse(method)
     listed: list[tuple[str, dict[str, Any]]] = []
     for i, (name, budget) in enumerate(stages):
-        own: dict[str, Any] = {} if budget is None else {"tokens": paper_budget(model, budget)}
+        own: dict[str, Any] = {} if budget is None else {"tokens": scale_paper_budget(budget, patches)}
         if i == len(stages) - 1:
             if budget is not None and {"tokens", "ratio"} & set(knobs):
                 raise ValueError(

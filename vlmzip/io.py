@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -12,99 +10,26 @@ from torch import nn
 from transformers import AutoModelForImageTextToText
 
 from .adapters import adapter_for
-from .paths import cache_dir, checkpoint_dir
-from .tiny import ARCHITECTURES, TinyLlavaConfig, build_llava
-
-DEFAULT_MODEL_NAME = "tiny-llava-336"
-
-
-def default_model_dir() -> Path:
-    """The default model: the shipped lab mini-VLM when this install carries it; otherwise a small
-    LLaVA-1.5-layout model (336 px, 576 patches + CLS, random weights) built from config on first use
-    and cached, which answers nonsense and exists so that every path runs without a download."""
-    shipped = checkpoint_dir()
-    if shipped is not None:
-        return shipped
-    out = cache_dir() / "models" / DEFAULT_MODEL_NAME
-    if not (out / "config.json").exists():
-        tmp = out.with_name(out.name + ".partial")
-        build_llava(tmp, TinyLlavaConfig())
-        tmp.rename(out)
-    return out
-
+from .paths import CHECKPOINT_DIR, checkpoint_dir
 
 ARCH_PREFIX = "arch:"
 
 
-def arch_builders() -> dict[str, tuple[Any, Any]]:
-    """``arch:`` names -> (builder, config): real architectures with random weights, for speed."""
-    from .tiny_next import ARCHITECTURES_NEXT, build_llava_next
-    from .tiny_qwen import ARCHITECTURES_QWEN, build_qwen_vl
-
-    builders = {name: (build_llava, cfg) for name, cfg in ARCHITECTURES.items()}
-    builders.update({name: (build_llava_next, cfg) for name, cfg in ARCHITECTURES_NEXT.items()})
-    builders.update({name: (build_qwen_vl, cfg) for name, cfg in ARCHITECTURES_QWEN.items()})
-    return builders
-
-
-ACTIVATION_MARGIN = (0.10, 2e9)  # activations, KV cache and logits: 10 % of the weights + 2 GB
-
-
-def available_memory(device: str) -> int | None:
-    """Bytes free for a new model on ``device``: CUDA ``mem_get_info``; CPU: MemAvailable of /proc/meminfo.
-    None where it cannot be read (no check then)."""
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        return int(torch.cuda.mem_get_info(dev)[0])
-    if dev.type == "cpu":
-        try:
-            with open("/proc/meminfo") as f:
-                for line in f:
-                    if line.startswith("MemAvailable:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            return None
-    return None
-
-
-def weight_bytes(build: Any, cfg: Any, dtype: torch.dtype) -> tuple[int, int, int]:
-    """(all weights, one decoder layer's weights, decoder layers) in bytes of ``dtype``, counted on a model
-    built on the ``meta`` device (nothing allocated)."""
-    model, _ = build(cfg=cfg, device="meta", dtype=dtype)
-    size = dtype.itemsize
-    layers = adapter_for(model).language_model().layers
-    total = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
-    return total * size, sum(p.numel() for p in layers[0].parameters()) * size, len(layers)
-
-
-def check_memory(name: str, build: Any, cfg: Any, device: str, dtype: str, layers: int | None) -> None:
-    """Refuse, with a depth that fits, an ``arch:`` model whose weights + activation margin exceed the
-    memory available on ``device``."""
-    free = available_memory(device)
-    if free is None:
-        return
-    total, per_layer, depth = weight_bytes(build, cfg, getattr(torch, dtype))
-    share, fixed = ACTIVATION_MARGIN
-
-    def needed(n: int) -> float:
-        return (total - (depth - n) * per_layer) * (1 + share) + fixed
-
-    if needed(depth) <= free:
-        return
-    fits = [n for n in range(1, depth) if needed(n) <= free]
-    at = "" if layers is None else f" with {depth} decoder layers"
-    advice = (f"--layers {fits[-1]} fits" if fits else
-              "not even --layers 1 fits; try --dtype bfloat16, or a machine with more memory")
-    raise ValueError(
-        f"arch:{name} in {dtype}{at} needs ~{needed(depth) / 1e9:.1f} GB (weights {total / 1e9:.1f} GB + "
-        f"activation margin), {free / 1e9:.1f} GB available on {device}; {advice}"
-    )
+def default_model_dir() -> Path:
+    """The default model: the lab mini-VLM that ships inside the package (``vlmzip.lab.load()``)."""
+    shipped = checkpoint_dir()
+    if shipped is None:
+        raise ValueError(
+            f"this install of vlmzip has no lab checkpoint ({CHECKPOINT_DIR}); pass --model DIR of a saved "
+            "checkpoint, or reinstall vlmzip with its package data"
+        )
+    return shipped
 
 
 def load_model(
     path: str | Path | None, device: str = "cpu", dtype: str = "float32", layers: int | None = None
 ) -> tuple[nn.Module, object]:
-    """Load (model, processor) from a checkpoint folder (default: the built-in small LLaVA), offline.
+    """Load (model, processor) from a checkpoint folder (default: the shipped lab mini-VLM), offline.
 
     ``arch:NAME`` (e.g. ``arch:llava-1.5-7b``) builds that real architecture with random weights in
     memory, for speed measurements: prefill cost depends on the shapes, not on the weights. ``layers``
@@ -112,17 +37,9 @@ def load_model(
     model's timings scale; say so wherever they are reported).
     """
     if isinstance(path, str) and path.startswith(ARCH_PREFIX):
-        name = path[len(ARCH_PREFIX) :]
-        builders = arch_builders()
-        if name not in builders:
-            raise ValueError(f"unknown architecture {name!r}; known: {', '.join(sorted(builders))}")
-        build, cfg = builders[name]
-        if layers is not None:
-            if layers < 1:
-                raise ValueError(f"--layers must be >= 1, got {layers}")
-            cfg = replace(cfg, text_layers=layers)
-        check_memory(name, build, cfg, device, dtype, layers)
-        return build(cfg=cfg, device=device, dtype=getattr(torch, dtype))
+        from .builders import build_arch
+
+        return build_arch(path[len(ARCH_PREFIX) :], device=device, dtype=dtype, layers=layers)
     if layers is not None:
         raise ValueError("--layers applies to arch:NAME models built from config, not to a checkpoint folder")
     folder = Path(path) if path else default_model_dir()

@@ -7,7 +7,7 @@ method says which visual tokens stay; from then on every later layer receives on
 hidden states, position embeddings (original positions, so gaps remain), position ids and an attention
 mask gathered to the kept columns. Each later layer's KV cache therefore holds only kept tokens.
 Decode steps run every layer in full on the new token; layers >= K attend through a mask gathered to
-their cached columns, which vlmzip remembers per cache object (see :class:`CacheRecord`).
+their cached columns, which vlmzip remembers per cache object (``vlmzip.kvcache``).
 
 Coordinates: a *full column* is a position in the sequence the LLM received (after any pre-LLM
 shrink). A pruned segment's tensors are indexed by slots; ``cols`` maps each slot to its full column
@@ -16,42 +16,16 @@ shrink). A pruned segment's tensors are indexed by slots; ``cols`` maps each slo
 
 from __future__ import annotations
 
-import threading
-import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from . import kvcache
 from .methods.base import LLMSelection, LLMTokens, to_device
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
-
-
-@dataclass
-class CacheRecord:
-    """What vlmzip remembers about one KV cache object: for each pruned layer, the full column of every
-    cached slot (``cols[layer]``: (B, S) long, -1 = masked padding), and the full length when recorded."""
-
-    cols: dict[int, torch.Tensor] = field(default_factory=dict)
-    shift: dict[int, torch.Tensor] = field(default_factory=dict)  # renumbered segments: (B,) old - new position
-    full_len: int = 0
-    prompt: Any = None  # set by runtime.py: how the caller's prompt maps to the shrunk one (multi-turn)
-
-
-_RECORDS: weakref.WeakKeyDictionary[Any, CacheRecord] = weakref.WeakKeyDictionary()
-_STEPS = threading.local()  # per thread: id(pruner) -> the StepState of the forward call in flight
-
-
-def cache_record(cache: Any, create: bool = False) -> CacheRecord | None:
-    """The record of ``cache`` (a transformers Cache); with ``create``, a new empty one if it has none."""
-    if cache is None:
-        return None
-    record = _RECORDS.get(cache)
-    if record is None and create:
-        record = _RECORDS[cache] = CacheRecord()
-    return record
 
 
 @dataclass
@@ -298,22 +272,49 @@ def gather_last(t: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | Non
     return t.gather(-1, idx.clamp(min=0).expand(*lead, *idx.shape))
 
 
+@dataclass
+class _Slots:
+    """The slots after one pruning step, in the coordinates of the slots before it.
+
+    ``order``: (B, N) each new slot's candidate (a current slot, or ``cur_len + m`` for inserted token m);
+    ``src``: (B, N) the current slot it comes from (an inserted token: its anchor); ``is_extra``, ``pad``:
+    (B, N) bool; ``cols`` / ``q_idx``: (B, N) its full column / query index, filled by ``Pruner._gather``.
+    """
+
+    order: torch.Tensor
+    src: torch.Tensor
+    is_extra: torch.Tensor
+    pad: torch.Tensor
+    cur_len: int
+    cols: torch.Tensor | None = None
+    q_idx: torch.Tensor | None = None
+
+
+def _extra_count(selection: LLMSelection) -> int:
+    """How many tokens an in-LLM selection inserts per row (0 without any)."""
+    if selection.extra is None or selection.extra_image is None:
+        return 0
+    return int(selection.extra.shape[1])
+
+
 class Pruner:
-    """The in-LLM machinery of one compressed model: its steps, hooks and per-call state.
+    """The in-LLM machinery of one compressed model: its steps and hooks.
 
     ``steps``: :class:`~vlmzip.methods.base.LLMStep` in increasing layer order. ``rotary``: the LLM's
-    rotary embedding module (needed by steps that renumber positions). ``step()`` returns the current
-    call's :class:`StepState` (set by runtime.py around each forward).
+    rotary embedding module (needed by steps that renumber positions). ``state``: the compression it
+    belongs to; ``state.current_step()`` is the :class:`StepState` of this model's forward in flight on this
+    thread (runtime.py creates one around each forward), so two threads can share one compressed model.
     """
 
     def __init__(
-        self, layers: nn.ModuleList, attn_kind: str, steps: list[Any], rotary: nn.Module | None = None
+        self, state: Any, layers: nn.ModuleList, attn_kind: str, steps: list[Any], rotary: nn.Module | None = None
     ) -> None:
         if attn_kind not in SUPPORTED_ATTENTION:
             raise ValueError(
                 f"in-LLM methods need the LLM's attention to be one of {SUPPORTED_ATTENTION}, got {attn_kind!r}; "
                 "load the model with attn_implementation='sdpa'"
             )
+        self.state = state
         self.layers = layers
         self.attn_kind = attn_kind
         self.steps = steps
@@ -321,21 +322,9 @@ class Pruner:
         self.first = steps[0].layer
         self.handles: list[Any] = []
 
-    @property
-    def current(self) -> StepState | None:
-        """This thread's forward call in flight (so two threads can share one compressed model)."""
-        return getattr(_STEPS, "table", {}).get(id(self))
-
-    @current.setter
-    def current(self, step: StepState | None) -> None:
-        table = _STEPS.__dict__.setdefault("table", {})
-        if step is None:
-            table.pop(id(self), None)
-        else:
-            table[id(self)] = step
-
     def step(self) -> StepState | None:
-        return self.current
+        """The state of this model's forward in flight on this thread (None outside one)."""
+        return self.state.current_step()
 
     def install(self) -> None:
         """Register the hooks on this instance's decoder layers (and the signal layers' projections)."""
@@ -359,7 +348,9 @@ class Pruner:
     # -- the work done before a layer -------------------------------------------------------------
 
     def before_layer(self, index: int, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict] | None:
-        step = self.current
+        """Prune (at a step's layer) and give layer ``index`` the pruned segment's inputs (hidden states, mask,
+        positions); None leaves its inputs as they are."""
+        step = self.step()
         if step is None:
             return None
         hidden = args[0] if args else kwargs["hidden_states"]
@@ -391,13 +382,13 @@ class Pruner:
         start = self._segment_start(index)
         if start in step.segments:
             return step.segments[start]
-        record = cache_record(cache)
+        record = kvcache.record_of(cache)
         if record is None or start not in record.cols:
             return None  # nothing pruned for this segment: the layer runs as in the vanilla model
         # a call after the pruning prefill (decode, or a later turn without images): new tokens all stay
         batch, q_len = hidden.shape[:2]
         full = kwargs.get("attention_mask")
-        full_len = full.shape[-1] if full is not None else record_full_len(cache, q_len)
+        full_len = full.shape[-1] if full is not None else int(cache.get_seq_length(0))  # layer 0: updated already
         device = hidden.device
         if start == 0:  # layer 0's cache holds only kept slots: the LLM's own mask and length count those
             full_len = record.full_len + int(cache.get_seq_length(0)) - record.cols[0].shape[1] + q_len
@@ -495,41 +486,63 @@ class Pruner:
 
     def _prune(self, step: StepState, j: int, hidden: torch.Tensor, kwargs: dict[str, Any], cache: Any) -> torch.Tensor:
         """Run step ``j``'s method on the current tokens and build its segment; returns the new hidden states."""
-        spec = self.steps[j]
-        layer, plan = spec.layer, step.prefill
-        assert plan is not None
-        batch, cur_len, _ = hidden.shape
-        device = hidden.device
-        prev = step.segments.get(self._segment_start(layer - 1)) if layer > self.first else None
-        if prev is None:  # the first step of this call: slots = this call's full columns
-            self._start_call(step, hidden, kwargs)
-            cur_cols = torch.arange(step.past_full, step.past_full + cur_len, device=device).expand(batch, -1)
-            cur_q_idx = torch.arange(cur_len, device=device).expand(batch, -1)
-        else:
-            cur_q_idx = prev.q_idx
-            cur_cols = prev.cols[:, -cur_len:]
-        full_mask = step.full[0]
-
-        out = spec.fn(self._view(step, j, hidden, cur_cols, kwargs), **spec.knobs)
+        layer = self.steps[j].layer
+        cur_cols, cur_q_idx = self._current_slots(step, layer, hidden, kwargs)
+        out = self.steps[j].fn(self._view(step, j, hidden, cur_cols, kwargs), **self.steps[j].knobs)
         selection = out if isinstance(out, LLMSelection) else LLMSelection(keep=out)
+        valid = self._checked_counts(step, j, selection, cur_cols)
+        slots = self._slot_order(step, selection, cur_cols, valid)
+        new_hidden = self._gather(step, j, hidden, selection, slots, cur_cols, cur_q_idx)
+        self._positions(step, j, new_hidden, slots)
+        self._build_segment(step, layer, hidden, slots, valid, cache)
+        return new_hidden
+
+    def _current_slots(self, step: StepState, layer: int, hidden: torch.Tensor,
+                       kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, L) full columns and query indices of the slots entering ``layer``: this call's full sequence at
+        the first step of the call, else the previous step's segment."""
+        batch, cur_len, _ = hidden.shape
+        prev = step.segments.get(self._segment_start(layer - 1)) if layer > self.first else None
+        if prev is not None:
+            return prev.cols[:, -cur_len:], prev.q_idx
+        self._start_call(step, hidden, kwargs)
+        device = hidden.device
+        cur_cols = torch.arange(step.past_full, step.past_full + cur_len, device=device).expand(batch, -1)
+        return cur_cols, torch.arange(cur_len, device=device).expand(batch, -1)
+
+    def _checked_counts(self, step: StepState, j: int, selection: LLMSelection, cur_cols: torch.Tensor) -> list[int]:
+        """The real slots each row has after step ``j``, as the prefill plan says; an error when the method's
+        selection (kept + inserted tokens) does not match it."""
+        plan = step.prefill
+        assert plan is not None
         keep = selection.keep & (cur_cols >= 0)
-        extra_image = selection.extra_image
-        n_extra = 0 if selection.extra is None or extra_image is None else selection.extra.shape[1]
         entering = plan_visual_counts(plan, j)
+        batch = keep.shape[0]
         valid = [step.valid[b] - sum(entering[b]) + sum(plan.keeps[j][b]) for b in range(batch)]
-        got = (keep.sum(dim=1) + (0 if n_extra == 0 else (extra_image >= 0).sum(dim=1))).tolist()
+        inserted = 0 if _extra_count(selection) == 0 else (selection.extra_image >= 0).sum(dim=1)
+        got = (keep.sum(dim=1) + inserted).tolist()
         if got != valid:
+            spec = self.steps[j]
             raise RuntimeError(
-                f"the in-LLM step of {spec.group!r} before layer {layer} left {got} tokens per row; "
+                f"the in-LLM step of {spec.group!r} before layer {spec.layer} left {got} tokens per row; "
                 f"its plan says {valid}"
             )
-        new_len = max(valid)
+        return valid
 
-        # order every candidate (current slots, then extra tokens) by where it goes; dropped ones first
+    @staticmethod
+    def _slot_order(step: StepState, selection: LLMSelection, cur_cols: torch.Tensor, valid: list[int]) -> _Slots:
+        """Order every candidate (current slots, then inserted tokens) by where it goes, dropped ones first, and
+        keep the last ``max(valid)`` per row: the new slots, left padded."""
+        keep = selection.keep & (cur_cols >= 0)
+        batch, cur_len = keep.shape
+        device = keep.device
+        n_extra = _extra_count(selection)
+        new_len = max(valid)
         slot = torch.arange(cur_len, device=device).expand(batch, -1)
         key = torch.where(keep, slot * (n_extra + 1), -1)
         sources = slot
         if n_extra:
+            extra_image = selection.extra_image
             images = max(int(step.image.max()), int(extra_image.max())) + 1  # every image of the batch, >= 1
             last = torch.full((batch, max(images, 1)), -1, dtype=torch.long, device=device)
             img = step.image.clamp(min=0)
@@ -542,49 +555,61 @@ class Pruner:
         order = key.sort(dim=1, stable=True).indices[:, -new_len:]
         n_pad = to_device([new_len - v for v in valid], device)
         pad = torch.arange(new_len, device=device).unsqueeze(0) < n_pad.unsqueeze(1)
-        src = sources.gather(1, order)  # (B, new_len) current slot each new slot comes from (or follows)
-        is_extra = order >= cur_len
+        return _Slots(order=order, src=sources.gather(1, order), is_extra=order >= cur_len, pad=pad, cur_len=cur_len)
 
-        new_cols = cur_cols.gather(1, src).masked_fill(pad, -1)
-        q_idx = cur_q_idx.gather(1, src)
+    def _gather(self, step: StepState, j: int, hidden: torch.Tensor, selection: LLMSelection, slots: _Slots,
+                cur_cols: torch.Tensor, cur_q_idx: torch.Tensor) -> torch.Tensor:
+        """The new slots' hidden states (inserted tokens from the selection, padding zeroed), and their columns,
+        query indices, insertion ranks, visual and image marks (into ``slots`` and ``step``)."""
+        src, pad, is_extra, order = slots.src, slots.pad, slots.is_extra, slots.order
+        slots.cols = cur_cols.gather(1, src).masked_fill(pad, -1)
+        slots.q_idx = cur_q_idx.gather(1, src)
         new_hidden = hidden.gather(1, src.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-        if n_extra:
-            extra_idx = (order - cur_len).clamp(min=0)
+        extra_idx = (order - slots.cur_len).clamp(min=0)
+        if _extra_count(selection):
             extra = selection.extra.to(hidden.dtype).gather(1, extra_idx.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
             new_hidden = torch.where(is_extra.unsqueeze(-1), extra, new_hidden)
         new_hidden = new_hidden.masked_fill(pad.unsqueeze(-1), 0.0)
         base_sub = step.sub.gather(1, src)
-        new_sub = torch.where(is_extra, (j + 1) * (SUB // 64) + (order - cur_len), base_sub).masked_fill(pad, 0)
-        new_visual = (step.visual.gather(1, src) | is_extra) & ~pad
+        step.sub = torch.where(is_extra, (j + 1) * (SUB // 64) + (order - slots.cur_len), base_sub).masked_fill(pad, 0)
+        step.visual = (step.visual.gather(1, src) | is_extra) & ~pad
         new_image = step.image.gather(1, src)
-        if n_extra:
-            new_image = torch.where(is_extra, extra_image.gather(1, (order - cur_len).clamp(min=0)), new_image)
-        new_image = new_image.masked_fill(pad, -1)
+        if _extra_count(selection):
+            new_image = torch.where(is_extra, selection.extra_image.gather(1, extra_idx), new_image)
+        step.image = new_image.masked_fill(pad, -1)
+        return new_hidden
 
-        # positions: kept as they were (an extra token takes its anchor's), or renumbered contiguously
+    def _positions(self, step: StepState, j: int, new_hidden: torch.Tensor, slots: _Slots) -> None:
+        """The new slots' positions: kept as they were (an inserted token takes its anchor's), or renumbered
+        contiguously (the step's ``positions``)."""
+        src = slots.src
         pos_emb = None if step.pos_emb is None else tuple(gather_rows(t, src) for t in step.pos_emb)
         pos_ids = gather_last(step.pos_ids, src) if step.pos_ids is not None else step.full[2]
-        if spec.positions == "renumber" or (spec.positions == "auto" and self._can_renumber(pos_ids)):
-            pos_ids, pos_emb = self._renumber(step, pos_ids, new_cols, new_hidden)
+        positions = self.steps[j].positions
+        if positions == "renumber" or (positions == "auto" and self._can_renumber(pos_ids)):
+            pos_ids, pos_emb = self._renumber(step, pos_ids, slots.cols, new_hidden)
+        step.pos_emb, step.pos_ids = pos_emb, pos_ids
 
-        record = cache_record(cache, create=cache is not None)
-        past_cols = self._past_cols(record, layer, step.past_full, batch, device)
+    def _build_segment(self, step: StepState, layer: int, hidden: torch.Tensor, slots: _Slots, valid: list[int],
+                       cache: Any) -> None:
+        """The segment every layer from ``layer`` on receives (keys = cached past + new slots, its mask), and the
+        cache record of the pruned layers' slots."""
+        batch = hidden.shape[0]
+        new_cols = slots.cols
+        past_cols = kvcache.past_columns(cache, layer, step.past_full, batch, hidden.device)
         k_cols = new_cols if past_cols is None else torch.cat([past_cols, new_cols], dim=1)
-        q_rank = new_cols * SUB + new_sub
+        q_rank = new_cols * SUB + step.sub
         k_rank = q_rank if past_cols is None else torch.cat([past_cols * SUB, q_rank], dim=1)
-        if full_mask is None and past_cols is None and min(valid) == new_len:
+        full_mask = step.full[0]
+        if full_mask is None and past_cols is None and min(valid) == max(valid):
             mask = None  # no padding anywhere, no past: plain causal attention over the kept slots is right
         else:
-            mask = gather_mask(full_mask, q_idx, new_cols, k_cols, self.attn_kind, hidden.dtype, q_rank, k_rank)
-        step.segments[layer] = Segment(q_idx, k_cols, mask, pos_emb, pos_ids)
-        step.visual, step.image, step.sub, step.valid = new_visual, new_image, new_sub, valid
-        step.pos_emb, step.pos_ids = pos_emb, pos_ids
-        if record is not None:
-            record.cols[layer] = k_cols
-            record.full_len = step.past_full + step.call_len
-            if step.renumbered:
-                record.shift[layer] = self._shift(step, pos_ids)
-        return new_hidden
+            mask = gather_mask(full_mask, slots.q_idx, new_cols, k_cols, self.attn_kind, hidden.dtype, q_rank, k_rank)
+        step.segments[layer] = Segment(slots.q_idx, k_cols, mask, step.pos_emb, step.pos_ids)
+        step.valid = valid
+        if cache is not None:
+            shift = self._shift(step, step.pos_ids) if step.renumbered else None
+            kvcache.note_pruned(cache, layer, k_cols, step.past_full + step.call_len, shift)
 
     def _can_renumber(self, pos_ids: torch.Tensor | None) -> bool:
         """Whether this LLM has 1-D positions to renumber ("auto" keeps multi-axis M-RoPE positions)."""
@@ -619,18 +644,6 @@ class Pruner:
         old_last = full_ids.expand(pos_ids.shape[0], -1)[:, -1]
         return old_last - pos_ids[:, -1]
 
-    def _past_cols(self, record: CacheRecord | None, layer: int, past_full: int, batch: int,
-                   device: torch.device) -> torch.Tensor | None:
-        """Full columns of the slots layer ``layer`` already caches (None when the cache is empty)."""
-        if past_full == 0:
-            return None
-        old = None if record is None else record.cols.get(self._segment_start(layer))
-        if old is None:
-            return torch.arange(past_full, device=device).expand(batch, -1)
-        tail = torch.arange(record.full_len, past_full, device=device).expand(batch, -1)
-        return torch.cat([old.to(device), tail], dim=1)
-
-
 def plan_visual_counts(plan: PrefillPlan, stage: int) -> list[list[int]]:
     """Visual tokens per row and image entering ``stage`` (the previous step's counts, or the LLM input)."""
     if stage > 0:
@@ -651,8 +664,3 @@ def padding_mask(padding: torch.Tensor | None, full_len: int, q_len: int, device
     cols = torch.arange(full_len, device=device)
     causal = cols.view(1, -1) <= cols[full_len - q_len :].view(-1, 1)  # (Q, full_len)
     return (padding.to(device).bool()[:, None, None, :] & causal).contiguous()
-
-
-def record_full_len(cache: Any, q_len: int) -> int:
-    """Full sequence length (past + this call) read off layer 0 of the cache (already updated this call)."""
-    return int(cache.get_seq_length(0)) if cache is not None else q_len

@@ -26,8 +26,7 @@ def cache_dir() -> Path:
       ignore a relative one);
     - else ``~/.cache/vlmzip``.
 
-    Users keep their files in subfolders: ``data/`` for the generated lab datasets
-    (``vlmzip.eval.data``), ``models/`` for the default random model (``vlmzip.io``). Not created here.
+    The generated lab datasets live in its ``data/`` subfolder (``vlmzip.eval.data``). Not created here.
     """
     env = os.environ.get("VLMZIP_CACHE")
     if env:

@@ -1,12 +1,20 @@
-"""What runs inside a compressed model: the forward / generate wrappers and the per-call plan.
+"""What runs inside a compressed model: the forward / generate wrappers and the per-call context.
 
 ``compress`` (api.py) builds a :class:`CompressionState` and sets, on the model instance only:
 - the adapter's image-feature override (pre-LLM stage: each image's tokens -> the method -> K_i tokens),
 - a ``forward`` on each module that takes ``input_ids`` with image placeholders: it shrinks each image's
-  placeholder run from N_i to K_i (on the host, once per prefill), lets the adapter fix positions
-  (Qwen's M-RoPE), and tells the in-LLM pruner (llm_hooks.py) where the visual tokens are,
+  placeholder runs from N_i to K_i (on the host, once per prefill), lets the adapter note what positions
+  need, and tells the in-LLM pruner (llm_hooks.py) where the visual tokens are,
 - a ``generate`` that shrinks the prompt once, keeps ``max_length`` / ``min_length`` counting from the
   caller's prompt, and returns sequences that start with the caller's own prompt.
+
+Every user call (one ``forward``, or one whole ``generate`` with all its forward steps) gets one
+:class:`Call`: the images of its prompt, how the prompt was shrunk, what the adapter noted for positions,
+and the in-LLM pruner's state of the forward in flight. The outermost wrapper creates it and makes it the
+current call of this thread (a context variable) while the model runs; the hooks deeper inside (the image
+features, Qwen's positions, the pruner) read it with :func:`current_call`. Two threads sharing one compressed
+model each have their own call.
+
 Every object set on the model is a picklable instance of a class here, so ``copy.deepcopy`` and pickling
 a compressed model work (the copy is compressed the same way and independent of the original).
 """
@@ -14,19 +22,23 @@ a compressed model work (the copy is compressed the same way and independent of 
 from __future__ import annotations
 
 import inspect
-import threading
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import llm_hooks, sequence
-from .methods.base import Budget, LLMStep, MethodSpec, Selection, VisionTokens, get_method
+from . import kvcache, llm_hooks, sequence
+from .budgets import Budget
+from .methods.base import LLMStep, MethodSpec, Selection, VisionTokens, get_method
+from .sequence import Item
 
 # Tensors aligned with input_ids (B, L) that shrink with it, and the value their added padding gets.
 ALIGNED = {"attention_mask": 0, "labels": -100, "token_type_ids": 0, "mm_token_type_ids": 0}
+
+Unit = tuple[int, int]  # (image number in the call, unit number within the image: a crop, tile or frame)
 
 
 @dataclass
@@ -52,35 +64,47 @@ class Stage:
             raise ValueError(f"{self.method}: {err}") from None
 
 
-class InstanceAttr:
-    """An attribute set on one object (shadowing its class's); ``undo`` restores what was there."""
+@dataclass
+class Call:
+    """One user call of a compressed model: a ``forward``, or a whole ``generate`` and its forward steps.
 
-    def __init__(self, obj: object, name: str, value: object) -> None:
-        self.obj, self.name = obj, name
-        self.had = name in vars(obj)
-        self.previous = vars(obj).get(name)
-        setattr(obj, name, value)
+    - ``items``: the images of the caller's prompt in the processor's order (None: a call without images);
+      ``rows``: how many of them each row of the caller's batch holds.
+    - ``shrunk``: how the caller's ids were shrunk (None when nothing was).
+    - ``note``: what the adapter noted for this call (Qwen-VL: the unshrunk layout its positions come from).
+    - ``step``: the in-LLM pruner's state of the forward in flight (None between forward steps).
+    - ``in_forward``: a wrapped forward runs (an inner wrapped module passes its call through).
+    """
 
-    def undo(self) -> None:
-        if self.had:
-            setattr(self.obj, self.name, self.previous)
-        else:
-            delattr(self.obj, self.name)
+    state: CompressionState
+    generating: bool = False
+    items: list[Item] | None = None
+    rows: list[int] | None = None
+    shrunk: sequence.Shrunk | None = None
+    note: Any = None
+    step: llm_hooks.StepState | None = None
+    in_forward: bool = False
+
+    def items_for(self, batch: int) -> list[Item]:
+        """The call's images for a batch of ``batch`` rows: generate repeats each of the caller's rows for beams
+        and ``num_return_sequences`` (rows ``b * r .. b * r + r - 1`` are copies of row ``b``)."""
+        assert self.items is not None and self.rows is not None
+        repeat = batch // max(len(self.rows), 1)
+        out: list[Item] = []
+        at = 0
+        for count in self.rows:
+            out += self.items[at : at + count] * repeat
+            at += count
+        return out
 
 
-_LOCAL = threading.local()
+_CALL: ContextVar[Call | None] = ContextVar("vlmzip_call", default=None)
 
 
-def forget(state: CompressionState) -> None:
-    """Drop this thread's flags of a state that is being removed (decompress)."""
-    getattr(_LOCAL, "table", {}).pop(id(state), None)
-
-
-def _flags(state: CompressionState) -> dict[str, Any]:
-    table = getattr(_LOCAL, "table", None)
-    if table is None:
-        table = _LOCAL.table = {}
-    return table.setdefault(id(state), {"in_forward": False, "in_generate": False})
+def current_call(state: CompressionState) -> Call | None:
+    """The call of ``state``'s model in flight on this thread (None outside one)."""
+    call = _CALL.get()
+    return call if call is not None and call.state is state else None
 
 
 @dataclass
@@ -97,7 +121,7 @@ class CompressionState:
     padding_side: str = "left"
     undo: list[Any] = field(default_factory=list)
     pruner: llm_hooks.Pruner | None = None
-    recording: list[Any] | None = None
+    recording: list[Selection] | None = None
     steps: list[LLMStep] = field(default_factory=list)  # the in-LLM stages' pruning points, by layer
 
     @property
@@ -108,17 +132,27 @@ class CompressionState:
     def name(self) -> str:
         return "+".join(s.method for s in self.stages) or "vanilla"
 
+    def current_step(self) -> llm_hooks.StepState | None:
+        """The in-LLM pruner's state of this model's forward in flight on this thread (None outside one)."""
+        call = current_call(self)
+        return None if call is None else call.step
+
     # -- pre-LLM stage, called by the adapter's image-feature override --------------------------
 
     def pre_keep(self, vanilla: int, image: int = 0) -> int:
         """Tokens image number ``image`` sends to the LLM after the pre-LLM stage."""
         return vanilla if self.pre is None else self.pre.keep(vanilla, f"image {image} of this batch")
 
-    def select(self, tokens: VisionTokens, keep: int) -> Selection:
+    def needs(self) -> frozenset[str]:
+        """The signals the pre-LLM method asks the adapter for (none without one)."""
+        return self.pre.spec.needs if self.pre is not None else frozenset()
+
+    def select(self, tokens: VisionTokens, keep: int, units: Sequence[Unit] | None = None) -> Selection:
         """Run the pre-LLM method on a batch of units, ``keep`` tokens each; keep-all is the identity.
 
         (B, T, D) -> Selection of (B, keep, D). A budget that keeps every token sends the vanilla tokens
-        unchanged, whatever the method, so ``ratio=1.0`` reproduces the vanilla model exactly.
+        unchanged, whatever the method, so ``ratio=1.0`` reproduces the vanilla model exactly. ``units``: the
+        (image, unit) of each row, kept with a recorded selection (``vlmzip.recorded``).
         """
         vanilla = tokens.layout.vanilla
         if self.pre is None or keep >= vanilla:
@@ -134,49 +168,79 @@ class CompressionState:
             self.recording.append(Selection(
                 features=chosen.features.detach().cpu(), indices=chosen.indices.detach().cpu(),
                 merged_from=None if chosen.merged_from is None else chosen.merged_from.detach().cpu(),
-                dominant=chosen.dominant,
+                dominant=chosen.dominant, units=None if units is None else tuple(units),
             ))
         return chosen
 
+    def select_rows(self, tokens: VisionTokens, keeps: Sequence[int | None],
+                    units: Sequence[Unit]) -> list[tuple[Selection, int] | None]:
+        """Run the method on the rows of ``tokens`` (B units of one layout), row ``b`` keeping ``keeps[b]`` (None:
+        not selected): one batched call per distinct count, in order of first appearance (the whole batch as it
+        is when every row keeps the same). Returns, per row, (its selection, its row in it), or None."""
+        groups: dict[int, list[int]] = {}
+        for row, keep in enumerate(keeps):
+            if keep is not None:
+                groups.setdefault(keep, []).append(row)
+        out: list[tuple[Selection, int] | None] = [None] * len(keeps)
+        for keep, rows in groups.items():
+            sub = tokens if len(rows) == len(keeps) else tokens.rows(rows)
+            chosen = self.select(sub, keep, [units[r] for r in rows])
+            for position, row in enumerate(rows):
+                out[row] = (chosen, position)
+        return out
+
     # -- per call ----------------------------------------------------------------------------------
 
-    def shrink_call(self, call: dict[str, Any], ids: torch.Tensor, counts: list[int]) -> sequence.Shrunk:
-        """Shrink ``call``'s input_ids and aligned tensors from the images' vanilla ``counts`` to the kept ones."""
-        adapter = self.adapter
-        kept = [self.pre_keep(c, i) for i, c in enumerate(counts)]
-        spans = sequence.image_spans(ids, adapter.image_token_id, counts, kept)
-        aligned = {k: call[k] for k in ALIGNED if isinstance(call.get(k), torch.Tensor) and call[k].shape == ids.shape}
+    def item_keep(self, item: Item, number: int) -> tuple[int, ...]:
+        """Placeholders image ``number`` (``item``) keeps in each of its runs after the pre-LLM stage."""
+        if self.pre is None:
+            return item.segments
+        keep = self.pre_keep(item.vanilla, number)
+        return item.segments if keep >= item.vanilla else self.adapter.split(item, keep, number, self.name)
+
+    def shrink_call(self, kwargs: dict[str, Any], ids: torch.Tensor, call: Call) -> sequence.Shrunk:
+        """Shrink ``kwargs``' input_ids and aligned tensors from the images' vanilla counts to the kept ones."""
+        assert call.items is not None
+        kept = [self.item_keep(item, i) for i, item in enumerate(call.items)]
+        spans = sequence.image_spans(ids, call.items, kept)
+        aligned = {k: kwargs[k] for k in ALIGNED
+                   if isinstance(kwargs.get(k), torch.Tensor) and kwargs[k].shape == ids.shape}
         mask = aligned.get("attention_mask")
         shrunk = sequence.shrink(ids, spans, self.padding_side, attention_mask=None if mask is None else mask.cpu(),
-                                 pad_token_id=adapter.pad_token_id)
-        device = call["input_ids"].device
-        call["input_ids"] = shrunk.input_ids.to(device)
+                                 pad_token_id=self.adapter.pad_token_id)
+        device = kwargs["input_ids"].device
+        kwargs["input_ids"] = shrunk.input_ids.to(device)
         if shrunk.attention_mask is not None:
-            call["attention_mask"] = shrunk.attention_mask.to(device)
+            kwargs["attention_mask"] = shrunk.attention_mask.to(device)
         for name, value in aligned.items():
             if name != "attention_mask":
-                call[name] = sequence.take(value, shrunk.columns, ALIGNED[name])
-        if isinstance(call.get("position_ids"), torch.Tensor) and call["position_ids"].ndim == 2:
-            call["position_ids"] = sequence.shrink_positions(call["position_ids"], shrunk.columns)
+                kwargs[name] = sequence.take(value, shrunk.columns, ALIGNED[name])
+        if isinstance(kwargs.get("position_ids"), torch.Tensor) and kwargs["position_ids"].ndim == 2:
+            kwargs["position_ids"] = sequence.shrink_positions(kwargs["position_ids"], shrunk.columns)
+        call.shrunk = shrunk
+        call.rows = [sum(1 for s in spans if s.row == b and s.segment == 0) for b in range(ids.shape[0])]
         return shrunk
 
-    def prefill_plan(
-        self, ids: torch.Tensor, counts: list[int], mask: torch.Tensor | None = None
-    ) -> llm_hooks.PrefillPlan:
+    def prefill_plan(self, ids: torch.Tensor, items: list[Item], mask: torch.Tensor | None = None
+                     ) -> llm_hooks.PrefillPlan:
         """Where the visual tokens sit in the LLM's (already shrunk) ids (B, L), and each in-LLM step's
-        counts, from the images' vanilla ``counts``; ``mask``: the call's (B, L) attention mask, if any."""
-        kept = [self.pre_keep(c, i) for i, c in enumerate(counts)]
-        spans = sequence.image_spans(ids, self.adapter.image_token_id, kept, kept)
+        counts, from the images' vanilla layouts ``items`` (one per image of the rows, in order); ``mask``: the
+        call's (B, L) attention mask, if any."""
+        kept = [self.item_keep(item, i) for i, item in enumerate(items)]
+        shrunk_items = [replace(item, segments=k) for item, k in zip(items, kept, strict=True)]
+        spans = sequence.image_spans(ids, shrunk_items, kept)
         batch, length = ids.shape
         visual = torch.zeros(batch, length, dtype=torch.bool)
         image = torch.full((batch, length), -1, dtype=torch.long)
         per_row: list[list[int]] = [[] for _ in range(batch)]
         vanilla: list[list[int]] = [[] for _ in range(batch)]
         for s in spans:
+            if s.segment == 0:
+                per_row[s.row].append(0)
+                vanilla[s.row].append(items[s.image].vanilla)
             visual[s.row, s.start : s.start + s.kept] = True
-            image[s.row, s.start : s.start + s.kept] = len(per_row[s.row])
-            per_row[s.row].append(s.kept)
-            vanilla[s.row].append(counts[s.image])
+            image[s.row, s.start : s.start + s.kept] = len(per_row[s.row]) - 1
+            per_row[s.row][-1] += s.kept
         keeps, selected = [], []
         current = per_row
         for step in self.steps:
@@ -188,83 +252,84 @@ class CompressionState:
         real = None if mask is None or mask.ndim != 2 else mask.cpu().bool()
         return llm_hooks.PrefillPlan(visual=visual, image=image, keeps=keeps, kept=selected, real=real)
 
-    def map_to_cache(self, call: dict[str, Any], cache: Any) -> bool:
-        """A later turn: the caller's ids begin with the prompt whose shrunk form the cache holds; map them."""
-        record = llm_hooks.cache_record(cache)
-        if record is None or record.prompt is None:
-            return False
-        prompt_len, columns = record.prompt
-        ids = call["input_ids"]
-        if ids.shape[1] < prompt_len or ids.shape[0] != columns.shape[0]:
-            return False
-        tail = torch.arange(prompt_len, ids.shape[1]).expand(ids.shape[0], -1)
-        cols = torch.cat([columns, tail], dim=1)
+    def map_to_cache(self, kwargs: dict[str, Any], cache: Any) -> torch.Tensor | None:
+        """A later turn: the caller's ids begin with the prompt whose shrunk form the cache holds; map them
+        (and the aligned tensors) onto it. Returns the columns used, or None when the ids do not continue it."""
+        ids = kwargs["input_ids"]
+        cols = kvcache.map_later_turn(cache, ids)
+        if cols is None:
+            return None
         for name in ("input_ids", *ALIGNED):
-            value = call.get(name)
+            value = kwargs.get(name)
             if isinstance(value, torch.Tensor) and value.shape == ids.shape:
                 fill = self.adapter.pad_token_id if name == "input_ids" else ALIGNED[name]
-                call[name] = sequence.take(value, cols, fill)
-        return True
+                kwargs[name] = sequence.take(value, cols, fill)
+        return cols
 
-    def run_forward(self, original: Callable[..., Any], call: dict[str, Any]) -> Any:
-        """Prepare one forward call (shrink, positions, in-LLM plan) and run the original forward."""
-        flags = _flags(self)
-        adapter = self.adapter
-        ids = call.get("input_ids")
-        encoded = call.get("mm_encoder_outputs")
-        encoded = encoded.get("image") if isinstance(encoded, dict) else None
-        has_pixels = adapter.has_images(call) or encoded is not None  # generate() encodes images up front
-        if call.get("mm_encoder_outputs") is not None and self.pre is not None and not flags["in_generate"]:
+    def check_call(self, kwargs: dict[str, Any], call: Call) -> None:
+        """Clear errors for calls a compressed model cannot run."""
+        if kwargs.get("mm_encoder_outputs") is not None and self.pre is not None and not call.generating:
             raise ValueError(
                 "a compressed model computes its image features itself: pass pixel_values, not "
                 "mm_encoder_outputs (precomputed features would not match the shrunk placeholders)"
             )
-        if has_pixels and ids is None:
+        if (self.adapter.has_images(kwargs) or kwargs.get("mm_encoder_outputs") is not None) \
+                and kwargs.get("input_ids") is None:
             raise ValueError(
                 "a compressed model needs input_ids (with image placeholders), not inputs_embeds, "
                 "alongside pixel_values; pass the processor's input_ids"
             )
-        if call.get("labels") is not None and self.llm:
+        if kwargs.get("labels") is not None and self.llm:
             raise ValueError("in-LLM methods shorten the sequence inside the LLM; labels (training) are not supported")
-        cache = call.get("cache", call.get("past_key_values"))
-        if not flags["in_generate"]:
-            refuse_layer0_cache(cache)
+
+    def forward_items(self, kwargs: dict[str, Any], call: Call) -> list[Item] | None:
+        """The images of one forward (one per image of its rows, in order), or None for a call without any."""
+        encoded = kwargs.get("mm_encoder_outputs")
+        encoded = encoded.get("image") if isinstance(encoded, dict) else None
+        if call.generating and call.items is not None and (self.adapter.has_images(kwargs) or encoded is not None):
+            return call.items_for(kwargs["input_ids"].shape[0])  # generate encodes the images up front
+        if self.adapter.has_images(kwargs):
+            return self.adapter.items(kwargs)
+        if encoded is not None:  # the caller's own uncompressed features (allowed only without a pre-LLM stage)
+            return [Item(self.adapter.image_token_id, (int(t.shape[0]),)) for t in encoded.pooler_output]
+        return None
+
+    def run_forward(self, original: Callable[..., Any], kwargs: dict[str, Any], call: Call) -> Any:
+        """Prepare one forward (shrink, positions, in-LLM plan) and run the original forward."""
+        self.check_call(kwargs, call)
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if not call.generating:
+            kvcache.refuse_layer0(cache)
         prefill = None
-        if has_pixels:
-            if flags["in_generate"] and flags.get("counts") is not None:
-                counts = flags["counts"]
-            elif adapter.has_images(call):
-                counts = adapter.image_counts(call)
-            else:  # the caller's own uncompressed features (allowed only without a pre-LLM stage)
-                counts = [int(t.shape[0]) for t in encoded.pooler_output]
-            host_ids = ids.cpu()
-            if not flags["in_generate"]:
-                original_ids = call["input_ids"]
-                shrunk = self.shrink_call(call, host_ids, counts)
-                adapter.prepare_call(self, call, original_ids, shrunk)
+        items = self.forward_items(kwargs, call)
+        if items is not None:
+            host_ids = kwargs["input_ids"].cpu()
+            if not call.generating:
+                original_ids = kwargs["input_ids"]
+                call.items = items
+                shrunk = self.shrink_call(kwargs, host_ids, call)
+                self.adapter.prepare(call, kwargs, original_ids, shrunk)
                 host_ids = shrunk.input_ids
             if self.llm:
-                mask = call.get("attention_mask")
-                prefill = self.prefill_plan(host_ids, counts, mask if isinstance(mask, torch.Tensor) else None)
-        elif ids is not None and not flags["in_generate"] and cache is not None:
-            self.map_to_cache(call, cache)
-        return self._run(original, call, prefill, cache)
+                mask = kwargs.get("attention_mask")
+                prefill = self.prefill_plan(host_ids, items, mask if isinstance(mask, torch.Tensor) else None)
+        elif kwargs.get("input_ids") is not None and not call.generating and cache is not None:
+            self.map_to_cache(kwargs, cache)
+        return self._run(original, kwargs, prefill, cache, call)
 
-    def _run(self, original: Callable[..., Any], call: dict[str, Any], prefill: Any, cache: Any) -> Any:
-        flags = _flags(self)
-        flags["in_forward"] = True
-        pruner = self.pruner
-        if pruner is not None:
+    def _run(self, original: Callable[..., Any], kwargs: dict[str, Any], prefill: llm_hooks.PrefillPlan | None,
+             cache: Any, call: Call) -> Any:
+        call.in_forward = True
+        if self.pruner is not None:
             past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
-            mask = call.get("attention_mask")
+            mask = kwargs.get("attention_mask")
             padding = mask if isinstance(mask, torch.Tensor) and mask.ndim == 2 else None
-            pruner.current = llm_hooks.StepState(prefill=prefill, past_full=past, padding=padding)
+            call.step = llm_hooks.StepState(prefill=prefill, past_full=past, padding=padding)
         try:
-            return original(**call)
+            return original(**kwargs)
         finally:
-            flags["in_forward"] = False
-            if pruner is not None:
-                pruner.current = None
+            call.in_forward = False
+            call.step = None
 
 
 def _bind(signature: inspect.Signature, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -282,10 +347,6 @@ def _bind(signature: inspect.Signature, args: tuple, kwargs: dict[str, Any]) -> 
     return call
 
 
-def _class_forward(module: nn.Module) -> Callable[..., Any]:
-    return type(module).forward.__get__(module)
-
-
 class CompressedForward:
     """The ``forward`` vlmzip sets on a module that takes ``input_ids`` with image placeholders."""
 
@@ -294,7 +355,7 @@ class CompressedForward:
 
     @property
     def original(self) -> Callable[..., Any]:
-        return self.previous if self.previous is not None else _class_forward(self.module)
+        return self.previous if self.previous is not None else type(self.module).forward.__get__(self.module)
 
     @property
     def __signature__(self) -> inspect.Signature:  # generate() inspects forward's parameters
@@ -302,10 +363,18 @@ class CompressedForward:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         original = self.original
-        if _flags(self.state)["in_forward"]:
+        call = current_call(self.state)
+        if call is not None and call.in_forward:  # an inner module of the forward in flight
             return original(*args, **kwargs)
-        call = _bind(inspect.signature(original), args, kwargs)
-        return self.state.run_forward(original, call)
+        bound = _bind(inspect.signature(original), args, kwargs)
+        if call is not None:  # a forward step of this model's generate
+            return self.state.run_forward(original, bound, call)
+        call = Call(self.state)
+        token = _CALL.set(call)
+        try:
+            return self.state.run_forward(original, bound, call)
+        finally:
+            _CALL.reset(token)
 
 
 class CompressedGenerate:
@@ -319,8 +388,8 @@ class CompressedGenerate:
         return self.previous if self.previous is not None else type(self.model).generate.__get__(self.model)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        state, flags = self.state, _flags(self.state)
-        if flags["in_generate"] or flags["in_forward"]:
+        state = self.state
+        if current_call(state) is not None:
             return self.original(*args, **kwargs)
         if args:
             if "input_ids" in kwargs or "inputs" in kwargs:
@@ -329,70 +398,39 @@ class CompressedGenerate:
         elif "inputs" in kwargs:
             kwargs["input_ids"] = kwargs.pop("inputs")
         ids = kwargs.get("input_ids")
+        call = Call(state, generating=True)
         if not isinstance(ids, torch.Tensor):
-            return self._run(args, kwargs)
+            return self._run(args, kwargs, call)
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if kwargs.get("mm_encoder_outputs") is not None and state.pre is not None:
             raise ValueError(
                 "a compressed model computes its image features itself: pass pixel_values, not "
                 "mm_encoder_outputs (precomputed features would not match the shrunk placeholders)"
             )
-        counts = None
-        refuse_layer0_cache(cache)
+        kvcache.refuse_layer0(cache)
         if state.adapter.has_images(kwargs):
-            counts = state.adapter.image_counts(kwargs)
-            shrunk = state.shrink_call(kwargs, ids.cpu(), counts)
-            state.adapter.prepare_generate(state, kwargs, ids, shrunk)
+            call.items = state.adapter.items(kwargs)
+            shrunk = state.shrink_call(kwargs, ids.cpu(), call)
+            state.adapter.prepare(call, kwargs, ids, shrunk)
             columns = shrunk.columns
-        elif cache is not None and state.map_to_cache(kwargs, cache):
-            record = llm_hooks.cache_record(cache)
-            prompt_len, old = record.prompt
-            columns = torch.cat([old, torch.arange(prompt_len, ids.shape[1]).expand(ids.shape[0], -1)], dim=1)
+        elif cache is not None and (mapped := state.map_to_cache(kwargs, cache)) is not None:
+            columns = mapped
         else:
-            return self._run(args, kwargs)
+            return self._run(args, kwargs, call)
         removed = ids.shape[1] - kwargs["input_ids"].shape[1]
         _count_from_callers_prompt(self.model, kwargs, removed)
-        out = self._run(args, kwargs, counts)
-        _remember_prompt(out, cache, ids.shape[1], columns)
-        _fold_layer0(out, cache)
+        out = self._run(args, kwargs, call)
+        kvcache.remember_prompt(cache, out, ids.shape[1], columns)
+        kvcache.fold_layer0(cache, out)
         return _restore_prompt(out, ids, kwargs["input_ids"].shape[1])
 
-    def _run(self, args: tuple, kwargs: dict[str, Any], counts: list[int] | None = None) -> Any:
-        """Run the original generate; its forward calls know the prompt is shrunk and the images' counts."""
-        flags = _flags(self.state)
-        flags["in_generate"], flags["counts"] = True, counts
+    def _run(self, args: tuple, kwargs: dict[str, Any], call: Call) -> Any:
+        """Run the original generate with ``call`` current: its forward steps know the prompt is shrunk."""
+        token = _CALL.set(call)
         try:
             return self.original(*args, **kwargs)
         finally:
-            flags["in_generate"], flags["counts"] = False, None
-
-
-def _fold_layer0(out: Any, cache: Any) -> None:
-    """After a generate whose only in-LLM step acted before decoder layer 0 with renumbered positions
-    (saliency on a 1-D RoPE LLM), the cache is exactly what dropping those tokens before the LLM gives: fold
-    the kept columns into the prompt map, so a later turn maps onto it like a pre-LLM shrink's."""
-    for candidate in (cache, getattr(out, "cache", None), getattr(out, "past_key_values", None)):
-        record = llm_hooks.cache_record(candidate)
-        if record is None or set(record.cols) != {0} or 0 not in record.shift or record.prompt is None:
-            continue
-        prompt_len, columns = record.prompt
-        kept = record.cols[0].cpu()  # (B, S) LLM-input column of each cached prompt slot, -1 = padding
-        record.prompt = (prompt_len, columns.gather(1, kept.clamp(min=0)).masked_fill(kept < 0, -1))
-        record.cols.clear()
-        record.shift.clear()
-
-
-def refuse_layer0_cache(cache: Any) -> None:
-    """A clear error for a new call on a cache pruned before decoder layer 0: every layer's cache then holds
-    only kept slots, and transformers would count the past from layer 0's (shorter) length."""
-    record = llm_hooks.cache_record(cache)
-    if record is not None and 0 in record.cols:
-        raise ValueError(
-            "this KV cache was pruned before decoder layer 0 (saliency, cluster_saliency_llm) by a forward call "
-            "(or with kept M-RoPE positions, or with a later in-LLM stage): continuing a conversation on it is "
-            "supported only after model.generate(...) on a 1-D RoPE LLM; run the whole conversation again "
-            "without the cache, or use a method that prunes from layer 1 on (e.g. fastv)"
-        )
+            _CALL.reset(token)
 
 
 def _count_from_callers_prompt(model: nn.Module, kwargs: dict[str, Any], removed: int) -> None:
@@ -407,15 +445,6 @@ def _count_from_callers_prompt(model: nn.Module, kwargs: dict[str, Any], removed
         value = kwargs.get(name, getattr(config, name, None))
         if value:
             kwargs[name] = max(floor, value - removed)
-
-
-def _remember_prompt(out: Any, cache: Any, prompt_len: int, columns: torch.Tensor) -> None:
-    """Note on the cache how the caller's prompt maps to the shrunk one (for a later turn's ids)."""
-    for candidate in (cache, getattr(out, "cache", None), getattr(out, "past_key_values", None)):
-        if candidate is not None:
-            record = llm_hooks.cache_record(candidate, create=True)
-            rows = columns.shape[0]
-            record.prompt = (prompt_len, columns) if rows else None
 
 
 def _restore_prompt(out: Any, prompt: torch.Tensor, shrunk_len: int) -> Any:

@@ -1,10 +1,13 @@
 """Shrinking the runs of image placeholders in a token sequence (pure tensor functions, on the host).
 
-A processor expands image i into N_i placeholder tokens; a compressed model sends K_i <= N_i tokens for
-it, so the sequence the LLM sees must hold K_i placeholders. These functions find each image's run,
-decide which slots stay (the first K_i of each image's slots), and turn a batch of
-(input_ids, attention_mask, labels, ...) for N into the same batch for K, keeping text tokens and the
-batch's padding side. Images are numbered in the processor's order: row by row, left to right.
+A processor expands each image (or video) into placeholder tokens; a compressed model sends fewer tokens for
+it, so the sequence the LLM sees must hold fewer placeholders. An :class:`Item` says how an image's
+placeholders sit in the sequence: one run (LLaVA, LLaVA-NeXT, Qwen-VL), or several runs with text between
+them (one per tile where the processor writes a tag before each tile, e.g. ``<row_1_col_1>``), and how many
+time steps it covers (video frames). These functions find each run, decide which slots stay (the first
+``kept`` of each run), and turn a batch of (input_ids, attention_mask, labels, ...) for the vanilla counts
+into the same batch for the kept counts, keeping text tokens and the batch's padding side. Items are
+numbered in the processor's order: row by row, left to right (per placeholder token).
 """
 
 from __future__ import annotations
@@ -14,15 +17,37 @@ from dataclasses import dataclass
 import torch
 
 
+@dataclass(frozen=True)
+class Item:
+    """One image or video of a call as the LLM sequence holds it.
+
+    - ``token_id``: the placeholder token of its runs (an image's or a video's).
+    - ``segments``: the vanilla placeholder count of each of its runs, in order; text may sit between runs.
+    - ``frames``: time steps it covers: 1 for an image, the frames (or temporal patches) of a video; a
+      per-frame budget is ``frames`` times the tokens per frame.
+    """
+
+    token_id: int
+    segments: tuple[int, ...]
+    frames: int = 1
+
+    @property
+    def vanilla(self) -> int:
+        """Placeholders the vanilla model has for this item (all its runs)."""
+        return sum(self.segments)
+
+
 @dataclass
 class ImageSpan:
-    """One image in one row: its number in the call, where its run starts, its vanilla and kept counts."""
+    """One run of one image in one row: the image's number in the call, the run's number within the image,
+    where the run starts, its vanilla and kept counts."""
 
     image: int
     row: int
     start: int
     vanilla: int
     kept: int
+    segment: int = 0
 
 
 @dataclass
@@ -30,7 +55,7 @@ class Shrunk:
     """A batch after shrinking.
 
     - ``columns``: (B, L') long, the original column of each new slot (-1 for padding the shrink added).
-    - ``spans``: every image's span in the *original* columns, in the processor's order.
+    - ``spans``: every run of every image in the *original* columns, in the processor's order.
     - ``input_ids``, ``attention_mask``, ``labels``: (B, L') or None.
     """
 
@@ -45,9 +70,9 @@ class Shrunk:
         return any(s.kept != s.vanilla for s in self.spans)
 
 
-def image_runs(row: torch.Tensor, image_token_id: int) -> list[tuple[int, int]]:
-    """(start, length) of each maximal run of ``image_token_id`` in a 1-D id tensor."""
-    is_img = (row == image_token_id).to(torch.int8)
+def image_runs(row: torch.Tensor, token_id: int) -> list[tuple[int, int]]:
+    """(start, length) of each maximal run of ``token_id`` in a 1-D id tensor."""
+    is_img = (row == token_id).to(torch.int8)
     if not bool(is_img.any()):
         return []
     edges = torch.diff(torch.cat([is_img.new_zeros(1), is_img, is_img.new_zeros(1)]))
@@ -56,35 +81,52 @@ def image_runs(row: torch.Tensor, image_token_id: int) -> list[tuple[int, int]]:
     return [(s, e - s) for s, e in zip(starts, ends, strict=True)]
 
 
-def image_spans(input_ids: torch.Tensor, image_token_id: int, counts: list[int], kept: list[int]) -> list[ImageSpan]:
-    """Assign the images (vanilla placeholder ``counts``, ``kept`` counts, in order) to their runs.
+def image_spans(input_ids: torch.Tensor, items: list[Item], kept: list[tuple[int, ...]]) -> list[ImageSpan]:
+    """Assign every run of every item (``kept[i][j]``: placeholders item ``i`` keeps of its run ``j``) to the
+    placeholder runs of ``input_ids`` (B, L), per placeholder token in item order. Returns the spans in item
+    order, runs in order within an item.
 
-    A run may hold several adjacent images. Raises ``ValueError`` when the runs do not add up to the
-    images (a prompt not built by this model's processor, or images missing / extra).
+    A run of the sequence may hold several adjacent runs (of one item, or of consecutive items); an item's run
+    never crosses a gap. Raises ``ValueError`` when the runs do not add up to the items (a prompt not built by
+    this model's processor, or images missing / extra).
     """
     spans: list[ImageSpan] = []
-    image = 0
+    for token_id in dict.fromkeys(item.token_id for item in items):
+        numbers = [i for i, item in enumerate(items) if item.token_id == token_id]
+        spans += _token_spans(input_ids, token_id, [items[i] for i in numbers], [kept[i] for i in numbers], numbers)
+    return sorted(spans, key=lambda s: (s.image, s.segment))
+
+
+def _token_spans(input_ids: torch.Tensor, token_id: int, items: list[Item], kept: list[tuple[int, ...]],
+                 numbers: list[int]) -> list[ImageSpan]:
+    """:func:`image_spans` for the items of one placeholder token (``numbers``: their numbers in the call)."""
+    queue = [(i, j, n) for i, item in enumerate(items) for j, n in enumerate(item.segments)]
+    counts = ", ".join(str(item.vanilla) for item in items)
+    spans: list[ImageSpan] = []
+    at = 0
     for b in range(input_ids.shape[0]):
-        for start, length in image_runs(input_ids[b], image_token_id):
+        for start, length in image_runs(input_ids[b], token_id):
             covered = 0
             while covered < length:
-                if image >= len(counts):
+                if at >= len(queue):
                     raise ValueError(
-                        f"row {b} has more image placeholders than the {len(counts)} image(s) passed "
-                        f"({sum(counts)} placeholders expected in all); build the prompt with this model's processor"
+                        f"row {b} has more image placeholders than the {len(items)} image(s) passed "
+                        f"({sum(item.vanilla for item in items)} placeholders expected in all); build the prompt "
+                        "with this model's processor"
                     )
-                spans.append(ImageSpan(image, b, start + covered, counts[image], kept[image]))
-                covered += counts[image]
-                image += 1
+                i, j, n = queue[at]
+                spans.append(ImageSpan(numbers[i], b, start + covered, n, kept[i][j], j))
+                covered += n
+                at += 1
             if covered != length:
-                expected = ", ".join(str(c) for c in counts)
                 raise ValueError(
                     f"row {b} has a run of {length} image placeholders that does not match the images' token "
-                    f"counts ({expected}); build the prompt with this model's processor from the same images"
+                    f"counts ({counts}); build the prompt with this model's processor from the same images"
                 )
-    if image != len(counts):
+    if at != len(queue):
+        placed = len({numbers[queue[k][0]] for k in range(at)})
         raise ValueError(
-            f"the prompt holds placeholders for {image} image(s) but {len(counts)} were passed; "
+            f"the prompt holds placeholders for {placed} image(s) but {len(items)} were passed; "
             "build the prompt with this model's processor"
         )
     return spans

@@ -3,22 +3,12 @@
 from __future__ import annotations
 
 import colorsys
-from dataclasses import dataclass, field
 from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
 from .methods.base import Selection, TokenLayout
-
-
-def model_view(image: Image.Image, size: int) -> Image.Image:
-    """The image as a CLIP-style processor shows it: shortest edge resized to ``size``, centre crop."""
-    w, h = image.size
-    scale = size / min(w, h)
-    resized = image.convert("RGB").resize((max(size, round(w * scale)), max(size, round(h * scale))),
-                                          Image.Resampling.BICUBIC)
-    left, top = (resized.width - size) // 2, (resized.height - size) // 2
-    return resized.crop((left, top, left + size, top + size))
+from .views import ImageView
 
 
 def _palette(n: int) -> list[tuple[int, int, int]]:
@@ -68,15 +58,6 @@ def token_overlay(
         color = (230, 20, 20, 255) if slot < n_dom else (*colors[slot - n_dom], 255)
         frames.rectangle(box(token - layout.num_prefix), outline=color, width=2 if slot < n_dom else 3)
     return out.convert("RGB")
-
-
-def side_by_side(left: Image.Image, right: Image.Image, gap: int = 8) -> Image.Image:
-    """Two images next to each other on a white background."""
-    canvas = Image.new("RGB", (left.width + gap + right.width, max(left.height, right.height)), "white")
-    canvas.paste(left, (0, 0))
-    canvas.paste(right, (left.width + gap, 0))
-    return canvas
-
 
 
 # -- figures: titled panels and a legend -------------------------------------------------------------
@@ -229,78 +210,25 @@ def notice(image: Image.Image, text: str) -> Image.Image:
     return base
 
 
-def pixels_to_image(pixel_values: Any, image_processor: Any) -> Image.Image:
-    """One (3, H, W) tensor of processor output back to the picture the vision tower sees (normalisation
-    and rescaling undone), so a figure shows the model's own resize, crop or padding."""
-    import numpy as np
-
-    x = pixel_values.detach().float().cpu().numpy()
-    if getattr(image_processor, "do_normalize", False):
-        mean = np.asarray(image_processor.image_mean, dtype=np.float32).reshape(-1, 1, 1)
-        std = np.asarray(image_processor.image_std, dtype=np.float32).reshape(-1, 1, 1)
-        x = x * std + mean
-    if getattr(image_processor, "do_rescale", False):
-        x = x / image_processor.rescale_factor
-    return Image.fromarray(np.clip(x, 0, 255).round().astype(np.uint8).transpose(1, 2, 0))
-
-
 # -- a model's selections as panels -----------------------------------------------------------------
 
 VIEW_PROMPT = "What is in the image?"
 
 
-@dataclass
-class ModelView:
-    """One image as a model receives it.
-
-    ``image``: what the vision tower sees (LLaVA-NeXT: the base crop, the whole image at the tower's size);
-    ``inputs``: the processor's batch for it; ``total``: visual tokens the vanilla model sends for it;
-    ``crops``: units the tower encodes (1 for LLaVA-1.5; base + high-resolution crops for LLaVA-NeXT);
-    ``crop_images``: every crop as the tower sees it (base first); ``grid``: (rows, cols) of the
-    high-resolution crops, or None.
-    """
-
-    image: Image.Image
-    inputs: dict[str, Any]
-    total: int
-    crops: int
-    layout: TokenLayout
-    crop_images: list[Image.Image] = field(default_factory=list)
-    grid: tuple[int, int] | None = None
-
-
-def view_of(model: Any, processor: Any, image: Image.Image, prompt: str = VIEW_PROMPT) -> ModelView:
-    """Run the processor on ``image`` and read back the pictures the vision tower gets (every crop)."""
+def view_of(model: Any, processor: Any, image: Image.Image, prompt: str = VIEW_PROMPT) -> ImageView:
+    """Run the processor on ``image`` and read back what the vision tower gets of it (every unit), as the
+    model's adapter lays it out."""
     from .adapters import adapter_for
     from .io import batch_inputs
 
-    adapter = adapter_for(model)
     inputs = batch_inputs(processor, [image], [prompt], model)
-    pixels = inputs["pixel_values"][0]
-    total, layout = adapter.image_counts(inputs)[0], adapter.unit_layout()
-    if pixels.dim() == 3:
-        seen = pixels_to_image(pixels, processor.image_processor)
-        return ModelView(seen, inputs, total, 1, layout, [seen])
-    # LLaVA-NeXT: (crops, 3, H, W), the base crop first, then the high-resolution crops in raster order
-    size = inputs["image_sizes"][0].tolist()
-    crops = adapter.num_crops(size)
-    pictures = [pixels_to_image(pixels[j], processor.image_processor) for j in range(crops)]
-    return ModelView(pictures[0], inputs, total, crops, layout, pictures, tuple(adapter.crop_grid(size)))
-
-
-def view_caption(view: ModelView) -> str:
-    """Caption of the plain picture: what the model sees and how many tokens the vanilla model sends for it."""
-    if view.grid is not None:
-        rows, cols = view.grid
-        return (f"As the model sees it: the base crop (the whole image) and {rows} x {cols} high-resolution "
-                f"crops; the vanilla model sends {view.total} visual tokens for them")
-    return f"The image as the model sees it: all {view.total} visual tokens"
+    return adapter_for(model).view(inputs, processor.image_processor)
 
 
 def crops_picture(pictures: list[Image.Image], grid: tuple[int, int], height: int = PANEL_SIZE) -> Image.Image:
-    """LLaVA-NeXT's crops side by side, ``height`` pixels high: the base crop, a gap, then the
-    high-resolution crops in their grid, vertically centred (each picture already at its display size,
-    see ``crop_sizes``)."""
+    """A base unit and a grid of units side by side, ``height`` pixels high (LLaVA-NeXT: the base crop, a gap,
+    then the high-resolution crops in their grid, vertically centred; each picture already at its display
+    size, see ``crop_sizes``)."""
     rows, cols = grid
     cell = pictures[1].width if len(pictures) > 1 else height
     step = cell + CROP_GAP  # a thin white line between crops
@@ -320,25 +248,15 @@ def crop_sizes(grid: tuple[int, int], height: int = PANEL_SIZE) -> tuple[int, in
     return height, min((height + CROP_GAP) // rows, (2 * height + CROP_GAP) // cols) - CROP_GAP
 
 
-def units_of(selections: list[Selection], shares: list[int]) -> list[tuple[Selection, int]]:
-    """(selection, row) of each crop of one image, base crop first, from what ``recorded`` collected.
-
-    The LLaVA-NeXT adapter runs the method once per distinct crop share, in the order the shares first
-    appear, with that share's crops as rows in crop order (``LlavaNextImageFeatures.select_crops``).
-    """
-    groups: dict[int, list[int]] = {}
-    for crop, keep in enumerate(shares):
-        groups.setdefault(keep, []).append(crop)
-    if len(groups) != len(selections):
-        raise RuntimeError(f"expected {len(groups)} recorded crop batches, got {len(selections)}")
-    units: list[tuple[Selection, int] | None] = [None] * len(shares)
-    for selection, (keep, crops) in zip(selections, groups.items(), strict=True):
-        if tuple(selection.indices.shape) != (len(crops), keep):
-            raise RuntimeError(f"a recorded crop batch of shape {tuple(selection.indices.shape)}, expected "
-                               f"({len(crops)}, {keep})")
-        for row, crop in enumerate(crops):
-            units[crop] = (selection, row)
-    return units  # type: ignore[return-value]
+def unit_selections(selections: list[Selection], image: int = 0) -> dict[int, tuple[Selection, int]]:
+    """Unit number -> (selection, row) of image ``image``'s units, from what ``vlmzip.recorded`` collected
+    (each recorded selection names the (image, unit) of its rows)."""
+    found: dict[int, tuple[Selection, int]] = {}
+    for selection in selections:
+        for row, (number, unit) in enumerate(selection.units or ()):
+            if number == image:
+                found[unit] = (selection, row)
+    return found
 
 
 def legend_keys(selection: Selection | None, layout: TokenLayout, row: int = 0) -> set[str]:
@@ -358,12 +276,12 @@ def legend_keys(selection: Selection | None, layout: TokenLayout, row: int = 0) 
     return keys
 
 
-def method_panel(model: Any, view: ModelView, method: str, knobs: dict[str, Any]) -> tuple[str, Image.Image, set[str]]:
+def method_panel(model: Any, view: ImageView, method: str, knobs: dict[str, Any]) -> tuple[str, Image.Image, set[str]]:
     """(caption, picture, legend keys) of what ``method`` with ``knobs`` sends to the LLM for ``view``'s image.
 
-    Pre-LLM methods: one forward pass of the compressed model records the selection, drawn over the
-    image (LLaVA-NeXT: the base crop's, said in the caption). In-LLM methods choose per question inside
-    the LLM, so their panel says that instead of drawing a selection.
+    Pre-LLM methods: one forward pass of the compressed model records the selection of every unit, drawn
+    over that unit's picture. In-LLM methods choose per question inside the LLM, so their panel says that
+    instead of drawing a selection.
     """
     import torch
 
@@ -389,47 +307,50 @@ def method_panel(model: Any, view: ModelView, method: str, knobs: dict[str, Any]
     caption = budget_title(method, kept, view.total)
     with torch.no_grad(), compressed(model, method, **knobs), recorded(model) as selections:
         model(**view.inputs)
-    if not selections:  # a keep-all budget of a multi-crop image sends the vanilla tokens unchanged
+    units = unit_selections(selections)
+    if not units:  # a keep-all budget of a multi-crop image sends the vanilla tokens unchanged
         return caption + " (all kept)", picture, set()
     if view.grid is not None:
-        return multi_crop_panel(view, selections, kept, caption)
-    selection = selections[0]
-    note = split_note(selection, view.layout)
+        return multi_unit_panel(view, units, caption)
+    selection, row = units[0]
+    note = split_note(selection, view.layouts[0], row)
     if note:
         caption += f"\n{note}"
-    overlay = token_overlay(picture, view.layout, selection, num_dominant=kept_outputs(selection))
-    return caption, overlay, legend_keys(selection, view.layout)
+    overlay = token_overlay(picture, view.layouts[0], selection, row=row, num_dominant=kept_outputs(selection, row))
+    return caption, overlay, legend_keys(selection, view.layouts[0], row)
 
 
-def plain_picture(view: ModelView) -> Image.Image:
-    """What the model sees, at display size: the image, or LLaVA-NeXT's crops side by side."""
+def plain_picture(view: ImageView) -> Image.Image:
+    """What the model sees, at display size: the image (``PANEL_SIZE`` high, its aspect kept), or a base unit
+    and the grid of the others side by side."""
     if view.grid is None:
-        return view.image.convert("RGB").resize((PANEL_SIZE, PANEL_SIZE), Image.Resampling.BICUBIC)
+        image = view.image.convert("RGB")
+        width = max(1, round(image.width * PANEL_SIZE / image.height))
+        return image.resize((width, PANEL_SIZE), Image.Resampling.BICUBIC)
     base, cell = crop_sizes(view.grid)
-    pictures = [view.crop_images[0]] + [p.resize((cell, cell), Image.Resampling.BICUBIC) for p in view.crop_images[1:]]
+    pictures = [view.pictures[0]] + [p.resize((cell, cell), Image.Resampling.BICUBIC) for p in view.pictures[1:]]
     return crops_picture(pictures, view.grid)
 
 
-def multi_crop_panel(view: ModelView, selections: list[Selection], kept: int,
+def multi_unit_panel(view: ImageView, units: dict[int, tuple[Selection, int]],
                      caption: str) -> tuple[str, Image.Image, set[str]]:
-    """A LLaVA-NeXT image's panel: each crop's selection drawn on that crop (base crop, then the grid)."""
-    from .adapters.llava_next import split_evenly
-
+    """A multi-crop image's panel: each unit's selection drawn on that unit (the base crop, then the grid)."""
     assert view.grid is not None
-    shares = split_evenly(kept, view.crops)
-    units = units_of(selections, shares)
     base, cell = crop_sizes(view.grid)
     pictures, keys = [], set()
-    for crop, (selection, row) in enumerate(units):
-        size = base if crop == 0 else cell
-        picture = view.crop_images[crop].convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+    for unit, layout in enumerate(view.layouts):
+        selection, row = units[unit]
+        size = base if unit == 0 else cell
+        picture = view.pictures[unit].convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
         split = kept_outputs(selection, row)
-        pictures.append(token_overlay(picture, view.layout, selection, row=row, num_dominant=split))
-        keys |= legend_keys(selection, view.layout, row)
+        pictures.append(token_overlay(picture, layout, selection, row=row, num_dominant=split))
+        keys |= legend_keys(selection, layout, row)
     rows, cols = view.grid
-    caption += (f"\nleft: the base crop, {shares[0]} of its {view.layout.vanilla} tokens; right: the {rows} x {cols} "
-                f"high-resolution crops, {kept - shares[0]} tokens")
-    note = split_note(units[0][0], view.layout, units[0][1])
+    first = int(units[0][0].indices.shape[1])
+    rest = sum(int(units[u][0].indices.shape[1]) for u in range(1, len(view.layouts)))
+    caption += (f"\nleft: the base crop, {first} of its {view.layouts[0].vanilla} tokens; right: the {rows} x {cols} "
+                f"high-resolution crops, {rest} tokens")
+    note = split_note(units[0][0], view.layouts[0], units[0][1])
     if note:
         caption += f"\nbase crop: {note}"
     return caption, crops_picture(pictures, view.grid), keys
@@ -440,20 +361,24 @@ def legend_order(keys: set[str]) -> list[str]:
     return [k for k in LEGEND if k in keys]
 
 
-def methods_figure(model: Any, processor: Any, image: Image.Image, methods: list[str], tokens: int,
-                   source: str) -> Image.Image:
-    """``vlmzip viz``: one panel per method (its ``tokens``-per-image selection), titled, with the legend."""
+def methods_figure(model: Any, processor: Any, image: Image.Image, methods: list[str], tokens: int | None,
+                   source: str) -> tuple[Image.Image, int]:
+    """``vlmzip viz``: one panel per method (its ``tokens``-per-image selection), titled, with the legend; and
+    the budget drawn. ``tokens`` None: the papers' 64 of LLaVA-1.5's 576, as the same share of this image's own
+    visual tokens (so that it fits every model: a multi-crop or dynamic-resolution image has its own count)."""
+    from .budgets import scale_paper_budget
     from .methods import get_method
 
     view = view_of(model, processor, image)
+    tokens = tokens or scale_paper_budget(64, view.total)
     panels, keys = [], set()
     for method in methods:
         knobs = {"tokens": tokens} if get_method(method).takes_budget else {}
         caption, picture, used = method_panel(model, view, method, knobs)
         panels.append((caption, picture))
         keys |= used
-    size = view.image.width
-    crops = f"; LLaVA-NeXT: base crop + {view.grid[0]} x {view.grid[1]} crops" if view.grid is not None else ""
+    size = f"{view.image.width} x {view.image.height} px"
+    crops = f"; base crop + {view.grid[0]} x {view.grid[1]} crops" if view.grid is not None else ""
     title = (f"What each method sends to the LLM: {tokens} of {view.total} visual tokens per image\n"
-             f"{source}, as the model sees it ({size} x {size} px{crops})")
-    return figure(panels, title, legend_order(keys))
+             f"{source}, as the model sees it ({size}{crops})")
+    return figure(panels, title, legend_order(keys)), tokens

@@ -4,9 +4,9 @@ Model quirks this file owns:
 - The projector is fed ``vision_tower(...).hidden_states[vision_feature_layer]`` (LLaVA-1.5: -2, the
   output of the 23rd of 24 CLIP layers); with ``vision_feature_select_strategy == "default"`` the CLS
   token is dropped, with ``"full"`` it is sent.
-- The processor expands ``<image>`` into one placeholder per sent token, the same count for every image;
-  the LLM embeds the placeholders and ``masked_scatter``s the projected image features into them, so the
-  placeholder count must equal the feature count.
+- The processor expands ``<image>`` into one run of placeholders, one per sent token, the same count for
+  every image; the LLM embeds the placeholders and ``masked_scatter``s the projected image features into
+  them, so the placeholder count must equal the feature count.
 - Route: an instance-level ``get_image_features`` on ``model.model`` returns K projected tokens per
   image; runtime.py shrinks the placeholder runs from N to K before the model sees them.
 - Positions: 1-D, contiguous over the shrunk sequence (what the released VisionZip code does).
@@ -23,7 +23,10 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .. import signals
 from ..methods.base import TokenLayout, VisionTokens
-from .base import Adapter, set_instance_attr
+from ..sequence import Item
+from ..views import ImageView, pixels_to_image
+from .base import Adapter, captured, feature_kwargs, set_instance_attr
+from .registry import register_adapter
 
 SUPPORTED_VISION = ("CLIPVisionModel", "SiglipVisionModel")
 
@@ -49,24 +52,16 @@ class ClipLikeTower:
         self.num_heads = num_heads
         self.has_cls = hasattr(body.embeddings, "class_embedding")
 
-    def tokens(self, pixel_values: torch.Tensor, layout: TokenLayout, needs: frozenset[str],
-               **kwargs: Any) -> VisionTokens:
+    def run(self, pixel_values: torch.Tensor, layout: TokenLayout, needs: frozenset[str],
+            **kwargs: Any) -> VisionTokens:
         """Run the tower on (B, 3, H, W) pixels; capture q/k of the feature layer only when needed."""
-        captured: dict[str, torch.Tensor] = {}
-        handles = []
-        if needs:
-            for name in ("q_proj", "k_proj"):
-                handles.append(getattr(self.attn, name).register_forward_hook(_Store(captured, name)))
         kwargs = {k: v for k, v in kwargs.items() if k not in ("output_hidden_states", "return_dict")}
-        try:
+        with captured({"q": self.attn.q_proj, "k": self.attn.k_proj}, active=bool(needs)) as store:
             out = self.tower(pixel_values.to(self.tower.dtype), output_hidden_states=True, return_dict=True, **kwargs)
-        finally:
-            for handle in handles:
-                handle.remove()
         tokens = VisionTokens(hidden=out.hidden_states[self.hidden_index], layout=layout,
                               seeds=signals.content_seeds(pixel_values))
         if needs:
-            q, k = captured["q_proj"], captured["k_proj"]
+            q, k = store["q"], store["k"]
             scale = float(getattr(self.attn, "scale", (q.shape[-1] // self.num_heads) ** -0.5))
             if "keys" in needs:
                 tokens.keys = signals.head_mean_keys(k, self.num_heads)
@@ -77,17 +72,8 @@ class ClipLikeTower:
         return tokens
 
 
-class _Store:
-    """A forward hook that stores the module's output under ``name``."""
-
-    def __init__(self, store: dict[str, torch.Tensor], name: str) -> None:
-        self.store, self.name = store, name
-
-    def __call__(self, module: nn.Module, args: Any, output: torch.Tensor) -> None:
-        self.store[self.name] = output
-
-
 def check_strategy(strategy: str, has_cls: bool) -> None:
+    """A clear error for a ``vision_feature_select_strategy`` vlmzip cannot lay out."""
     if strategy not in ("default", "full"):
         raise ValueError(f"unsupported vision_feature_select_strategy {strategy!r}; expected 'default' or 'full'")
     if strategy == "default" and not has_cls:
@@ -100,23 +86,19 @@ class LlavaAdapter(Adapter):
     family = "llava"
     model_classes = (LlavaForConditionalGeneration,)
 
-    def __init__(self, model: LlavaForConditionalGeneration) -> None:
+    def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
-        self.inner = model.model
-        config = model.config
-        vcfg = config.vision_config
-        self.tower = ClipLikeTower(self.inner.vision_tower, config.vision_feature_layer, vcfg.num_attention_heads)
-        side = vcfg.image_size // vcfg.patch_size
-        strategy = config.vision_feature_select_strategy
-        check_strategy(strategy, self.tower.has_cls)
-        self.layout = TokenLayout(num_prefix=int(self.tower.has_cls), grid=(side, side), send_prefix=strategy == "full")
-        self.image_token_id = int(config.image_token_id)
-        pad = getattr(config.text_config, "pad_token_id", None)
-        self.pad_token_id = int(pad) if pad is not None else 0
+        vcfg = self.config.vision_config
+        self.tower = ClipLikeTower(self.inner.vision_tower, self.config.vision_feature_layer, vcfg.num_attention_heads)
+        self.side = vcfg.image_size // vcfg.patch_size
+        self.strategy = self.config.vision_feature_select_strategy
+        check_strategy(self.strategy, self.tower.has_cls)
+        self.layout = TokenLayout(num_prefix=int(self.tower.has_cls), grid=(self.side, self.side),
+                                  send_prefix=self.strategy == "full")
 
-    def image_counts(self, call: dict[str, Any]) -> list[int]:
-        """Every image gets the same count: the layout's vanilla tokens."""
-        return [self.layout.vanilla] * int(call["pixel_values"].shape[0])
+    def items(self, call: dict[str, Any]) -> list[Item]:
+        """Every image gets the same single run: the layout's vanilla tokens."""
+        return [Item(self.image_token_id, (self.layout.vanilla,))] * int(call["pixel_values"].shape[0])
 
     def static_tokens_per_image(self) -> int:
         return self.layout.vanilla
@@ -124,16 +106,30 @@ class LlavaAdapter(Adapter):
     def unit_layout(self) -> TokenLayout:
         return self.layout
 
-    def sequence_modules(self) -> list[nn.Module]:
-        """Outer model (takes labels) and the inner LlavaModel (may be called directly)."""
-        return [self.model, self.inner]
-
-    def language_model(self) -> nn.Module:
-        return self.inner.language_model
+    def vision_module(self) -> nn.Module:
+        return self.tower.tower
 
     def install(self, state: Any) -> list[Any]:
         """Shadow ``model.model.get_image_features`` on this instance with the compressing version."""
         return [set_instance_attr(self.inner, "get_image_features", LlavaImageFeatures(self, state))]
+
+    def encode(self, state: Any, pixel_values: torch.Tensor, needs: frozenset[str],
+               kwargs: dict[str, Any]) -> tuple[VisionTokens, nn.Module, bool]:
+        """Run the tower on (units, 3, H, W) pixels for ``state``'s method: (the units' tokens, the projector,
+        whether the tokens are already projected: a "projector"-stage method selects after it)."""
+        tokens = self.tower.run(pixel_values, self.layout, needs, **feature_kwargs(kwargs))
+        projector = self.inner.multi_modal_projector
+        projected = state.pre is not None and state.pre.spec.stage == "projector"
+        if projected:
+            tokens.hidden = projector(tokens.hidden)
+        return tokens, projector, projected
+
+    def view(self, inputs: dict[str, Any], image_processor: Any) -> ImageView:
+        """The image as the tower sees it (resized, centre-cropped): one unit."""
+        picture = pixels_to_image(inputs["pixel_values"][0], image_processor)
+        total = self.items(inputs)[0].vanilla
+        return ImageView(inputs, total, [picture], [self.layout],
+                         caption=f"The image as the model sees it: all {total} visual tokens")
 
 
 class LlavaImageFeatures:
@@ -141,17 +137,11 @@ class LlavaImageFeatures:
 
     def __init__(self, adapter: LlavaAdapter, state: Any) -> None:
         self.adapter, self.state = adapter, state
-        config = adapter.model.config
+        config = adapter.config
         self.configured = (config.vision_feature_layer, config.vision_feature_select_strategy)
 
-    def __call__(
-        self,
-        pixel_values: torch.Tensor,
-        vision_feature_layer: int | None = None,
-        vision_feature_select_strategy: str | None = None,
-        image_sizes: Any = None,
-        **kwargs: Any,
-    ) -> BaseModelOutputWithPooling:
+    def check(self, vision_feature_layer: int | None, vision_feature_select_strategy: str | None) -> None:
+        """The feature layer and strategy of this call must be the ones the model was compressed for."""
         asked = (
             self.configured[0] if vision_feature_layer is None else vision_feature_layer,
             self.configured[1] if vision_feature_select_strategy is None else vision_feature_select_strategy,
@@ -161,17 +151,25 @@ class LlavaImageFeatures:
                 f"this model was compressed for vision_feature_layer/strategy {self.configured}, got {asked}; "
                 "decompress, change the config, and compress again"
             )
+
+    def __call__(
+        self,
+        pixel_values: torch.Tensor,
+        vision_feature_layer: int | None = None,
+        vision_feature_select_strategy: str | None = None,
+        image_sizes: Any = None,
+        **kwargs: Any,
+    ) -> BaseModelOutputWithPooling:
+        self.check(vision_feature_layer, vision_feature_select_strategy)
         if image_sizes is not None:
             raise ValueError("image_sizes (variable-resolution LLaVA) is not supported by the LLaVA adapter")
         adapter, state = self.adapter, self.state
-        needs = state.pre.spec.needs if state.pre is not None else frozenset()
-        kwargs.pop("return_dict", None)
-        tokens = adapter.tower.tokens(pixel_values, adapter.layout, needs, **kwargs)
-        keep = state.pre_keep(adapter.layout.vanilla)
-        projector = adapter.inner.multi_modal_projector
-        if state.pre is not None and state.pre.spec.stage == "projector":
-            tokens.hidden = projector(tokens.hidden)
-            projected = state.select(tokens, keep).features
-        else:
-            projected = projector(state.select(tokens, keep).features)
-        return BaseModelOutputWithPooling(last_hidden_state=tokens.hidden, pooler_output=list(projected))
+        tokens, projector, projected = adapter.encode(state, pixel_values, state.needs(), kwargs)
+        keep = state.pre_keep(adapter.layout.vanilla)  # every image has the same count, so the same budget
+        units = [(i, 0) for i in range(tokens.hidden.shape[0])]
+        features = state.select(tokens, keep, units).features
+        return BaseModelOutputWithPooling(last_hidden_state=tokens.hidden,
+                                          pooler_output=list(features if projected else projector(features)))
+
+
+register_adapter(LlavaAdapter)

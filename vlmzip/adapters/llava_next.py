@@ -1,18 +1,19 @@
 """Adapter for ``transformers.LlavaNextForConditionalGeneration`` (LLaVA-NeXT / LLaVA-1.6, anyres).
 
-Model quirks this file owns:
+LLaVA-NeXT is LLaVA (same tower, feature layer, strategy and projector: :class:`LlavaNextAdapter` builds on
+:class:`~vlmzip.adapters.llava.LlavaAdapter`) with several crops per image. Model quirks this file owns:
 - Each image is cut by the processor into a *base* crop (the whole image resized to the tower's input)
   and a grid of high-resolution crops (``image_sizes`` and ``image_grid_pinpoints`` decide the grid);
   every crop goes through the CLIP tower alone (a unit of ``unit_layout()``: CLS + side x side patches).
 - HF's vanilla packing per image: the base crop's patches, then the high-resolution grid in raster order
   with the padding rows / columns removed (``unpad_image``) and one ``image_newline`` token after each
-  row. So the vanilla count N_i depends on the image's size; ``image_counts`` computes it as the
-  processor does.
+  row, all in one run of placeholders. So the vanilla count N_i depends on the image's size; ``items``
+  computes it as the processor does.
 - Route: an instance-level ``get_image_features`` on ``model.model`` returns K_i projected tokens for
   image i; runtime.py shrinks each placeholder run from N_i to K_i before the model sees it.
 - Positions: 1-D, contiguous over the shrunk sequence (what the released VisionZip code does).
 
-What a compressed image sends (K_i = the image's budget, ``state.pre_keep(N_i)``):
+What a compressed image sends (K_i = the image's budget):
 - Keep-all (K_i >= N_i, e.g. ``ratio=1.0``): exactly HF's own packing (unpadding and newline tokens).
 - Otherwise K_i is split evenly over the image's crops (base crop + high-resolution crops), the
   remainder going to the first crops (the VisionZip authors' 160 = 5 x 32), each crop is compressed on
@@ -42,15 +43,13 @@ from transformers.models.llava_next.modeling_llava_next import (
     image_size_to_num_patches,
 )
 
-from ..methods.base import Selection, TokenLayout, VisionTokens
-from .base import Adapter, set_instance_attr
-from .llava import ClipLikeTower, check_strategy
-
-
-def split_evenly(total: int, parts: int) -> list[int]:
-    """``total`` tokens over ``parts`` crops, the remainder to the first crops: 162 over 5 -> 33, 33, 32, 32, 32."""
-    base, extra = divmod(total, parts)
-    return [base + (1 if j < extra else 0) for j in range(parts)]
+from ..budgets import split_evenly
+from ..methods.base import Selection
+from ..sequence import Item
+from ..views import ImageView, pixels_to_image
+from .base import set_instance_attr
+from .llava import LlavaAdapter, LlavaImageFeatures
+from .registry import register_adapter
 
 
 def host_sizes(image_sizes: Any) -> list[list[int]]:
@@ -74,33 +73,21 @@ def unpadded_grid(image_size: tuple[int, int], grid: tuple[int, int], side: int)
     return rows, cols
 
 
-class LlavaNextAdapter(Adapter):
+class LlavaNextAdapter(LlavaAdapter):
     """vlmzip's view of one ``LlavaNextForConditionalGeneration`` instance."""
 
     family = "llava-next"
     model_classes = (LlavaNextForConditionalGeneration,)
 
-    def __init__(self, model: LlavaNextForConditionalGeneration) -> None:
+    def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
-        self.inner = model.model
-        config = model.config
-        vcfg = config.vision_config
-        self.tower = ClipLikeTower(self.inner.vision_tower, config.vision_feature_layer, vcfg.num_attention_heads)
-        self.side = vcfg.image_size // vcfg.patch_size
-        self.crop_size = vcfg.image_size
-        self.pinpoints = config.image_grid_pinpoints
-        strategy = config.vision_feature_select_strategy
-        check_strategy(strategy, self.tower.has_cls)
-        if strategy == "full" and self.tower.has_cls:
+        if self.strategy == "full" and self.tower.has_cls:
             raise ValueError(
                 "LLaVA-NeXT with vision_feature_select_strategy='full' and a CLS encoder cannot pack its crops "
                 "(side x side + 1 tokens per crop); use 'default'"
             )
-        self.layout = TokenLayout(num_prefix=int(self.tower.has_cls), grid=(self.side, self.side),
-                                  send_prefix=strategy == "full")
-        self.image_token_id = int(config.image_token_id)
-        pad = getattr(config.text_config, "pad_token_id", None)
-        self.pad_token_id = int(pad) if pad is not None else 0
+        self.crop_size = self.config.vision_config.image_size
+        self.pinpoints = self.config.image_grid_pinpoints
 
     # -- counts ---------------------------------------------------------------------------------------
 
@@ -114,44 +101,39 @@ class LlavaNextAdapter(Adapter):
         return image_size_to_num_patches([int(v) for v in image_size], self.pinpoints, self.crop_size)
 
     def vanilla_count(self, image_size: Any) -> int:
-        """Tokens HF sends for one image: base crop + unpadded high-resolution grid + one newline per row."""
-        if self.num_crops(image_size) == 1:
-            return self.layout.vanilla + 1
+        """Placeholders HF's processor writes for one image: base crop + unpadded grid + one newline per row."""
         rows, cols = unpadded_grid(tuple(int(v) for v in image_size), self.crop_grid(image_size), self.side)
         return self.layout.vanilla + rows * cols + rows
 
-    def image_counts(self, call: dict[str, Any]) -> list[int]:
-        """Each image's vanilla placeholder count, from ``image_sizes`` (as the processor writes them)."""
+    def items(self, call: dict[str, Any]) -> list[Item]:
+        """Each image's single run of placeholders, counted from ``image_sizes`` as the processor counts them."""
         sizes = call.get("image_sizes")
         if sizes is None:
             raise ValueError("LLaVA-NeXT needs image_sizes with pixel_values; pass the processor's image_sizes")
-        return [self.vanilla_count(size) for size in host_sizes(sizes)]
+        return [Item(self.image_token_id, (self.vanilla_count(size),)) for size in host_sizes(sizes)]
 
     def static_tokens_per_image(self) -> None:
         return None
-
-    def unit_layout(self) -> TokenLayout:
-        return self.layout
-
-    def sequence_modules(self) -> list[nn.Module]:
-        """Outer model (takes labels) and the inner LlavaNextModel (may be called directly)."""
-        return [self.model, self.inner]
-
-    def language_model(self) -> nn.Module:
-        return self.inner.language_model
 
     def install(self, state: Any) -> list[Any]:
         """Shadow ``model.model.get_image_features`` on this instance with the compressing version."""
         return [set_instance_attr(self.inner, "get_image_features", LlavaNextImageFeatures(self, state))]
 
+    def view(self, inputs: dict[str, Any], image_processor: Any) -> ImageView:
+        """Every crop as the tower sees it: the base crop (the whole image), then the high-resolution crops in
+        raster order of their grid, padding included."""
+        size = inputs["image_sizes"][0].tolist()
+        crops = self.num_crops(size)
+        pictures = [pixels_to_image(inputs["pixel_values"][0][j], image_processor) for j in range(crops)]
+        rows, cols = self.crop_grid(size)
+        total = self.items(inputs)[0].vanilla
+        caption = (f"As the model sees it: the base crop (the whole image) and {rows} x {cols} high-resolution "
+                   f"crops; the vanilla model sends {total} visual tokens for them")
+        return ImageView(inputs, total, pictures, [self.layout] * crops, grid=(rows, cols), caption=caption)
 
-class LlavaNextImageFeatures:
+
+class LlavaNextImageFeatures(LlavaImageFeatures):
     """``get_image_features`` of a compressed LLaVA-NeXT: pooler_output is a list of (K_i, D_lm) tensors."""
-
-    def __init__(self, adapter: LlavaNextAdapter, state: Any) -> None:
-        self.adapter, self.state = adapter, state
-        config = adapter.model.config
-        self.configured = (config.vision_feature_layer, config.vision_feature_select_strategy)
 
     def __call__(
         self,
@@ -161,15 +143,7 @@ class LlavaNextImageFeatures:
         vision_feature_select_strategy: str | None = None,
         **kwargs: Any,
     ) -> BaseModelOutputWithPooling:
-        asked = (
-            self.configured[0] if vision_feature_layer is None else vision_feature_layer,
-            self.configured[1] if vision_feature_select_strategy is None else vision_feature_select_strategy,
-        )
-        if asked != self.configured:
-            raise ValueError(
-                f"this model was compressed for vision_feature_layer/strategy {self.configured}, got {asked}; "
-                "decompress, change the config, and compress again"
-            )
+        self.check(vision_feature_layer, vision_feature_select_strategy)
         adapter, state = self.adapter, self.state
         image_sizes = host_sizes(image_sizes)
         crops = [adapter.num_crops(size) for size in image_sizes]
@@ -181,30 +155,26 @@ class LlavaNextImageFeatures:
         keeps = [state.pre_keep(n, i) for i, n in enumerate(counts)]
         shares = [None if keep >= n else self.shares(i, n, keep, c)
                   for i, (n, keep, c) in enumerate(zip(counts, keeps, crops, strict=True))]
-
-        compressing = any(s is not None for s in shares)
-        needs = state.pre.spec.needs if state.pre is not None and compressing else frozenset()
-        kwargs.pop("return_dict", None)
-        tokens = adapter.tower.tokens(pixel_values, adapter.layout, needs, **kwargs)
-        projector = adapter.inner.multi_modal_projector
-        on_projected = state.pre is not None and state.pre.spec.stage == "projector"
-        if on_projected:
-            tokens.hidden = projector(tokens.hidden)
+        needs = state.needs() if any(s is not None for s in shares) else frozenset()
+        tokens, projector, projected = adapter.encode(state, pixel_values, needs, kwargs)
 
         starts = [sum(crops[:i]) for i in range(len(crops))]
-        selected = self.select_crops(tokens, starts, shares, projector, on_projected)
+        crop_keeps = [keep for i, share in enumerate(shares) for keep in (share or [None] * crops[i])]
+        units = [(i, j) for i in range(len(crops)) for j in range(crops[i])]
+        chosen = state.select_rows(tokens, crop_keeps, units)
+        sent = {id(c[0]): c[0].features if projected else projector(c[0].features) for c in chosen if c is not None}
         vanilla_idx = tokens.vanilla_indices()
         features: list[torch.Tensor] = []
         for i, share in enumerate(shares):
             if share is None:
                 hidden = tokens.hidden[starts[i] : starts[i] + crops[i], vanilla_idx]
                 packed, _ = adapter.inner.pack_image_features(
-                    [hidden if on_projected else projector(hidden)], image_sizes[i : i + 1],
+                    [hidden if projected else projector(hidden)], image_sizes[i : i + 1],
                     vision_feature_select_strategy=self.configured[1], image_newline=adapter.inner.image_newline,
                 )
                 features.append(packed[0])
             else:
-                parts = [selected[starts[i] + j] for j in range(crops[i])]
+                parts = [(*chosen[starts[i] + j], sent[id(chosen[starts[i] + j][0])]) for j in range(crops[i])]
                 features.append(self.assemble(parts, adapter.crop_grid(image_sizes[i])))
         return BaseModelOutputWithPooling(last_hidden_state=tokens.hidden, pooler_output=features)
 
@@ -220,34 +190,10 @@ class LlavaNextImageFeatures:
             )
         return split_evenly(keep, crops)
 
-    def select_crops(self, tokens: VisionTokens, starts: list[int], shares: list[list[int] | None],
-                     projector: nn.Module, on_projected: bool) -> dict[int, tuple[Selection, int]]:
-        """Run the method on every crop of the compressed images, one batched call per distinct share.
-
-        Returns crop number (over the whole call) -> (its selection with projected features, its row in it).
-        """
-        groups: dict[int, list[int]] = {}
-        for start, share in zip(starts, shares, strict=True):
-            for j, keep in enumerate(share or ()):
-                groups.setdefault(keep, []).append(start + j)
-        selected: dict[int, tuple[Selection, int]] = {}
-        for keep, rows in groups.items():
-            index = torch.tensor(rows, device=tokens.hidden.device)
-            sub = VisionTokens(
-                hidden=tokens.hidden[index], layout=tokens.layout,
-                **{name: None if getattr(tokens, name) is None else getattr(tokens, name)[index]
-                   for name in ("keys", "cls_attention", "received_attention", "seeds")},
-            )
-            chosen = self.state.select(sub, keep)
-            if not on_projected:
-                chosen.features = projector(chosen.features)
-            for row, crop in enumerate(rows):
-                selected[crop] = (chosen, row)
-        return selected
-
-    def assemble(self, parts: list[tuple[Selection, int]], grid: tuple[int, int]) -> torch.Tensor:
-        """One image's tokens from its crops' selections (base crop first); see the module docstring."""
-        crops = [(sel.features[row], sel.indices[row], sel.dominant) for sel, row in parts]
+    def assemble(self, parts: list[tuple[Selection, int, torch.Tensor]], grid: tuple[int, int]) -> torch.Tensor:
+        """One image's tokens from its crops' selections (base crop first); see the module docstring.
+        ``parts``: per crop, (its selection, its row in it, that selection's features as sent)."""
+        crops = [(sent[row], sel.indices[row], sel.dominant) for sel, row, sent in parts]
         if any(dominant is None for _, _, dominant in crops):
             return torch.cat([features for features, _, _ in crops], dim=0)
         return self.visionzip_layout(crops, grid)
@@ -275,3 +221,6 @@ class LlavaNextImageFeatures:
             contextual.append(features[dominant:])
         order = torch.cat(keys).argsort(stable=True)
         return torch.cat([crops[0][0], torch.cat(dominant_parts)[order], *contextual], dim=0)
+
+
+register_adapter(LlavaNextAdapter)

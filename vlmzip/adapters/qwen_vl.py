@@ -4,7 +4,8 @@ Model quirks this file owns:
 - Dynamic resolution: image i of a call has its own patch grid ``image_grid_thw[i] = (t, h, w)``; the
   vision tower packs every image's patches into one sequence (attention stays inside each image's
   ``cu_seqlens`` segment) and the 2x2 PatchMerger turns each group of ``merge^2`` consecutive patches
-  into one LLM token. The processor expands ``<|image_pad|>`` into ``t*h*w / merge^2`` placeholders.
+  into one LLM token. The processor expands ``<|image_pad|>`` into one run of ``t*h*w / merge^2``
+  placeholders.
 - What is compressed: the merged tokens (the PatchMerger's output, what the LLM sees), image by image,
   each as one unit with layout ``TokenLayout(0, (t*h/merge, w/merge), send_prefix=True)``. Both "vision"
   and "projector" stage methods receive these tokens (the merger is Qwen's projector). Images with the
@@ -21,9 +22,9 @@ Model quirks this file owns:
 - Positions (M-RoPE). Every kept token keeps the (t, h, w) position it has in the vanilla (unshrunk)
   sequence; a merged token takes its target's (``Selection.indices``); text after an image keeps its
   vanilla position, so the positions have gaps where tokens were dropped. How:
-  1. ``prepare_call`` / ``prepare_generate`` (after runtime.py shrank the placeholder runs) note, per
-     thread, the caller's unshrunk ids and mask and the shrunk sequence's source columns.
-  2. The ``get_image_features`` override records each image's selected indices.
+  1. ``prepare`` (after runtime.py shrank the placeholder runs) notes on the call (``Call.note``) the
+     caller's unshrunk ids and mask and the shrunk sequence's source columns.
+  2. The ``get_image_features`` override records each image's selected indices on that note.
   3. An instance-level ``model.model.compute_3d_position_ids`` (called by the HF forward right after the
      image features, when no ``position_ids`` were passed) runs the model's own ``get_rope_index`` on the
      unshrunk ids, then gathers each shrunk slot's position from its source column (an image slot's
@@ -40,24 +41,39 @@ Model quirks this file owns:
      grids from the note of step 1; rows expanded for beams repeat their row's positions). Calls without
      images (text, videos, a later turn on a cache) use HF's own code unchanged.
   Passing ``position_ids`` together with images, or new images on a filled cache, is an error.
+- Processor: transformers' Qwen processor needs torchvision for its video processor. Where it cannot be
+  built, ``load_processor`` builds the same processor without video support, with the checkpoint's own
+  chat template (never another one: a checkpoint without a template is a clear error).
 """
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+from transformers import (
+    AutoImageProcessor,
+    AutoProcessor,
+    AutoTokenizer,
+    ProcessorMixin,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLProcessor,
+)
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.vision_utils import get_vision_window_index
 
 from .. import sequence, signals
 from ..llm_hooks import rotate_half
 from ..methods.base import TokenLayout, VisionTokens
-from .base import Adapter, set_instance_attr
+from ..runtime import current_call
+from ..sequence import Item
+from ..views import ImageView, pixels_to_image
+from .base import Adapter, captured, feature_kwargs, set_instance_attr
+from .registry import register_adapter
 
 # The representative image of ``unit_layout``: a 448 x 448 image (each image has its own grid).
 REPRESENTATIVE_SIDE = 448
@@ -76,49 +92,6 @@ class PendingCall:
     video_grid_thw: torch.Tensor | None
     extra: dict[str, Any]  # further get_rope_index inputs (Qwen2.5-VL: second_per_grid_ts)
     indices: list[torch.Tensor] | None = None  # per image (processor order): kept merged-token indices
-
-
-_LOCAL = threading.local()
-
-
-def _table() -> dict[int, PendingCall]:
-    table = getattr(_LOCAL, "table", None)
-    if table is None:
-        table = _LOCAL.table = {}
-    return table
-
-
-def _set_pending(adapter: QwenVLAdapter, pending: PendingCall) -> None:
-    _table()[id(adapter)] = pending
-
-
-def _peek_pending(adapter: QwenVLAdapter) -> PendingCall | None:
-    return _table().get(id(adapter))
-
-
-def _take_pending(adapter: QwenVLAdapter) -> PendingCall | None:
-    return _table().pop(id(adapter), None)
-
-
-class _Store:
-    """A forward hook that stores the module's output under ``name``."""
-
-    def __init__(self, store: dict[str, Any], name: str) -> None:
-        self.store, self.name = store, name
-
-    def __call__(self, module: nn.Module, args: Any, output: torch.Tensor) -> None:
-        self.store[self.name] = output
-
-
-class _StoreInputs:
-    """A forward pre-hook (with kwargs) that stores the attention's segments and rotary embeddings."""
-
-    def __init__(self, store: dict[str, Any]) -> None:
-        self.store = store
-
-    def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        self.store["cu_seqlens"] = kwargs.get("cu_seqlens", args[1] if len(args) > 1 else None)
-        self.store["position_embeddings"] = kwargs.get("position_embeddings", args[2] if len(args) > 2 else None)
 
 
 def segment_received_attention(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
@@ -154,25 +127,19 @@ class QwenTower:
             **kwargs: Any) -> tuple[Any, torch.Tensor | None, torch.Tensor | None]:
         """Run the tower; returns (its output, per merged token received attention (N,), keys (N, Dh)),
         the signals in the merger's output order, or None when not needed."""
-        captured: dict[str, Any] = {}
-        handles = []
-        if needs:
-            handles.append(self.attn.register_forward_pre_hook(_StoreInputs(captured), with_kwargs=True))
-            handles.append(self.attn.qkv.register_forward_hook(_Store(captured, "qkv")))
-        try:
+        with captured({"qkv": self.attn.qkv}, inputs={"attn": self.attn}, active=bool(needs)) as store:
             out = self.visual(pixel_values.type(self.visual.dtype), grid_thw=grid_thw, **kwargs)
-        finally:
-            for handle in handles:
-                handle.remove()
         if not needs:
             return out, None, None
-        received, keys = self.signals(captured, grid_thw, needs)
+        received, keys = self.signals(store, grid_thw, needs)
         return out, received, keys
 
     def signals(self, captured: dict[str, Any], grid_thw: torch.Tensor,
                 needs: frozenset[str]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(received attention (N,), keys (N, Dh)) per merged token from the signal block's captured q/k."""
         attn = self.attn
         qkv = captured["qkv"]
+        args, kwargs = captured["attn"]
         length = qkv.shape[0]
         heads = attn.num_heads
         q, k, _ = qkv.float().reshape(length, 3, heads, -1).unbind(1)  # (S, H, Dh) each, the block's order
@@ -180,10 +147,12 @@ class QwenTower:
         keys = k.mean(dim=1).view(length // unit, unit, -1).mean(dim=1) if "keys" in needs else None
         received = None
         if "received_attention" in needs:
-            cos, sin = (t.float().unsqueeze(-2) for t in captured["position_embeddings"])
+            cu_seqlens = kwargs.get("cu_seqlens", args[1] if len(args) > 1 else None)
+            position_embeddings = kwargs.get("position_embeddings", args[2] if len(args) > 2 else None)
+            cos, sin = (t.float().unsqueeze(-2) for t in position_embeddings)
             q_rot = (q * cos + rotate_half(q) * sin).transpose(0, 1)  # (H, S, Dh)
             k_rot = (k * cos + rotate_half(k) * sin).transpose(0, 1)
-            bounds = captured["cu_seqlens"].tolist()
+            bounds = cu_seqlens.tolist()
             per_patch = torch.cat([
                 segment_received_attention(q_rot[:, a:b], k_rot[:, a:b], float(attn.scaling))
                 for a, b in zip(bounds[:-1], bounds[1:], strict=True)
@@ -200,6 +169,63 @@ class QwenTower:
         return received, keys
 
 
+class ImageOnlyQwenProcessor(Qwen2VLProcessor):
+    """The Qwen2-VL processor without a video processor (transformers' needs torchvision).
+
+    Same placeholder expansion (``<|image_pad|>`` -> t*h*w / merge^2 tokens per image) and the same
+    outputs (input_ids, attention_mask, mm_token_type_ids, pixel_values, image_grid_thw); used when
+    ``AutoProcessor`` cannot build the full processor on a machine without torchvision.
+    """
+
+    def __init__(self, image_processor: Any = None, tokenizer: Any = None, chat_template: str | None = None,
+                 **kwargs: Any) -> None:
+        self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+
+def checkpoint_chat_template(folder: str | Path) -> str | None:
+    """The chat template saved with a checkpoint (the processor's ``chat_template.jinja`` / ``.json``, else the
+    tokenizer's), or None when it has none."""
+    processor_dict, _ = ProcessorMixin.get_processor_dict(str(folder))
+    template = processor_dict.get("chat_template")
+    if isinstance(template, dict):
+        template = template.get("default")
+    if template:
+        return template
+    return getattr(AutoTokenizer.from_pretrained(folder), "chat_template", None) or None
+
+
+def load_processor(folder: str | Path) -> Any:
+    """``AutoProcessor.from_pretrained(folder)`` where transformers can build the Qwen processor (its video
+    processor needs torchvision); otherwise the same processor without video support, built from the saved
+    image processor, tokenizer and the checkpoint's own chat template."""
+    try:
+        return AutoProcessor.from_pretrained(folder)
+    except (ImportError, AttributeError, ValueError, TypeError, OSError) as err:
+        reason = err
+    template = checkpoint_chat_template(folder)
+    if template is None:
+        raise ValueError(
+            f"cannot build the processor of {folder} ({type(reason).__name__}: {reason}), and the checkpoint has no "
+            "chat template of its own for the image-only processor vlmzip builds instead; install torchvision so "
+            "transformers can build Qwen's processor, or add the model's chat template to the folder"
+        )
+    return ImageOnlyQwenProcessor(image_processor=AutoImageProcessor.from_pretrained(folder),
+                                  tokenizer=AutoTokenizer.from_pretrained(folder), chat_template=template)
+
+
+def unpatchify(patches: torch.Tensor, grid: tuple[int, int], merge: int, patch: int, temporal: int,
+               channels: int = 3) -> torch.Tensor:
+    """The (C, h * patch, w * patch) picture of one frame from Qwen's flattened patches (h * w, C * T * P * P),
+    which the processor lays out as (h / merge, w / merge, merge, merge, C, T, P, P); the first of the T
+    frames of each temporal patch (an image repeats itself T times)."""
+    h, w = grid
+    x = patches.reshape(h // merge, w // merge, merge, merge, channels, temporal, patch, patch)[:, :, :, :, :, 0]
+    return x.permute(4, 0, 2, 5, 1, 3, 6).reshape(channels, h * patch, w * patch)
+
+
 class QwenVLAdapter(Adapter):
     """vlmzip's view of one Qwen2-VL / Qwen2.5-VL instance."""
 
@@ -208,58 +234,64 @@ class QwenVLAdapter(Adapter):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
-        self.inner = model.model
-        config = model.config
         self.tower = QwenTower(self.inner.visual)
         self.merge = self.tower.merge
-        self.patch_size = int(config.vision_config.patch_size)
-        self.image_token_id = int(config.image_token_id)
-        self.video_token_id = int(config.video_token_id)
-        pad = getattr(config.text_config, "pad_token_id", None)
-        if pad is None:
-            pad = getattr(config, "pad_token_id", None)
-        self.pad_token_id = int(pad) if pad is not None else 0
+        self.patch_size = int(self.config.vision_config.patch_size)
+        self.video_token_id = int(self.config.video_token_id)
 
-    def image_counts(self, call: dict[str, Any]) -> list[int]:
-        """t * h * w / merge^2 per image, from ``image_grid_thw`` (one host sync per prefill)."""
+    def items(self, call: dict[str, Any]) -> list[Item]:
+        """One run of t * h * w / merge^2 placeholders per image, from ``image_grid_thw`` (one host sync)."""
         grids = call.get("image_grid_thw")
         if grids is None:
             raise ValueError("Qwen-VL images need image_grid_thw alongside pixel_values; pass the processor's outputs")
-        return [int(t * h * w) // self.merge**2 for t, h, w in grids.tolist()]
-
-    def static_tokens_per_image(self) -> None:
-        return None
+        return [Item(self.image_token_id, (int(t * h * w) // self.merge**2,), frames=int(t))
+                for t, h, w in grids.tolist()]
 
     def unit_layout(self) -> TokenLayout:
         """The merged grid of a 448 x 448 image (a representative size; each image has its own grid)."""
         side = REPRESENTATIVE_SIDE // (self.patch_size * self.merge)
         return TokenLayout(num_prefix=0, grid=(side, side), send_prefix=True)
 
-    def sequence_modules(self) -> list[nn.Module]:
-        return [self.model, self.inner]
-
-    def language_model(self) -> nn.Module:
-        return self.inner.language_model
+    def vision_module(self) -> nn.Module:
+        return self.tower.visual
 
     def install(self, state: Any) -> list[Any]:
         """Instance-level image features (compressing), M-RoPE positions and generate-time positions."""
         return [
             set_instance_attr(self.inner, "get_image_features", QwenImageFeatures(self, state)),
-            set_instance_attr(self.inner, "compute_3d_position_ids", QwenPositions(self)),
+            set_instance_attr(self.inner, "compute_3d_position_ids", QwenPositions(self, state)),
             set_instance_attr(self.model, "_prepare_position_ids_for_generation", QwenGenerationPositions(self)),
         ]
 
+    def load_processor(self, folder: Any) -> Any:
+        return load_processor(folder)
+
+    def describe_positions(self) -> str:
+        return (
+            "M-RoPE (t, h, w): every kept token keeps its vanilla position (a merged token its target's), "
+            "text after an image keeps its vanilla position (gaps where tokens were dropped), and rope_deltas "
+            "continue decoding at the vanilla positions"
+        )
+
+    def view(self, inputs: dict[str, Any], image_processor: Any) -> ImageView:
+        """The first image at the size the tower sees it (resized to whole merged patches), one unit whose grid is
+        its merged tokens."""
+        t, h, w = (int(v) for v in inputs["image_grid_thw"][0].tolist())
+        patches = inputs["pixel_values"][: t * h * w]
+        temporal = int(self.config.vision_config.temporal_patch_size)
+        picture = pixels_to_image(unpatchify(patches[: h * w], (h, w), self.merge, self.patch_size, temporal),
+                                  image_processor)
+        total = self.items(inputs)[0].vanilla
+        layout = TokenLayout(num_prefix=0, grid=(t * h // self.merge, w // self.merge), send_prefix=True)
+        caption = (f"The image as the model sees it ({picture.width} x {picture.height} px): all {total} visual "
+                   f"tokens, one per {self.merge} x {self.merge} patches")
+        return ImageView(inputs, total, [picture], [layout], caption=caption)
+
     # -- positions --------------------------------------------------------------------------------
 
-    def prepare_call(self, state: Any, call: dict[str, Any], original_ids: torch.Tensor, shrunk: Any) -> None:
-        """Note the unshrunk layout of this prefill; positions are built once the selection is known."""
-        self._note(call, original_ids, shrunk)
-
-    def prepare_generate(self, state: Any, kwargs: dict[str, Any], original_ids: torch.Tensor, shrunk: Any) -> None:
-        self._note(kwargs, original_ids, shrunk)
-
-    def _note(self, call: dict[str, Any], original_ids: torch.Tensor, shrunk: sequence.Shrunk) -> None:
-        if call.get("position_ids") is not None:
+    def prepare(self, call: Any, kwargs: dict[str, Any], original_ids: torch.Tensor, shrunk: Any) -> None:
+        """Note the unshrunk layout of this prefill on the call; positions are built once the selection is known."""
+        if kwargs.get("position_ids") is not None:
             raise ValueError(
                 "a compressed Qwen-VL model computes its M-RoPE positions itself (kept tokens keep their vanilla "
                 "positions); call it without position_ids"
@@ -271,13 +303,13 @@ class QwenVLAdapter(Adapter):
             for b in range(ids.shape[0]):
                 valid = shrunk.columns[b] >= 0
                 mask[b, shrunk.columns[b][valid]] = shrunk.attention_mask[b][valid].to(mask.dtype)
-        video = call.get("video_grid_thw")
-        extra = {k: call[k] for k in ("second_per_grid_ts",) if call.get(k) is not None}
-        _set_pending(self, PendingCall(
-            ids=ids, mask=mask, columns=shrunk.columns, image_grid_thw=call["image_grid_thw"].cpu(),
+        video = kwargs.get("video_grid_thw")
+        extra = {k: kwargs[k] for k in ("second_per_grid_ts",) if kwargs.get(k) is not None}
+        call.note = PendingCall(
+            ids=ids, mask=mask, columns=shrunk.columns, image_grid_thw=kwargs["image_grid_thw"].cpu(),
             video_grid_thw=None if video is None else video.cpu(),
             extra={k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in extra.items()},
-        ))
+        )
 
     def positions(self, pending: PendingCall, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(3, B, L') M-RoPE positions of the shrunk prefill and (B, 1) rope deltas, from the unshrunk layout.
@@ -293,14 +325,14 @@ class QwenVLAdapter(Adapter):
             ids, mm_token_type_ids=mm_types, image_grid_thw=pending.image_grid_thw,
             video_grid_thw=pending.video_grid_thw, attention_mask=mask, **pending.extra,
         )
-        counts = self.image_counts({"image_grid_thw": pending.image_grid_thw})
+        items = self.items({"image_grid_thw": pending.image_grid_thw})
         indices = pending.indices or []
-        if len(indices) != len(counts):
-            raise RuntimeError(f"recorded {len(indices)} image selections for {len(counts)} images")
-        kept = [int(i.numel()) for i in indices]
+        if len(indices) != len(items):
+            raise RuntimeError(f"recorded {len(indices)} image selections for {len(items)} images")
+        kept = [(int(i.numel()),) for i in indices]
         source = torch.arange(ids.shape[1]).expand(ids.shape[0], -1).clone()
         removed = torch.zeros(ids.shape[0], 1, dtype=deltas.dtype)
-        for span in sequence.image_spans(ids, self.image_token_id, counts, kept):
+        for span in sequence.image_spans(ids, items, kept):
             source[span.row, span.start : span.start + span.kept] = span.start + indices[span.image]
             removed[span.row] += span.vanilla - span.kept
         slot_source = source.gather(1, columns.clamp(min=0))
@@ -310,20 +342,6 @@ class QwenVLAdapter(Adapter):
         gathered = gathered.repeat_interleave(repeat, dim=1)
         deltas = (deltas.cpu() + removed).repeat_interleave(repeat, dim=0)
         return gathered.to(device), deltas.to(device)
-
-    def load_processor(self, folder: Any) -> Any:
-        """``AutoProcessor`` where transformers can build Qwen's (its video processor needs torchvision);
-        otherwise the same processor without video support (``vlmzip.tiny_qwen.load_processor``)."""
-        from ..tiny_qwen import load_processor
-
-        return load_processor(folder)
-
-    def describe_positions(self) -> str:
-        return (
-            "M-RoPE (t, h, w): every kept token keeps its vanilla position (a merged token its target's), "
-            "text after an image keeps its vanilla position (gaps where tokens were dropped), and rope_deltas "
-            "continue decoding at the vanilla positions"
-        )
 
 
 class QwenImageFeatures:
@@ -337,38 +355,36 @@ class QwenImageFeatures:
         if image_grid_thw is None:
             raise ValueError("Qwen-VL images need image_grid_thw alongside pixel_values; pass the processor's outputs")
         adapter, state = self.adapter, self.state
-        needs = state.pre.spec.needs if state.pre is not None else frozenset()
-        kwargs.pop("return_dict", None)
-        out, received, keys = adapter.tower.run(pixel_values, image_grid_thw, needs, **kwargs)
+        out, received, keys = adapter.tower.run(pixel_values, image_grid_thw, state.needs(), **feature_kwargs(kwargs))
         merged = out.pooler_output
         grids = [tuple(int(x) for x in g) for g in image_grid_thw.tolist()]
         unit = adapter.merge**2
         sizes = [t * h * w // unit for t, h, w in grids]
         starts = [sum(sizes[:i]) for i in range(len(sizes))]
-        patch_starts = [s * unit for s in starts]
-        groups: dict[tuple[tuple[int, int, int], int], list[int]] = {}
-        for i, size in enumerate(sizes):
-            groups.setdefault((grids[i], state.pre_keep(size, i)), []).append(i)
+        groups: dict[tuple[int, int, int], list[int]] = {}
+        for i, grid in enumerate(grids):
+            groups.setdefault(grid, []).append(i)
         features: list[torch.Tensor | None] = [None] * len(sizes)
         indices: list[torch.Tensor | None] = [None] * len(sizes)
-        for ((t, h, w), keep), members in groups.items():
+        for (t, h, w), members in groups.items():
             layout = TokenLayout(num_prefix=0, grid=(t * h // adapter.merge, w // adapter.merge), send_prefix=True)
 
             def stack(x: torch.Tensor | None, members: list[int] = members) -> torch.Tensor | None:
                 return None if x is None else torch.stack([x[starts[i] : starts[i] + sizes[i]] for i in members])
 
-            pixels = torch.stack([pixel_values[patch_starts[i] : patch_starts[i] + sizes[i] * unit] for i in members])
+            pixels = torch.stack([pixel_values[starts[i] * unit : (starts[i] + sizes[i]) * unit] for i in members])
             tokens = VisionTokens(
                 hidden=stack(merged), layout=layout, keys=stack(keys), received_attention=stack(received),
                 seeds=signals.content_seeds(pixels),
             )
-            chosen = state.select(tokens, keep)
-            for row, i in enumerate(members):
-                features[i] = chosen.features[row]
-                indices[i] = chosen.indices[row].detach().cpu()
-        pending = _peek_pending(adapter)
-        if pending is not None:
-            pending.indices = indices
+            keeps = [state.pre_keep(sizes[i], i) for i in members]
+            chosen = state.select_rows(tokens, keeps, [(i, 0) for i in members])
+            for i, (selection, row) in zip(members, chosen, strict=True):
+                features[i] = selection.features[row]
+                indices[i] = selection.indices[row].detach().cpu()
+        call = current_call(state)
+        if call is not None and isinstance(call.note, PendingCall):
+            call.note.indices = indices
         return BaseModelOutputWithPooling(last_hidden_state=out.last_hidden_state, pooler_output=tuple(features))
 
 
@@ -376,15 +392,18 @@ class QwenPositions:
     """``model.model.compute_3d_position_ids`` of a compressed Qwen-VL: prefills with recorded selections get
     their vanilla positions gathered for the kept tokens (and shifted rope_deltas); all else is HF's own."""
 
-    def __init__(self, adapter: QwenVLAdapter) -> None:
-        self.adapter = adapter
+    def __init__(self, adapter: QwenVLAdapter, state: Any) -> None:
+        self.adapter, self.state = adapter, state
 
     def __call__(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
                  image_grid_thw: torch.Tensor | None = None, video_grid_thw: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, cache: Any = None, **extra: Any) -> torch.Tensor | None:
         adapter = self.adapter
         inner = adapter.inner
-        pending = _take_pending(adapter)
+        call = current_call(self.state)
+        pending = None
+        if call is not None and isinstance(call.note, PendingCall):
+            pending, call.note = call.note, None  # used by the prefill only
         cache_length = 0 if cache is None else int(cache.get_seq_length())
         # generate encodes the images before the prefill and passes their features instead of pixels and
         # grids: the grids come from the pending call, noted when the caller's call was shrunk
@@ -440,3 +459,6 @@ class QwenGenerationPositions:
             return None
         model = self.adapter.model
         return type(model)._prepare_position_ids_for_generation(model, inputs_tensor, model_kwargs)
+
+
+register_adapter(QwenVLAdapter)

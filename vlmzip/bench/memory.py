@@ -15,11 +15,13 @@ import gc
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 
 
 @dataclass
@@ -59,12 +61,40 @@ def _release_heap() -> None:
         pass
 
 
+def peak_memory(model: nn.Module, fn: Callable[[], Any]) -> int | None:
+    """Peak memory in bytes while ``fn()`` runs.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` (the caching allocator's peak of live tensors, weights
+    included), reset before. CPU: this process's peak resident set (VmHWM in /proc/self/status, weights
+    included) after resetting it through /proc/self/clear_refs; None where Linux does not allow that.
+    On the CPU, memory the allocator keeps from earlier calls counts as resident, so small differences
+    between configurations are within noise.
+    """
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return int(torch.cuda.max_memory_allocated(device))
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak resident set to the current one
+        fn()
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
 @torch.no_grad()
 def _run(spec: ChildSpec) -> int | None:
     from ..api import compressed
     from ..io import batch_inputs, load_model
     from ..lab import default_image
-    from .prefill import peak_memory
 
     model, processor = load_model(spec.model, device=spec.device, dtype=spec.dtype, layers=spec.layers)
     image = default_image()

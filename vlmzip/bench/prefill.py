@@ -22,7 +22,7 @@ from torch import nn
 from ..adapters import adapter_for
 from ..api import STATE_ATTR, compressed, plan
 from .compiled import compilable, compiled
-from .memory import ChildSpec, child_peak_memory
+from .memory import ChildSpec, child_peak_memory, peak_memory
 from .timing import interleaved, timed
 
 
@@ -127,21 +127,15 @@ class _Clock:
 _ABSENT = object()
 
 
-def _tower_module(adapter: Any) -> nn.Module:
-    """The vision tower's nn.Module behind an adapter (LLaVA / LLaVA-NeXT: ``.tower``; Qwen: ``.visual``)."""
-    seen = adapter.tower
-    return seen.tower if isinstance(getattr(seen, "tower", None), nn.Module) else seen.visual
-
-
 def compression_overhead(model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[float, str] | None:
     """Compression time as a share of the stage it shortens, in one forward of a compressed ``model``:
     ``(share, "vision_tower")`` or ``(share, "llm")``; None for the vanilla model.
 
     Pre-LLM methods: the method's ``state.select`` (selection / merging) + the adapter's signal capture
-    (its tower call minus the tower module's own forward: hooks' q/k turned into attention, keys, seeds),
-    over the vision tower module's forward. In-LLM methods (no pre-LLM stage): the pruner's work before
-    each decoder layer (``Pruner.before_layer``: scoring, pruning, the pruned segments' masks) over the
-    language model's forward (which includes it).
+    (its ``tower.run`` minus the tower module's own forward, ``adapter.vision_module()``: hooks' q/k turned
+    into attention, keys, seeds), over the vision tower module's forward. In-LLM methods (no pre-LLM stage):
+    the pruner's work before each decoder layer (``Pruner.before_layer``: scoring, pruning, the pruned
+    segments' masks) over the language model's forward (which includes it).
     """
     state = getattr(model, STATE_ATTR, None)
     if state is None or (state.pre is None and state.pruner is None):
@@ -150,9 +144,7 @@ def compression_overhead(model: nn.Module, inputs: dict[str, torch.Tensor]) -> t
     adapter = state.adapter
     work, extra, base = _Clock(device), _Clock(device), _Clock(device)
     if state.pre is not None:
-        seen = adapter.tower
-        capture_name = "tokens" if hasattr(seen, "tokens") else "run"
-        patches = [(state, "select", work), (seen, capture_name, extra), (_tower_module(adapter), "forward", base)]
+        patches = [(state, "select", work), (adapter.tower, "run", extra), (adapter.vision_module(), "forward", base)]
         of = "vision_tower"
     else:
         patches = [(state.pruner, "before_layer", work), (adapter.language_model(), "forward", base)]
@@ -172,35 +164,6 @@ def compression_overhead(model: nn.Module, inputs: dict[str, torch.Tensor]) -> t
         return None
     capture = max(extra.seconds - base.seconds, 0.0) if of == "vision_tower" else 0.0
     return (work.seconds + capture) / base.seconds, of
-
-
-def peak_memory(model: nn.Module, fn: Callable[[], Any]) -> int | None:
-    """Peak memory in bytes while ``fn()`` runs.
-
-    CUDA: ``torch.cuda.max_memory_allocated`` (the caching allocator's peak of live tensors, weights
-    included), reset before. CPU: this process's peak resident set (VmHWM in /proc/self/status, weights
-    included) after resetting it through /proc/self/clear_refs; None where Linux does not allow that.
-    On the CPU, memory the allocator keeps from earlier calls counts as resident, so small differences
-    between configurations are within noise.
-    """
-    device = next(model.parameters()).device
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        fn()
-        torch.cuda.synchronize(device)
-        return int(torch.cuda.max_memory_allocated(device))
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the peak resident set to the current one
-        fn()
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 @dataclass
@@ -242,19 +205,6 @@ class BenchRow:
     compiled: bool = False  # timed with the language model compiled and a static KV cache (bench.compiled)
     peak_memory_kind: str = "process"  # "process": this process's peak; "child": a fresh process per config
 
-    # the names the table and the older tests use
-    @property
-    def forward_ratio(self) -> float:
-        return self.forward_speedup
-
-    @property
-    def ttft_ratio(self) -> float:
-        return self.ttft_speedup
-
-    @property
-    def ideal(self) -> float:
-        return self.ideal_speedup_llm
-
 
 @torch.no_grad()
 def bench_prefill(
@@ -280,77 +230,103 @@ def bench_prefill(
     ``child``: measure each configuration's peak memory in a fresh process (``bench.memory``) from this
     template (its batch size, method and knobs are filled in) instead of in this process.
     """
-    device = next(model.parameters()).device
     rows = []
     for batch_size in batch_sizes:
-        inputs = make_inputs(batch_size)
-
-        def forward(inputs: dict[str, torch.Tensor] = inputs) -> Any:
-            return model(**inputs)
-
-        def ttft(inputs: dict[str, torch.Tensor] = inputs) -> Any:
-            return model.generate(**inputs, max_new_tokens=1, do_sample=False)
-
-        def decode(inputs: dict[str, torch.Tensor] = inputs) -> Any:
-            n = DECODE_TOKENS + 1
-            return model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-
-        def overhead(inputs: dict[str, torch.Tensor] = inputs) -> float:
-            found = compression_overhead(model, inputs)
-            return float("nan") if found is None else found[0]
-
-        measures = {
-            "forward": partial(timed, forward, device), "ttft": partial(timed, ttft, device),
-            "decode": partial(timed, decode, device), "overhead": overhead,
-        }
-        full_cache = prefill_cache(model, inputs)
-        full = [int(layer.keys.shape[2]) for layer in full_cache.layers]
-        vanilla_kv = kv_cache_bytes(full_cache)
-        del full_cache
-        vanilla_peak = peak_memory(model, forward) if child is None else _child_peak(child, batch_size, None, {})
-        vanilla_flops, vanilla_forward_flops = count_flops(model, ttft).total, count_flops(model, forward).total
+        calls = _Calls(model, make_inputs(batch_size))
+        reference = _static(calls, child, batch_size, None, {})
         for method, knobs in runs:
-            planned = plan(model, method, **knobs)
             use_compile = compile and compilable(model, method, **knobs)
             backend = compile if isinstance(compile, str) else "inductor"
             with compiled(model, backend) if use_compile else nullcontext():
-                vanilla, squeezed = interleaved(measures, partial(compressed, model, method, **knobs), repeats,
+                vanilla, squeezed = interleaved(calls.measures(), partial(compressed, model, method, **knobs), repeats,
                                                 on_round=progress)
-            v = {name: statistics.median(seconds) for name, seconds in vanilla.items() if name != "overhead"}
-            m = {name: statistics.median(seconds) for name, seconds in squeezed.items() if name != "overhead"}
-            shares = [s for s in squeezed["overhead"] if not math.isnan(s)]
-            text_cfg = planned.adapter.language_model().config
             with compressed(model, method, **knobs):
-                cache = prefill_cache(model, inputs)
-                kept = [int(layer.keys.shape[2]) for layer in cache.layers]
-                kv = kv_cache_bytes(cache)
-                del cache
-                peak = peak_memory(model, forward) if child is None else _child_peak(child, batch_size, method, knobs)
-                flops, forward_flops = count_flops(model, ttft).total, count_flops(model, forward).total
-                found = compression_overhead(model, inputs)
-            tokens = planned.final_tokens if planned.final_tokens is not None else knobs.get("tokens")
-            ideal_llm = llm_prefill_macs(full, text_cfg) / llm_prefill_macs(kept, text_cfg)
-            new = batch_size * DECODE_TOKENS
-            rows.append(
-                BenchRow(
-                    method=method, tokens=tokens, batch_size=batch_size,
-                    forward_speedup=v["forward"] / m["forward"], ttft_speedup=v["ttft"] / m["ttft"],
-                    ideal_speedup=vanilla_flops / flops, ideal_speedup_llm=ideal_llm,
-                    vanilla_forward_ms=1e3 * v["forward"], method_forward_ms=1e3 * m["forward"],
-                    vanilla_ttft_ms=1e3 * v["ttft"], method_ttft_ms=1e3 * m["ttft"],
-                    overhead_share=statistics.median(shares) if shares else None,
-                    decode_tokens_per_s=new / max(m["decode"] - m["ttft"], 1e-9),
-                    vanilla_decode_tokens_per_s=new / max(v["decode"] - v["ttft"], 1e-9),
-                    kv_cache_bytes=kv, vanilla_kv_cache_bytes=vanilla_kv,
-                    peak_memory_bytes=peak, vanilla_peak_memory_bytes=vanilla_peak,
-                    flops=flops, vanilla_flops=vanilla_flops, ideal_kind="flops",
-                    ideal_forward_speedup=vanilla_forward_flops / forward_flops, forward_flops=forward_flops,
-                    vanilla_forward_flops=vanilla_forward_flops,
-                    overhead_of=None if found is None else found[1], compiled=bool(use_compile),
-                    peak_memory_kind="process" if child is None else "child",
-                )
-            )
+                measured = _static(calls, child, batch_size, method, knobs)
+            rows.append(_row(calls, method, knobs, batch_size, vanilla, squeezed, reference, measured,
+                             bool(use_compile), "process" if child is None else "child"))
     return rows
+
+
+class _Calls:
+    """The calls a bench times on one batch of inputs: forward, TTFT (one new token) and 32 + 1 new tokens."""
+
+    def __init__(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> None:
+        self.model, self.inputs = model, inputs
+        self.device = next(model.parameters()).device
+
+    def forward(self) -> Any:
+        return self.model(**self.inputs)
+
+    def ttft(self) -> Any:
+        return self.model.generate(**self.inputs, max_new_tokens=1, do_sample=False)
+
+    def decode(self) -> Any:
+        n = DECODE_TOKENS + 1
+        return self.model.generate(**self.inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+
+    def overhead(self) -> float:
+        found = compression_overhead(self.model, self.inputs)
+        return float("nan") if found is None else found[0]
+
+    def measures(self) -> dict[str, Callable[[], float]]:
+        """What each interleaved round measures, in order: seconds of forward, TTFT, decode; the overhead share."""
+        return {"forward": partial(timed, self.forward, self.device), "ttft": partial(timed, self.ttft, self.device),
+                "decode": partial(timed, self.decode, self.device), "overhead": self.overhead}
+
+
+@dataclass
+class _Static:
+    """What one configuration measures once, eager: each decoder layer's length and the KV bytes after one
+    prefill, peak memory, counted FLOPs of the TTFT call and of one forward, the overhead's stage."""
+
+    lengths: list[int]
+    kv_bytes: int
+    peak: int | None
+    flops: int
+    forward_flops: int
+    overhead_of: str | None
+
+
+def _static(calls: _Calls, child: ChildSpec | None, batch_size: int, method: str | None,
+            knobs: dict[str, Any]) -> _Static:
+    """The once-measured numbers of the model as it is now (vanilla, or inside ``compressed``)."""
+    cache = prefill_cache(calls.model, calls.inputs)
+    lengths, kv = [int(layer.keys.shape[2]) for layer in cache.layers], kv_cache_bytes(cache)
+    del cache
+    peak = peak_memory(calls.model, calls.forward) if child is None else _child_peak(child, batch_size, method, knobs)
+    found = compression_overhead(calls.model, calls.inputs) if method is not None else None
+    return _Static(lengths, kv, peak, count_flops(calls.model, calls.ttft).total,
+                   count_flops(calls.model, calls.forward).total, None if found is None else found[1])
+
+
+def _row(calls: _Calls, method: str, knobs: dict[str, Any], batch_size: int, vanilla: dict[str, list[float]],
+         squeezed: dict[str, list[float]], reference: _Static, measured: _Static, compiled_: bool,
+         peak_kind: str) -> BenchRow:
+    """One row: medians of the interleaved rounds, ratios to vanilla, and the once-measured numbers."""
+    planned = plan(calls.model, method, **knobs)
+    v = {name: statistics.median(seconds) for name, seconds in vanilla.items() if name != "overhead"}
+    m = {name: statistics.median(seconds) for name, seconds in squeezed.items() if name != "overhead"}
+    shares = [s for s in squeezed["overhead"] if not math.isnan(s)]
+    text_cfg = planned.adapter.language_model().config
+    tokens = planned.final_tokens if planned.final_tokens is not None else knobs.get("tokens")
+    new = batch_size * DECODE_TOKENS
+    return BenchRow(
+        method=method, tokens=tokens, batch_size=batch_size,
+        forward_speedup=v["forward"] / m["forward"], ttft_speedup=v["ttft"] / m["ttft"],
+        ideal_speedup=reference.flops / measured.flops,
+        ideal_speedup_llm=llm_prefill_macs(reference.lengths, text_cfg) / llm_prefill_macs(measured.lengths, text_cfg),
+        vanilla_forward_ms=1e3 * v["forward"], method_forward_ms=1e3 * m["forward"],
+        vanilla_ttft_ms=1e3 * v["ttft"], method_ttft_ms=1e3 * m["ttft"],
+        overhead_share=statistics.median(shares) if shares else None,
+        decode_tokens_per_s=new / max(m["decode"] - m["ttft"], 1e-9),
+        vanilla_decode_tokens_per_s=new / max(v["decode"] - v["ttft"], 1e-9),
+        kv_cache_bytes=measured.kv_bytes, vanilla_kv_cache_bytes=reference.kv_bytes,
+        peak_memory_bytes=measured.peak, vanilla_peak_memory_bytes=reference.peak,
+        flops=measured.flops, vanilla_flops=reference.flops, ideal_kind="flops",
+        ideal_forward_speedup=reference.forward_flops / measured.forward_flops, forward_flops=measured.forward_flops,
+        vanilla_forward_flops=reference.forward_flops, overhead_of=measured.overhead_of, compiled=compiled_,
+        peak_memory_kind=peak_kind,
+    )
 
 
 def _child_peak(child: ChildSpec, batch_size: int, method: str | None, knobs: dict[str, Any]) -> int | None:

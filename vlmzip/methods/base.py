@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from ..budgets import Budget
+
 # Signals an adapter knows how to compute for a pre-LLM method (``MethodSpec.needs``).
 SIGNALS = frozenset({"keys", "cls_attention", "received_attention", "inputs_embeds"})
 # Where a method acts: on the vision tower's output, on the projector's output, inside the LLM.
@@ -77,6 +79,17 @@ class VisionTokens:
         start = 0 if self.layout.send_prefix else self.layout.num_prefix
         return torch.arange(start, self.layout.total, device=self.hidden.device)
 
+    def rows(self, rows: list[int]) -> VisionTokens:
+        """The same record for the units ``rows`` only (B' = len(rows)), every signal taken along."""
+        index = torch.tensor(rows, device=self.hidden.device)
+
+        def take(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[index.to(t.device)]
+
+        return VisionTokens(hidden=self.hidden[index], layout=self.layout, keys=take(self.keys),
+                            cls_attention=take(self.cls_attention), received_attention=take(self.received_attention),
+                            seeds=take(self.seeds))
+
 
 @dataclass
 class Selection:
@@ -90,12 +103,15 @@ class Selection:
     - ``dominant``: optional number of leading outputs that are kept tokens as they are (VisionZip's
       dominant tokens, CLS included), the rest being merged (contextual) tokens; None when the method
       makes no such split. Multi-crop adapters use it to lay out crops as the method's authors do.
+    - ``units``: on a selection recorded by ``vlmzip.recorded``, the (image number in the call, unit number
+      within the image) of each row: which crop, tile or frame of which image it is; None otherwise.
     """
 
     features: torch.Tensor
     indices: torch.Tensor
     merged_from: torch.Tensor | None = None
     dominant: int | None = None
+    units: tuple[tuple[int, int], ...] | None = None
 
 
 @dataclass
@@ -190,6 +206,7 @@ class LLMStep:
     group: str = ""
     needs: frozenset[str] = field(default_factory=frozenset)
     min_layer: int = 1  # 0 for steps that score with their own layer (LLMTokens.logits), not the previous one
+    note: str = ""  # said by ``vlmzip.plan`` (e.g. the method's default layers were scaled to a shallow LLM)
 
     def plan(self, n: int, vanilla: int, image: str = "an image") -> tuple[int, int]:
         """(kept, after) for an image reaching this step with ``n`` tokens (clear error if impossible)."""
@@ -207,50 +224,6 @@ class Knob:
     type: type
     default: Any
     help: str
-
-
-@dataclass(frozen=True)
-class Budget:
-    """How many visual tokens of an image reach the LLM: ``tokens`` per image, or ``ratio`` of its count.
-
-    ``tokens`` counts tokens per image summed over its crops; ``ratio`` is a share of the image's
-    vanilla count, rounded (at least 1); ``ratio=1.0`` keeps everything.
-    """
-
-    tokens: int | None = None
-    ratio: float | None = None
-    label: str = "tokens"  # how the user spelled the budget, for error messages
-
-    def keep(self, vanilla: int, image: str = "an image") -> int:
-        """Tokens kept of an image the vanilla model sends ``vanilla`` tokens for (clear error if impossible)."""
-        if self.tokens is not None:
-            if self.tokens > vanilla:
-                raise ValueError(
-                    f"{self.label}={self.tokens} is larger than the {vanilla} visual tokens {image} has; "
-                    f"choose {self.label} <= {vanilla} (or ratio=r for a share of each image's tokens)"
-                )
-            return self.tokens
-        assert self.ratio is not None
-        return max(1, min(vanilla, round(self.ratio * vanilla)))
-
-    def describe(self) -> str:
-        return f"tokens={self.tokens}" if self.tokens is not None else f"ratio={self.ratio}"
-
-
-def parse_budget(knobs: dict[str, Any], required: bool = True) -> Budget | None:
-    """Pop ``tokens`` / ``ratio`` from ``knobs`` and validate them: one of the two, never both."""
-    tokens, ratio = knobs.pop("tokens", None), knobs.pop("ratio", None)
-    if tokens is not None and ratio is not None:
-        raise ValueError(f"pass tokens=N or ratio=r, not both (got tokens={tokens}, ratio={ratio})")
-    if tokens is not None:
-        return Budget(tokens=positive_int("tokens", tokens))
-    if ratio is not None:
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
-            raise ValueError(f"ratio must be a number in (0, 1], got {ratio!r}; ratio=1.0 keeps every token")
-        return Budget(ratio=float(ratio))
-    if required:
-        raise ValueError("this method needs a budget: pass tokens=N (visual tokens per image) or ratio=r (0 < r <= 1)")
-    return None
 
 
 BUDGET_KNOBS = (
@@ -341,16 +314,6 @@ def check_knobs(spec: MethodSpec, knobs: dict[str, Any]) -> None:
         if key not in names:
             allowed = ", ".join(sorted(names)) or "none"
             raise ValueError(f"method {spec.name!r} has no knob {key!r}; its knobs are: {allowed}")
-
-
-def positive_int(name: str, value: Any, *, allow_zero: bool = False) -> int:
-    """Validate a budget-like knob: an int (not bool) > 0 (or >= 0); clear error otherwise."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    if value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else ">= 1"
-        raise ValueError(f"{name} must be {bound}, got {value}; pass a positive token budget")
-    return value
 
 
 def gather_tokens(hidden: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

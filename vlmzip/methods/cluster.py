@@ -1,4 +1,4 @@
-"""Cluster & Aggregate (Token Sequence Compression, seed 002, section 3.2), and Cluster & Saliency (3.1).
+"""Cluster & Aggregate (Token Sequence Compression, arXiv 2504.17892, section 3.2), and Cluster & Saliency (3.1).
 
 After the vision encoder and the projector, the visual tokens the vanilla model sends are clustered by
 k-means++ on their projected embeddings with k = the budget (``kmeans.py``); each cluster becomes one
@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from .base import Knob, MethodSpec, Selection, VisionTokens, gather_tokens, positive_int, register
+from ..budgets import positive_int
+from .base import Knob, MethodSpec, Selection, VisionTokens, gather_tokens, register
 from .kmeans import cluster_means, kmeans, nearest_in_groups, squared_distances
 from .sampling import hashed_scores
 from .tome import central_members
@@ -96,7 +97,7 @@ SPEC = register(
 )
 
 
-# -- Cluster & Saliency (seed 002, section 3.1, Table 1) ----------------------------------------------------
+# -- Cluster & Saliency (Token Sequence Compression, 3.1, Table 1) ----------------------------------------------------
 
 
 def rank_in_groups(score: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

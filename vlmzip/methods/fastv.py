@@ -1,5 +1,5 @@
-"""FastV (Chen et al., 2024; the in-LLM baseline of seeds 000 / 003), faithful to the released code
-(pkunlp-icler/FastV, ``modeling_llama.py``, the KV-cache variant):
+"""FastV (Chen et al., 2024, arXiv 2403.06764; the in-LLM baseline of VisionZip and SparseVLM), faithful to the
+released code (pkunlp-icler/FastV, ``modeling_llama.py``, the KV-cache variant):
 
 - before decoder layer K (paper: K = 2) the image tokens are ranked by the attention they receive from
   the last prompt token in layer K-1 (softmax probabilities, averaged over heads);
@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from .base import Budget, Knob, LLMTokens, MethodSpec, positive_int, register, to_device
+from ..budgets import Budget
+from .base import Knob, LLMTokens, MethodSpec, register, to_device
 
 
 def rank_within_groups(scores: torch.Tensor, groups: torch.Tensor, group: int) -> torch.Tensor:
@@ -53,7 +54,11 @@ def fastv(tokens: LLMTokens) -> torch.Tensor:
 
 def resolve(knobs: dict[str, Any]) -> dict[str, Any]:
     """Validate ``layer`` (K >= 1: the scores come from layer K-1)."""
-    layer = positive_int("layer", knobs.get("layer", 2))
+    layer = knobs.get("layer", 2)
+    if isinstance(layer, bool) or not isinstance(layer, int) or layer < 1:
+        raise ValueError(
+            f"fastv: layer must be a decoder layer index >= 1 (the scores come from the layer before), got {layer!r}"
+        )
     return {"layer": layer}
 
 

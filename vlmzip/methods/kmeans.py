@@ -1,4 +1,5 @@
-"""Batched k-means++ (Arthur & Vassilvitskii, 2007) in torch, for the clustering methods (seed 002).
+"""Batched k-means++ (Arthur & Vassilvitskii, 2007) in torch, for the clustering methods of Token
+Sequence Compression (arXiv 2504.17892).
 
 - Seeding: k-means++ (first centre uniform, each next one drawn with probability proportional to the
   squared distance to the nearest chosen centre; uniform among the unchosen points when every distance

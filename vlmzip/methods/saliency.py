@@ -1,4 +1,5 @@
-"""Text-guided saliency (Token Sequence Compression, seed 002, Algorithm 1) and the LLM-side Cluster & Saliency.
+"""Text-guided saliency (Token Sequence Compression, arXiv 2504.17892, Algorithm 1) and the LLM-side Cluster &
+Saliency.
 
 ``saliency`` scores each visual token with the FIRST decoder layer of the LLM, before it runs: the keys of
 the visual tokens against the queries of the text tokens (both after that layer's input norm, q/k
@@ -16,8 +17,8 @@ Choices where the paper is silent:
   cannot see the image (causal attention) and is not a rater.
 - Several images in a prompt: every image is scored by the same text and keeps its own top N.
 
-``cluster_saliency_llm`` is Cluster & Saliency (seed 002, section 3.1, Table 1) on this score: k-means++ on
-the visual embeddings entering the LLM, then variant 1 (static: quotas by cluster size), 2 (dynamic: size x
+``cluster_saliency_llm`` is Cluster & Saliency (Token Sequence Compression, section 3.1, Table 1) on this score:
+k-means++ on the visual embeddings entering the LLM, then variant 1 (static: quotas by cluster size), 2 (dynamic: size x
 softmax(mean cluster saliency)) or 3 (coarse aggregation: ``N - c`` picked tokens plus one mean token per
 cluster, ``c = max(1, min(k, N // 2))``); quotas are fitted so that every image ends with exactly N
 tokens, as the pre-LLM ``cluster_saliency`` does. Variant 3's mean tokens are inserted after the image's
@@ -32,7 +33,8 @@ from typing import Any
 
 import torch
 
-from .base import Budget, LLMSelection, LLMStep, LLMTokens, MethodSpec, register
+from ..budgets import Budget
+from .base import LLMSelection, LLMStep, LLMTokens, MethodSpec, register
 from .cluster import CLUSTER_SALIENCY_KNOBS, cluster_count, resolve_saliency, saliency_clusters
 from .fastv import top_per_image
 from .kmeans import cluster_means
@@ -175,8 +177,8 @@ def cluster_steps(resolved: dict[str, Any], budget: Budget | None, num_layers: i
 SALIENCY = register(
     MethodSpec(
         name="saliency",
-        description="Basic Saliency (seed 002): score visual tokens by the text's layer-0 attention (softmax over "
-        "text, max over heads, mean over text); keep the top N before the LLM runs.",
+        description="Basic Saliency (Token Sequence Compression): score visual tokens by the text's layer-0 attention "
+        "(softmax over text, max over heads, mean over text); keep the top N before the LLM runs.",
         knobs=(),
         fn=saliency,
         stage="llm",
@@ -188,8 +190,9 @@ SALIENCY = register(
 CLUSTER_SALIENCY_LLM = register(
     MethodSpec(
         name="cluster_saliency_llm",
-        description="Cluster & Saliency (seed 002) with the text's layer-0 saliency: k-means++ clusters; each keeps "
-        "its most salient tokens (variant 1 static, 2 dynamic quotas, 3 plus one mean token per cluster).",
+        description="Cluster & Saliency (Token Sequence Compression) with the text's layer-0 saliency: k-means++ "
+        "clusters; each keeps its most salient tokens (variant 1 static, 2 dynamic quotas, 3 plus one mean token per "
+        "cluster).",
         knobs=CLUSTER_SALIENCY_KNOBS,
         fn=cluster_saliency_llm,
         stage="llm",

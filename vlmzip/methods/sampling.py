@@ -1,4 +1,4 @@
-"""Text-agnostic sampling baselines (Token Sequence Compression, seed 002): random and spatial.
+"""Text-agnostic sampling baselines (Token Sequence Compression, arXiv 2504.17892): random and spatial.
 
 Both choose among the tokens the vanilla model sends (patches; plus CLS where the model sends it)
 and keep the chosen ones in positional order.

@@ -1,4 +1,4 @@
-"""SparseVLM (Zhang et al., 2024; seed 003) and SparseVLM+ ("version 2.0"), faithful to the released code
+"""SparseVLM (Zhang et al., 2024, arXiv 2410.04417) and SparseVLM+ ("version 2.0"), faithful to the released code
 (Gumpest/SparseVLMs: ``modelling_sparse_llama.py``, ``score.py``, ``utils.py``).
 
 - **Raters**, once per prefill, from the LLM's input embeddings: V = the visual embeddings, T = the text
@@ -16,7 +16,8 @@
 vlmzip's additions (the released code handles batch 1 and one image): batches with padding, several images
 per prompt (each keeps its own top-N; raters are the text after the row's last image), decode with the
 KV cache, M-RoPE LLMs (Qwen2-VL keeps its positions: 1-D renumbering is not defined for M-RoPE), other
-visual counts (schedules scaled by ``vanilla / 576``) and other depths (layers scaled by ``depth / 32``).
+visual counts (schedules scaled by ``vanilla / 576``) and LLMs too shallow for layer 15 (layers scaled by
+``depth / 32``, said in ``vlmzip.plan``'s notes; every LLM of 17 layers or more prunes after 2, 6 and 15).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from typing import Any
 
 import torch
 
-from .base import Budget, Knob, LLMSelection, LLMStep, LLMTokens, MethodSpec, register, true_positions
+from ..budgets import Budget
+from .base import Knob, LLMSelection, LLMStep, LLMTokens, MethodSpec, register, true_positions
 from .fastv import top_per_image
 
 REFERENCE_TOKENS = 576  # LLaVA-1.5's visual tokens per image, which the schedules are written for
@@ -93,34 +95,40 @@ def recycled_count(deleted: int) -> tuple[int, int]:
 
 
 def scale_layers(layers: tuple[int, ...], depth: int) -> tuple[int, ...]:
-    """The pruning layers for an LLM of ``depth`` decoder layers: as given for 32 layers, else scaled by
-    ``depth / 32`` (rounded half up), kept strictly increasing. Raises if the LLM is too shallow."""
-    if depth == REFERENCE_DEPTH:
-        out = tuple(layers)
-    else:
-        out, prev = [], -1
-        for layer in layers:
-            prev = max(math.floor(layer * depth / REFERENCE_DEPTH + 0.5), prev + 1)
-            out.append(prev)
-        out = tuple(out)
-    if out[-1] > depth - 2:
-        raise ValueError(
-            f"sparsevlm prunes after decoder layers {out}, but this LLM has {depth} layers (the last pruning "
-            f"layer must be <= {depth - 2}); pass layers=(...) with fewer or lower layers"
-        )
-    return out
+    """``layers`` (written for a 32-layer LLM) scaled by ``depth / 32`` (rounded half up), kept strictly
+    increasing."""
+    out, prev = [], -1
+    for layer in layers:
+        prev = max(math.floor(layer * depth / REFERENCE_DEPTH + 0.5), prev + 1)
+        out.append(prev)
+    return tuple(out)
+
+
+def fits(layers: tuple[int, ...], depth: int) -> bool:
+    """Whether an LLM of ``depth`` decoder layers can prune after each of ``layers`` (a layer must follow the
+    last pruning layer, and another after it: the last must be <= depth - 2)."""
+    return layers[-1] <= depth - 2
 
 
 def pruning_layers(layers: tuple[int, ...] | None, depth: int) -> tuple[int, ...]:
-    """The user's ``layers`` as given, or the authors' (2, 6, 15) scaled to ``depth`` (:func:`scale_layers`)."""
+    """The user's ``layers`` as given; by default the authors' (2, 6, 15) whatever the depth (their released code
+    uses them for 7B and 13B alike), scaled by ``depth / 32`` only for an LLM too shallow to have them."""
     if layers is None:
-        return scale_layers(LAYERS, depth)
-    if layers[-1] > depth - 2:
+        layers = LAYERS if fits(LAYERS, depth) else scale_layers(LAYERS, depth)
+    if not fits(layers, depth):
         raise ValueError(
             f"sparsevlm prunes after decoder layers {layers}, but this LLM has {depth} layers (the last pruning "
-            f"layer must be <= {depth - 2}); pass layers=(...) with lower layers"
+            f"layer must be <= {depth - 2}); pass layers=(...) with fewer or lower layers"
         )
     return layers
+
+
+def layers_note(layers: tuple[int, ...] | None, depth: int) -> str:
+    """What ``vlmzip.plan`` says when the default layers had to be scaled (empty otherwise)."""
+    if layers is not None or fits(LAYERS, depth):
+        return ""
+    return (f"sparsevlm: this LLM has {depth} decoder layers, too few for the authors' pruning layers {LAYERS}; "
+            f"pruning after layers {pruning_layers(None, depth)} instead (scaled by {depth}/{REFERENCE_DEPTH})")
 
 
 def schedule(budget: Budget, vanilla: int, version: str) -> tuple[int, ...] | None:
@@ -289,9 +297,10 @@ def steps(resolved: dict[str, Any], budget: Budget | None, num_layers: int) -> l
     else:
         positions = "keep" if keep_positions else "renumber"
     knobs = {"version": resolved["version"], "recycle": resolved["recycle"]}
+    note = layers_note(resolved["layers"], num_layers)
     return [
         LLMStep(layer=layer + 1, fn=sparsevlm, knobs={"index": j, **knobs}, budget=budget, counts=step_counts,
-                positions=positions, group="sparsevlm", needs=frozenset({"inputs_embeds"}))
+                positions=positions, group="sparsevlm", needs=frozenset({"inputs_embeds"}), note=note)
         for j, layer in enumerate(pruning_layers(resolved["layers"], num_layers))
     ]
 
@@ -304,8 +313,8 @@ SPEC = register(
         knobs=(
             Knob("version", str, "1.0", '"1.0" (the paper) or "2.0" (SparseVLM+: no recycling, kept positions, '
                  "gravity-corrected priority heads)"),
-            Knob("layers", tuple, None, "decoder layers after which tokens are pruned (default: 2, 6, 15 for 32 "
-                 "layers, scaled to other depths)"),
+            Knob("layers", tuple, None, "decoder layers after which tokens are pruned (default: the authors' 2, 6, "
+                 "15; scaled by depth / 32 on an LLM of fewer than 17 layers)"),
             Knob("recycle", str, None, 'deleted tokens recycled as cluster "mean" (1.0 default), "sum" (as the '
                  'paper writes it) or "none" (2.0 default)'),
             Knob("keep_positions", bool, None, "keep original positions (default: 1.0 renumbers on 1-D RoPE LLMs, "

@@ -24,7 +24,8 @@ from typing import Any
 
 import torch
 
-from .base import Knob, MethodSpec, Selection, VisionTokens, positive_int, register
+from ..budgets import positive_int
+from .base import Knob, MethodSpec, Selection, VisionTokens, register
 from .kmeans import cluster_means, nearest_in_groups
 
 

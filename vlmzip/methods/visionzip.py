@@ -1,4 +1,4 @@
-"""VisionZip (Yang et al., 2024; seeds 000/001): dominant tokens + contextual tokens.
+"""VisionZip (Yang et al., 2024, arXiv 2412.04467, and its supplement): dominant tokens + contextual tokens.
 
 Faithful to the authors' released behaviour (DESIGN.md section 3):
 
@@ -20,29 +20,8 @@ from typing import Any
 
 import torch
 
-from .base import (
-    Budget,
-    Knob,
-    MethodSpec,
-    Selection,
-    VisionTokens,
-    gather_tokens,
-    positive_int,
-    register,
-    true_positions,
-)
-
-# The paper's LLaVA-1.5 splits: 64 = 54 + 10, 128 = 108 + 20, 192 = 162 + 30.
-CONTEXTUAL_FRACTION = 10 / 64
-
-
-def split_budget(tokens: int) -> tuple[int, int]:
-    """Split a total budget into (dominant, contextual) at the paper's ~84:16 ratio.
-
-    64 -> (54, 10), 128 -> (108, 20), 192 -> (162, 30); other values at the same ratio, rounded.
-    """
-    contextual = round(tokens * CONTEXTUAL_FRACTION)
-    return tokens - contextual, contextual
+from ..budgets import CONTEXTUAL_FRACTION, Budget, positive_int
+from .base import Knob, MethodSpec, Selection, VisionTokens, gather_tokens, register, true_positions
 
 
 def select_dominant(

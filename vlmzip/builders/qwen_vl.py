@@ -1,0 +1,201 @@
+"""Qwen2-VL / Qwen2.5-VL built from config classes: random weights, no download.
+
+``build_qwen_vl(out_dir, QwenVLSpec(...), version="2" | "2.5")`` returns (model, processor) and, with
+``out_dir``, writes a folder that loads like a Hugging Face Qwen-VL checkpoint, offline
+(``AutoModelForImageTextToText.from_pretrained(dir)``; the processor with ``vlmzip.adapters.qwen_vl.load_processor``,
+which is ``AutoProcessor`` where transformers can build Qwen's video processor). The architecture is the real
+one (ViT with 2-D RoPE -> 2x2 PatchMerger -> Qwen2 decoder with M-RoPE; Qwen2.5: window attention with
+full-attention blocks at ``fullatt_block_indexes``); only the sizes are the spec's. The processor is the
+Qwen2-VL one with the PIL image processor and the spec's ``min_pixels`` / ``max_pixels``, so images of
+different sizes get different grids. ``arch:qwen2-vl-7b`` and ``arch:qwen2.5-vl-7b`` are the 7B shapes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import (
+    PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+)
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from ..adapters.qwen_vl import ImageOnlyQwenProcessor
+from .llava import finish
+from .registry import Arch, register_arch
+from .words import BASE_WORDS, word_tokenizer
+
+SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>",
+    "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>",
+]
+
+# Qwen2-VL's chat format (the image / video parts as the released template writes them).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@dataclass
+class QwenVLSpec:
+    """Every knob of a Qwen-VL built from config: version, vision tower, merger, language model, processor
+    pixels, words. ``text_layers`` sets the decoder depth."""
+
+    version: str = "2"  # "2": Qwen2-VL, "2.5": Qwen2.5-VL
+    patch_size: int = 8
+    merge_size: int = 2
+    temporal_patch_size: int = 2
+    vision_hidden: int = 32  # Qwen2-VL: embed_dim; Qwen2.5-VL: hidden_size
+    vision_layers: int = 4
+    vision_heads: int = 2
+    vision_intermediate: int | None = None  # Qwen2.5-VL MLP width (default 2 * vision_hidden)
+    window_size: int = 32  # Qwen2.5-VL: window side in pixels (here 2 x 2 merged tokens)
+    fullatt_block_indexes: tuple[int, ...] = (1, 2)  # Qwen2.5-VL: the last block stays windowed
+    tokens_per_second: int = 2
+    text_hidden: int = 64
+    text_layers: int = 2
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    text_intermediate: int | None = None  # default 4 * text_hidden
+    mrope_section: tuple[int, int, int] | None = None  # default: head_dim / 2 split 1/4, 3/8, 3/8
+    rope_theta: float = 1_000_000.0
+    max_positions: int = 4096
+    vocab_size: int | None = None  # pad the LM vocabulary to this size (real models: 152064)
+    min_pixels: int = 32 * 32
+    max_pixels: int = 128 * 128
+    words: tuple[str, ...] = tuple(BASE_WORDS)
+    seed: int = 0
+
+
+def build_tokenizer(words: list[str] | tuple[str, ...]) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over ``words`` with Qwen's special tokens (no begin-of-text token)."""
+    return word_tokenizer(words, SPECIAL_TOKENS, unk="<unk>", eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                          padding_side="left", chat_template=CHAT_TEMPLATE)
+
+
+def default_mrope_section(head_dim: int) -> list[int]:
+    """Split head_dim / 2 rotary frequencies over (t, h, w) as Qwen does (16, 24, 24 of 64)."""
+    half = head_dim // 2
+    t = half // 4
+    h = (half - t) // 2
+    return [t, h, half - t - h]
+
+
+def check_version(version: str) -> str:
+    """``version`` if it is "2" (Qwen2-VL) or "2.5" (Qwen2.5-VL); a clear error otherwise."""
+    if version not in ("2", "2.5"):
+        raise ValueError(f"version must be '2' or '2.5', got {version!r}")
+    return version
+
+
+def qwen_config(spec: QwenVLSpec, tokenizer: PreTrainedTokenizerFast, version: str | None = None) -> Qwen2VLConfig:
+    """The transformers Qwen2VLConfig / Qwen2_5_VLConfig for these sizes and this tokenizer."""
+    version = check_version(version or spec.version)
+    head_dim = spec.text_hidden // spec.text_heads
+    section = list(spec.mrope_section) if spec.mrope_section else default_mrope_section(head_dim)
+    text = dict(
+        vocab_size=max(len(tokenizer), spec.vocab_size or 0),
+        hidden_size=spec.text_hidden,
+        intermediate_size=spec.text_intermediate or 4 * spec.text_hidden,
+        num_hidden_layers=spec.text_layers,
+        num_attention_heads=spec.text_heads,
+        num_key_value_heads=spec.text_kv_heads,
+        max_position_embeddings=spec.max_positions,
+        rope_parameters={"rope_type": "default", "rope_theta": spec.rope_theta, "mrope_section": section},
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    common = dict(
+        depth=spec.vision_layers, num_heads=spec.vision_heads, patch_size=spec.patch_size,
+        spatial_merge_size=spec.merge_size, temporal_patch_size=spec.temporal_patch_size,
+    )
+    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in (
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+    if version == "2":
+        vision = dict(common, embed_dim=spec.vision_hidden, hidden_size=spec.text_hidden, mlp_ratio=4)
+        return Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
+    vision = dict(
+        common, hidden_size=spec.vision_hidden, out_hidden_size=spec.text_hidden,
+        intermediate_size=spec.vision_intermediate or 2 * spec.vision_hidden, window_size=spec.window_size,
+        fullatt_block_indexes=list(spec.fullatt_block_indexes), tokens_per_second=spec.tokens_per_second,
+    )
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
+
+
+def build_processor(spec: QwenVLSpec, tokenizer: PreTrainedTokenizerFast) -> ImageOnlyQwenProcessor:
+    """The Qwen2-VL processor (PIL image processor, no video processor) for these sizes."""
+    image_processor = Qwen2VLImageProcessorPil(
+        min_pixels=spec.min_pixels, max_pixels=spec.max_pixels, patch_size=spec.patch_size,
+        temporal_patch_size=spec.temporal_patch_size, merge_size=spec.merge_size,
+    )
+    return ImageOnlyQwenProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
+
+
+def _name_processor(out: Path, name: str) -> None:
+    """Record the real processor class, so ``AutoProcessor`` builds it where torchvision is installed."""
+    path = out / "processor_config.json"
+    config = json.loads(path.read_text()) if path.exists() else {}
+    config["processor_class"] = name
+    path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def build_qwen_vl(
+    out_dir: str | Path | None = None,
+    spec: QwenVLSpec | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    version: str | None = None,
+):
+    """Build a randomly initialised Qwen2-VL (``version="2"``) or Qwen2.5-VL (``"2.5"``; default: the
+    spec's ``version``) + processor (weights created directly on ``device`` in ``dtype``); save both to
+    ``out_dir`` when given."""
+    spec = spec or QwenVLSpec()
+    version = check_version(version or spec.version)
+    tokenizer = build_tokenizer(spec.words)
+    processor = build_processor(spec, tokenizer)
+    config = qwen_config(spec, tokenizer, version)
+    cls = Qwen2VLForConditionalGeneration if version == "2" else Qwen2_5_VLForConditionalGeneration
+    torch.manual_seed(spec.seed)
+    with torch.device(device):
+        model = cls._from_config(config, dtype=dtype).eval()
+    model.generation_config.bos_token_id = None
+    finish(model, processor, tokenizer, out_dir)
+    if out_dir is not None:
+        _name_processor(Path(out_dir), "Qwen2VLProcessor" if version == "2" else "Qwen2_5_VLProcessor")
+    return model, processor
+
+
+_QWEN_7B_TEXT = dict(text_hidden=3584, text_layers=28, text_heads=28, text_kv_heads=4, text_intermediate=18944,
+                     mrope_section=(16, 24, 24), vocab_size=152064, min_pixels=56 * 56, max_pixels=28 * 28 * 1280)
+register_arch(Arch(
+    "qwen2-vl-7b", "qwen-vl", build_qwen_vl,
+    # Qwen2-VL-7B-Instruct: ViT 32 x 1280 (16 heads, quick-GELU MLP x4) -> merger -> Qwen2-7B text
+    # (28 layers x 3584, 28 heads, 4 KV heads, intermediate 18944), mrope_section [16, 24, 24].
+    QwenVLSpec(version="2", patch_size=14, vision_hidden=1280, vision_layers=32, vision_heads=16,
+               max_positions=32768, **_QWEN_7B_TEXT),
+    "Qwen2-VL-7B: dynamic resolution, 2x2 merged tokens, M-RoPE",
+))
+register_arch(Arch(
+    "qwen2.5-vl-7b", "qwen-vl", build_qwen_vl,
+    # Qwen2.5-VL-7B-Instruct: ViT 32 x 1280 (16 heads, SwiGLU 3420, window 112 px, full attention at
+    # blocks 7, 15, 23, 31) -> merger -> the same 7B text shapes; tokens_per_second 2.
+    QwenVLSpec(version="2.5", patch_size=14, vision_hidden=1280, vision_layers=32, vision_heads=16,
+               vision_intermediate=3420, window_size=112, fullatt_block_indexes=(7, 15, 23, 31),
+               tokens_per_second=2, max_positions=128000, **_QWEN_7B_TEXT),
+    "Qwen2.5-VL-7B: dynamic resolution, windowed ViT, 2x2 merged tokens, M-RoPE",
+))
