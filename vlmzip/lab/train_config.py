@@ -4,8 +4,7 @@ architecture and words, the learning-rate schedule, image tokens per image); and
 
 Free of torch and transformers (and of PIL): the command line builds its parser, and answers ``--help``,
 without importing them. What needs them is imported inside the functions that use it (``model_config``,
-``lab_words``); the torch dtypes of ``precision`` are ``vlmzip.lab.train.PRECISIONS``. ``vlmzip.lab.train``
-re-exports everything here.
+``lab_words``); the torch dtypes of ``precision`` are ``vlmzip.lab.train.PRECISIONS``.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from vlmzip.tiny import TinyLlavaConfig
+    from vlmzip.builders.llava import LlavaSpec
 
 PRECISION_NAMES = ("bf16", "fp32")  # vlmzip.lab.train.PRECISIONS maps them to torch dtypes
 
@@ -36,7 +35,7 @@ RUNTIME_FIELDS = frozenset(
 @dataclass
 class TrainConfig:
     """Every knob of a training run. Defaults: the base run of the shipped checkpoint; its second stage (a
-    continuation: init_from, mix, distill, freeze_vision) is in the README and BENCHMARKS.md."""
+    continuation: init_from, mix, distill, freeze_vision) is in docs/lab-model.md."""
 
     # optimisation
     steps: int = 4400  # as many as the 60-minute budget on 2 CPU cores allows at these sizes
@@ -61,34 +60,34 @@ class TrainConfig:
     easy_until: float = 0.5
     # dense auxiliary loss: at every image-token position the LM head also predicts what that patch shows
     # (its object's colour and shape word, the written word/number, or <pad> for background), read off the
-    # scene graph: 576 labels per image instead of 3-7 answers. Training-only (no extra weights): the
-    # exported model is a plain LLaVA. 0 = off.
+    # scene graph: one label per patch (256 per image at these sizes) instead of 3-7 answers. Training-only
+    # (no extra weights): the exported model is a plain LLaVA. 0 = off.
     aux_weight: float = 0.5
     aux_min_cover: float = 0.1  # a patch is labelled with an object/text covering >= this share of it
     # attention supervision: at every answer, the LM's layer attn_layer (heads averaged) is trained to put
-    # its attention on the image patches of what the question names (``named_objects``): the loss is
+    # its attention on the image patches of what the question names (``train_data.named_objects``): the loss is
     # -log(attention mass on those patches). Why: trained from scratch, the LM does not learn to look the
-    # named object up (the associative-recall plateau; BENCHMARKS.md). Training-only; 0 = off. It needs
-    # eager attention in the whole LM (``eager_attention``), which costs little at 256 image tokens and
-    # much at 576 (BENCHMARKS.md).
+    # named object up (an associative-recall plateau). Training-only; 0 = off. It needs eager attention in
+    # the whole LM (``train_losses.eager_attention``), which costs little at 256 image tokens and much at
+    # 576 (docs/lab-model.md, "Architecture").
     attn_weight: float = 1.0
     attn_layer: int = 1
     # token-count augmentation: with probability drop_prob an image reaches the LM as a random subset of its
     # patches (kept share uniform in [drop_min_keep, 1), positional order), so that the LM sees image runs of
     # every length. Why: trained only on full-length image runs, the LM is thrown by a shorter sequence (a
-    # compressed image) and answers out of format (BENCHMARKS.md, "Session 3's model").
+    # compressed image) and answers out of format.
     # A pretrained LLM has seen text of every length; this gives the from-scratch lab LM that robustness, so
     # the benchmark measures what compression loses, not a length the LM never saw. Training-only; 0 = off.
     drop_prob: float = 0.5
     drop_min_keep: float = 0.1
     # ... applied only from update drop_from * steps on. Why late: from the start it costs vanilla accuracy
     # at this budget (the LM learns less from fewer patches), while at the end of training (low lr) it
-    # removes the length fragility and keeps vanilla accuracy (BENCHMARKS.md).
+    # removes the length fragility and keeps vanilla accuracy (docs/lab-model.md).
     drop_from: float = 0.93
     # mixture augmentation (vlmzip.lab.train_mix): a shortened image is built by a random component (random,
     # strided or salient subset, CLS kept or not, means of neighbouring or similar patches, salient + merged)
     # instead of the random subset only, so that no method's pattern is favoured. Off in the base run; on in
-    # the continuation phase (BENCHMARKS.md, "The lab model made fair to merging").
+    # the continuation phase (docs/lab-model.md, "Stage 2").
     mix: bool = False
     # continuation: start from the weights of this model folder (fresh optimizer) instead of ``seed``'s
     # initialisation; image_offset: the first train-stream image (to continue on images the base run never saw)
@@ -97,24 +96,24 @@ class TrainConfig:
     # continuation anchor: on every row whose image reaches the LM whole, add distill * KL(init model || this
     # model) of the answer-token distributions (the --init-from model, frozen, as the teacher on the same
     # inputs). Why: a continuation with a fresh optimizer drifts from what the base run learned about whole
-    # images and loses vanilla accuracy (BENCHMARKS.md); the anchor keeps full-image answers where they were
-    # while the shortened rows teach the new patterns. Training-only; 0 = off; needs init_from.
+    # images and loses vanilla accuracy; the anchor keeps full-image answers where they were while the
+    # shortened rows teach the new patterns. Training-only; 0 = off; needs init_from.
     distill: float = 0.0
     # continuation: train the projector and the LM only, the vision tower frozen. Why: nothing in training
     # supervises the CLS token's attention (LLaVA drops CLS), yet VisionZip and Cluster & Saliency rank
-    # patches by it; a continuation that trains the tower scrambles it (session 9: the share of VisionZip's
+    # patches by it; a continuation that trains the tower scrambles it (the share of VisionZip's
     # 54 dominant tokens on objects fell from 36 % to the 12.5 % chance level), which charges those methods
-    # for a drift the base model never had (BENCHMARKS.md).
+    # for a drift the base model never had (docs/lab-model.md, "Stage 2").
     freeze_vision: bool = False
     # branch: start from another run's checkpoint (weights, AdamW state, RNG, update count) taken before its
     # augmentation starts, with other late-phase fields (LATE_FIELDS). Every update before the augmentation
     # is a pure function of the other fields, so the branch equals a whole run with its own config, for the
     # cost of the late phase only: one base run to drop_from, then any number of late-phase recipes.
     branch_from: str = ""
-    # model (see TinyLlavaConfig). 336 px / patch 21 = 256 patch tokens + CLS, not LLaVA-1.5's 576 (patch 14):
+    # model (see LlavaSpec). 336 px / patch 21 = 256 patch tokens + CLS, not LLaVA-1.5's 576 (patch 14):
     # an update at 576 costs too much for the 60-minute CPU budget, above all with attention supervision
-    # (BENCHMARKS.md). 336 px keeps the benchmark's images unresampled; budgets are compared at the same
-    # share of the patches (vlmzip.paper_budget: 192/128/64 of 576 -> 85/57/28).
+    # (docs/lab-model.md, "Architecture"). 336 px keeps the benchmark's images unresampled; budgets are
+    # compared at the same share of the patches (vlmzip.paper_budget: 192/128/64 of 576 -> 85/57/28).
     image_size: int = 336
     patch_size: int = 21
     vision_hidden: int = 128
@@ -129,7 +128,7 @@ class TrainConfig:
     # numerics of the forward pass: "fp32" = plain float32; "bf16" = torch.autocast to bfloat16 (weights,
     # optimizer state and the exported model stay float32; losses are computed in float32). bf16 is faster
     # per update on a CPU with native bf16 (AVX512-BF16/AMX) and slower on one without; fp32 is the recipe
-    # because bf16 learned worse here (BENCHMARKS.md, "bf16 does not pay here").
+    # because bf16 learned worse at these sizes.
     precision: str = "fp32"
     # runtime / bookkeeping
     device: str = "cpu"
@@ -169,18 +168,18 @@ class TrainConfig:
 
 def lab_words() -> tuple[str, ...]:
     """Tokenizer words of the lab model: the chat words plus every word of the benchmark."""
+    from vlmzip.builders.words import BASE_WORDS
     from vlmzip.lab import scenes
-    from vlmzip.tiny import BASE_WORDS
 
     return tuple(dict.fromkeys([*BASE_WORDS, *scenes.vocabulary()]))
 
 
-def model_config(cfg: TrainConfig) -> TinyLlavaConfig:
-    """The TinyLlavaConfig (architecture + tokenizer words) a TrainConfig trains."""
-    from vlmzip.tiny import TinyLlavaConfig
+def model_config(cfg: TrainConfig) -> LlavaSpec:
+    """The LlavaSpec (architecture + tokenizer words) a TrainConfig trains."""
+    from vlmzip.builders.llava import LlavaSpec
 
-    shared = {f.name for f in dataclasses.fields(TinyLlavaConfig)} & {f.name for f in dataclasses.fields(TrainConfig)}
-    return TinyLlavaConfig(**{name: getattr(cfg, name) for name in shared}, words=lab_words())
+    shared = {f.name for f in dataclasses.fields(LlavaSpec)} & {f.name for f in dataclasses.fields(TrainConfig)}
+    return LlavaSpec(**{name: getattr(cfg, name) for name in shared}, words=lab_words())
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
