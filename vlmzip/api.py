@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from torch import nn
@@ -58,6 +58,15 @@ class Plan:
     final_tokens: int | None
     layer_avg_tokens: float | None
     notes: tuple[str, ...] = ()
+    steps: tuple[LLMStep, ...] = ()  # the in-LLM stages' pruning points, by layer
+    num_layers: int = 0  # the LLM's decoder layers
+
+    def for_image(self, vanilla: int) -> Plan:
+        """The same plan with the token counts of an image the vanilla model sends ``vanilla`` tokens for (on
+        models whose images each have their own count: LLaVA-NeXT's crops, Qwen-VL's resolutions)."""
+        pre = next((s for s in self.stages if s.spec.stage != "llm"), None)
+        tokens, final, avg = image_counts(pre, list(self.steps), vanilla, self.num_layers)
+        return replace(self, vanilla_tokens=vanilla, tokens=tokens, final_tokens=final, layer_avg_tokens=avg)
 
     @property
     def knobs(self) -> dict[str, Any]:
@@ -156,7 +165,20 @@ def plan(model: nn.Module, method: MethodArg, **knobs: Any) -> Plan:
         raise ValueError("list pre-LLM methods before in-LLM ones (e.g. ['visionzip', 'fastv'])")
     num_layers = len(adapter.language_model().layers)
     steps = llm_steps(llm, num_layers)
-    layers = [step.layer for step in steps]
+    _check_steps(steps, num_layers)
+    if llm:
+        _check_llm_supports_pruning(adapter.language_model())
+    vanilla = adapter.static_tokens_per_image()
+    tokens = final = avg = None
+    if vanilla is not None:
+        tokens, final, avg = image_counts(pre[0] if pre else None, steps, vanilla, num_layers)
+    name = "+".join(s.method for s in stages) or "vanilla"
+    notes = tuple(dict.fromkeys(step.note for step in steps if step.note))
+    return Plan(name, tuple(stages), adapter, vanilla, tokens, final, avg, notes, tuple(steps), num_layers)
+
+
+def _check_steps(steps: list[LLMStep], num_layers: int) -> None:
+    """Every pruning point inside the LLM's decoder layers, in increasing order (a clear error otherwise)."""
     for step in steps:
         if not step.min_layer <= step.layer < num_layers:
             why = " (the scores come from the layer before)" if step.min_layer else ""
@@ -164,33 +186,35 @@ def plan(model: nn.Module, method: MethodArg, **knobs: Any) -> Plan:
                 f"{step.group}: layer={step.layer} is outside this LLM's decoder layers "
                 f"{step.min_layer}..{num_layers - 1}{why}"
             )
+    layers = [step.layer for step in steps]
     if layers != sorted(set(layers)):
         raise ValueError(f"in-LLM stages must act at increasing layers, got {layers}")
-    if llm:
-        if "sliding_attention" in (getattr(adapter.language_model().config, "layer_types", None) or []):
-            raise ValueError(
-                "in-LLM methods do not support LLMs with sliding-window attention layers (their masks differ per "
-                "layer); use a pre-LLM method, or a config with use_sliding_window=False"
-            )
-        kind = adapter.language_model().config._attn_implementation
-        if kind not in llm_hooks.SUPPORTED_ATTENTION:
-            raise ValueError(
-                f"in-LLM methods need the LLM's attention to be one of {llm_hooks.SUPPORTED_ATTENTION}, got {kind!r}; "
-                "load the model with attn_implementation='sdpa'"
-            )
-    vanilla = adapter.static_tokens_per_image()
-    tokens = final = avg = None
-    if vanilla is not None:
-        tokens = vanilla if not pre else pre[0].keep(vanilla)
-        counts = [tokens]
-        for step in steps:
-            counts.append(step.plan(counts[-1], vanilla)[1])
-        final = counts[-1]
-        bounds = [0, *layers, num_layers]
-        avg = sum(counts[i] * (bounds[i + 1] - bounds[i]) for i in range(len(counts))) / num_layers
-    name = "+".join(s.method for s in stages) or "vanilla"
-    notes = tuple(dict.fromkeys(step.note for step in steps if step.note))
-    return Plan(name, tuple(stages), adapter, vanilla, tokens, final, avg, notes)
+
+
+def _check_llm_supports_pruning(lm: nn.Module) -> None:
+    """In-LLM methods need one mask for every layer and an attention vlmzip can rebuild rows of."""
+    if "sliding_attention" in (getattr(lm.config, "layer_types", None) or []):
+        raise ValueError(
+            "in-LLM methods do not support LLMs with sliding-window attention layers (their masks differ per "
+            "layer); use a pre-LLM method, or a config with use_sliding_window=False"
+        )
+    kind = lm.config._attn_implementation
+    if kind not in llm_hooks.SUPPORTED_ATTENTION:
+        raise ValueError(
+            f"in-LLM methods need the LLM's attention to be one of {llm_hooks.SUPPORTED_ATTENTION}, got {kind!r}; "
+            "load the model with attn_implementation='sdpa'"
+        )
+
+
+def image_counts(pre: Stage | None, steps: list[LLMStep], vanilla: int, num_layers: int) -> tuple[int, int, float]:
+    """(visual tokens the LLM receives, ends with, averages over its ``num_layers`` decoder layers) for an image
+    the vanilla model sends ``vanilla`` tokens for, through the pre-LLM stage ``pre`` and the in-LLM ``steps``."""
+    counts = [vanilla if pre is None else pre.keep(vanilla)]
+    for step in steps:
+        counts.append(step.plan(counts[-1], vanilla)[1])
+    bounds = [0, *(step.layer for step in steps), num_layers]
+    avg = sum(counts[i] * (bounds[i + 1] - bounds[i]) for i in range(len(counts))) / num_layers
+    return counts[0], counts[-1], avg
 
 
 def llm_steps(llm: list[Stage], num_layers: int) -> list[LLMStep]:

@@ -52,9 +52,11 @@ class Budget:
             if self.tokens > vanilla:
                 label, tokens = self.label, self.tokens
                 spelled = f"{label}={tokens}" if label.isidentifier() else f"{label} = {tokens}"
+                instead = ("ratio=r for a share of each image's tokens" if label == "tokens" else
+                           "tokens=N or ratio=r instead of them")
                 raise ValueError(
-                    f"{spelled} is larger than the {vanilla} visual tokens {image} has; choose {self.label} <= "
-                    f"{vanilla} (or ratio=r for a share of each image's tokens)"
+                    f"{spelled} is larger than the {vanilla} visual tokens {image} has; choose {label} <= "
+                    f"{vanilla} (or {instead})"
                 )
             return self.tokens
         assert self.ratio is not None

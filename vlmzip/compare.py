@@ -22,7 +22,7 @@ class Comparison:
 
     ``tokens_before`` / ``tokens_after``: visual tokens per image the vanilla model sends and the compressed one
     ends with; on a model whose count depends on the image, this image's (``tokens_after`` None where an in-LLM
-    stage decides it inside the LLM)."""
+    stage decides it inside the LLM). ``notes``: what ``vlmzip.plan`` says about how the method fits this model."""
 
     vanilla_answer: str
     method_answer: str
@@ -31,6 +31,7 @@ class Comparison:
     knobs: dict[str, Any]
     selection: Selection | None
     timing: TTFTComparison
+    notes: tuple[str, ...] = ()
 
 
 @torch.no_grad()
@@ -53,40 +54,30 @@ def compare_answers(
     with compressed(model, method, **knobs), recorded(model) as selections:
         method_answer = answer()
     selection = selections[-1] if selections else None
-    before, after = planned.vanilla_tokens, planned.final_tokens
     inputs = batch_inputs(processor, [image], [question], model)
-    if before is None:  # the count depends on the image (LLaVA-NeXT's crops, Qwen2-VL's resolution): this one's
-        before, after = image_tokens(model, inputs), None
-        if selections and all(stage.spec.stage != "llm" for stage in planned.stages):
-            after = sum(s.features.shape[0] * s.features.shape[1] for s in selections)
+    per_image = planned.vanilla_tokens is None  # the count depends on the image (LLaVA-NeXT, Qwen-VL)
+    if per_image:
+        planned = planned.for_image(planned.adapter.items(inputs)[0].vanilla)
+    before, sent, after = planned.vanilla_tokens, planned.tokens, planned.final_tokens
     resolved = dict(planned.knobs)
     share = next((s.knobs["contextual_share"] for s in planned.stages if "contextual_share" in s.knobs), None)
-    if share is not None and after is not None:  # VisionZip: say how the budget splits
+    if share is not None:  # VisionZip: say how the tokens it sends split
         resolved["contextual_share"] = share
-        dominant = after - round(after * share)
-        if planned.vanilla_tokens is None and all(s.dominant is not None for s in selections):
+        dominant = sent - round(sent * share)
+        if per_image and selections and all(s.dominant is not None for s in selections):
             dominant = sum(s.features.shape[0] * s.dominant for s in selections)  # as split over this image's crops
-        resolved["split"] = f"dominant {dominant} + contextual {after - dominant}"
+        resolved["split"] = f"dominant {dominant} + contextual {sent - dominant}"
     timing = compare_ttft(model, inputs, method, knobs, repeats=repeats)
-    return Comparison(vanilla_answer, method_answer, before, after, resolved, selection, timing)
-
-
-def image_tokens(model: nn.Module, inputs: dict[str, torch.Tensor]) -> int | None:
-    """Visual tokens of the first image in ``inputs`` as the vanilla model sends them: its image placeholders in
-    the processed prompt (None for a model whose config names no image token)."""
-    token = getattr(model.config, "image_token_id", None)
-    if token is None:
-        token = getattr(model.config, "image_token_index", None)
-    return None if token is None else int((inputs["input_ids"][0] == token).sum())
+    return Comparison(vanilla_answer, method_answer, before, after, resolved, selection, timing, planned.notes)
 
 
 def describe(c: Comparison, method: str, repeats: int) -> str:
     """The lines ``vlmzip run`` / ``demo`` print about a comparison."""
     t = c.timing
-    after = "decided inside the LLM" if c.tokens_after is None else c.tokens_after
     return "\n".join([
         f"method:  {method} {c.knobs}",
-        f"visual tokens per image: {c.tokens_before} -> {after}",
+        *(f"note:    {note}" for note in c.notes),
+        f"visual tokens per image: {c.tokens_before} -> {c.tokens_after}",
         f"answer (vanilla):      {c.vanilla_answer!r}",
         f"answer ({method}): {c.method_answer!r}",
         f"time to first token, median of {repeats} interleaved runs: "

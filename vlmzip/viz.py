@@ -285,24 +285,20 @@ def method_panel(model: Any, view: ImageView, method: str, knobs: dict[str, Any]
     """
     import torch
 
-    from .api import compressed, llm_steps, plan, recorded
+    from .api import compressed, plan, recorded
 
-    planned = plan(model, method, **knobs)
+    planned = plan(model, method, **knobs).for_image(view.total)
     picture = plain_picture(view)
     if not planned.stages:
         return f"{method_label(method)}, all {view.total} visual tokens", picture, set()
     stage = planned.stages[0]
     if stage.spec.stage == "llm":
-        steps = llm_steps([stage], len(planned.adapter.language_model().layers))
-        counts = [view.total]
-        for step in steps:
-            counts.append(step.plan(counts[-1], view.total)[1])
-        layers = ", ".join(str(s.layer) for s in steps)
-        caption = budget_title(method, counts[-1], view.total)
+        layers = ", ".join(str(s.layer) for s in planned.steps)
+        caption = budget_title(method, planned.final_tokens, view.total)
         text = (f"{method_label(method)} drops visual tokens inside the LLM, before decoder layer(s) {layers}, by "
                 "the attention of the question's tokens: which ones depends on the question, so there is no "
                 "selection before the LLM to draw.")
-        return f"{caption} from LLM layer {steps[0].layer} on", notice(picture, text), set()
+        return f"{caption} from LLM layer {planned.steps[0].layer} on", notice(picture, text), set()
     kept = stage.keep(view.total)
     caption = budget_title(method, kept, view.total)
     with torch.no_grad(), compressed(model, method, **knobs), recorded(model) as selections:
