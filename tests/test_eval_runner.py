@@ -58,6 +58,17 @@ def test_eval_writes_predictions_results_table_and_plot(llava_dir, data_dir, tmp
     assert "| vanilla | 64 |" in capsys.readouterr().out
 
 
+def test_the_plans_notes_reach_the_results_and_the_table(six_layer_dir, data_dir, tmp_path):
+    """SparseVLM on a 6-layer LLM prunes after scaled layers: the evaluation says so where its numbers are."""
+    out = tmp_path / "ev"
+    assert main(["eval", "--model", str(six_layer_dir), "--data", str(data_dir), "--out", str(out),
+                 "--methods", "vanilla,sparsevlm", "--tokens", "16", "--limit", "2", "--max-new-tokens", "2"]) == 0
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert runs[0]["notes"] == [] and len(runs[1]["notes"]) == 1
+    assert "pruning after layers (0, 1, 3)" in runs[1]["notes"][0]
+    assert f"Note: {runs[1]['notes'][0]}." in (out / "table.md").read_text()
+
+
 def test_eval_resumes_and_batching_does_not_change_answers(llava_dir, data_dir, tmp_path):
     out = tmp_path / "ev"
     assert evaluate(llava_dir, data_dir, out, "--batch-size", "4") == 0

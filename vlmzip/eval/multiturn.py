@@ -36,7 +36,7 @@ from ..lab import scenes
 from .format import Record, load_image
 from .loop import Task
 from .outdir import write_atomically
-from .report import token_cell
+from .report import notes_lines, token_cell
 from .scorers import score_records
 
 _PLURALS = {plural: shape for shape, plural in scenes.SHAPE_PLURALS.items()}
@@ -214,7 +214,7 @@ def multi_turn_table(results: dict[str, Any]) -> str:
         delta = "n/a" if p1 is None or p2 is None else f"{p2 - p1:+.1f}"
         lines.append(f"| {run['method']} | {token_cell(run)} | {cells[0]} | {cells[1]} | "
                      f"{100 * (ref2 - a2):+.1f} | {delta} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + notes_lines(runs)) + "\n"
 
 
 class ConversationTask(Task[Conversation]):

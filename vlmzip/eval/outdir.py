@@ -146,7 +146,7 @@ def previous_runs(out: Path) -> list[Run]:
         rows = json.loads(path.read_text())["runs"]
         return [
             Run(r["key"], r["method"], dict(r["knobs"]), int(r["tokens"]), r.get("layer_avg_tokens"),
-                r.get("budget"), r.get("sent_tokens"))
+                r.get("budget"), r.get("sent_tokens"), list(r.get("notes", [])))
             for r in rows
         ]
     except (ValueError, KeyError, TypeError) as err:

@@ -76,7 +76,13 @@ def retention_table(results: dict[str, Any]) -> str:
         kept = f"{100 * budget / total:.1f}%"
         lines.append(f"| **Retain {budget} tokens ({kept})** |" + " |" * (len(header) - 1))
         lines.extend(row(r) for r in runs[1:] if nominal(r) == budget)
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + notes_lines(runs)) + "\n"
+
+
+def notes_lines(runs: list[dict[str, Any]]) -> list[str]:
+    """The table's closing notes: what ``vlmzip.plan`` said about the methods on this model, once each."""
+    notes = dict.fromkeys(note for run in runs for note in run.get("notes", []))
+    return ["", *(f"Note: {note}." for note in notes)] if notes else []
 
 
 def nominal(run: dict[str, Any]) -> int:

@@ -75,6 +75,7 @@ class Run:
     layer_avg_tokens: float | None = None  # in-LLM methods: visual tokens per image averaged over decoder layers
     budget: int | None = None
     sent_tokens: int | None = None
+    notes: list[str] = field(default_factory=list)  # what vlmzip.plan says about the method on this model
 
 
 def has_llm_stage(method: str) -> bool:
@@ -119,7 +120,7 @@ def _entry_runs(model: nn.Module, entry: str, name: str, extra: dict[str, Any], 
         key = f"{entry}@{budget['tokens']}" if budget else entry
         avg = planned.layer_avg_tokens if has_llm_stage(name) else None
         nominal = knobs.get("tokens", planned.final_tokens)
-        runs.append(Run(key, name, knobs, planned.final_tokens, avg, nominal, planned.tokens))
+        runs.append(Run(key, name, knobs, planned.final_tokens, avg, nominal, planned.tokens, list(planned.notes)))
     return runs
 
 
