@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from .devices import resolve_device
 from .knobs import parse_value, split_knobs, split_methods
 from .lab import default_image
+from .text import check_utf8
 
 if TYPE_CHECKING:
     from torch import nn
@@ -137,20 +138,6 @@ def _csv(cast: Any) -> Any:
 
 
 # -- checks of run / demo / viz / bench inputs, before any model loads -----------------------------------------
-
-
-def check_utf8(text: str | None, flag: str) -> None:
-    """A clear ValueError for text given as bytes that are not UTF-8 (``--prompt $'\\xff'`` from a shell):
-    Python keeps such bytes as lone surrogates, which no tokenizer accepts."""
-    if text is None:
-        return
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as err:
-        bad = ", ".join(f"0x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF else f"U+{ord(c):04X}"
-                        for c in err.object[err.start : err.end])
-        raise ValueError(f"{flag} is not valid UTF-8 text ({bad} at character {err.start + 1}); pass the text "
-                         "in UTF-8 (check the encoding of your terminal or script)") from None
 
 
 def check_out_file(out: str, flag: str = "--out") -> None:

@@ -11,6 +11,7 @@ from transformers import AutoModelForImageTextToText
 
 from .adapters import adapter_for
 from .paths import CHECKPOINT_DIR, checkpoint_dir
+from .text import check_utf8
 
 ARCH_PREFIX = "arch:"
 
@@ -107,13 +108,7 @@ def chat_prompt(processor: object, question: str) -> str:
 
     A clear ``ValueError`` for a question that is not valid UTF-8 text (bytes a shell passed on undecoded,
     which Python keeps as lone surrogates and no tokenizer accepts)."""
-    try:
-        question.encode("utf-8")
-    except UnicodeEncodeError as err:
-        bad = ", ".join(f"0x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF else f"U+{ord(c):04X}"
-                        for c in err.object[err.start : err.end])
-        raise ValueError(f"the prompt is not valid UTF-8 text ({bad} at character {err.start + 1}); pass the "
-                         "question in UTF-8") from None
+    check_utf8(question, "the prompt")
     if getattr(processor, "chat_template", None):
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
         return processor.apply_chat_template(messages, add_generation_prompt=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -133,6 +134,14 @@ def llava_config(spec: LlavaSpec, tokenizer: PreTrainedTokenizerFast) -> LlavaCo
     )
 
 
+def instantiate(cls: type, config: object, seed: int, device: str | torch.device, dtype: torch.dtype) -> Any:
+    """A ``cls`` model of ``config`` with random weights drawn from ``seed``, created directly on ``device`` in
+    ``dtype`` (``"meta"``: shapes only), in eval mode (shared by every builder)."""
+    torch.manual_seed(seed)
+    with torch.device(device):
+        return cls._from_config(config, dtype=dtype).eval()
+
+
 def finish(model: torch.nn.Module, processor: object, tokenizer: PreTrainedTokenizerFast,
            out_dir: str | Path | None) -> None:
     """Set the generation config's pad / eos tokens from ``tokenizer`` and save model and processor to
@@ -157,9 +166,7 @@ def build_llava(
     spec = spec or LlavaSpec()
     tokenizer = build_tokenizer(spec.words)
     processor = build_processor(spec, tokenizer)
-    torch.manual_seed(spec.seed)
-    with torch.device(device):
-        model = LlavaForConditionalGeneration._from_config(llava_config(spec, tokenizer), dtype=dtype).eval()
+    model = instantiate(LlavaForConditionalGeneration, llava_config(spec, tokenizer), spec.seed, device, dtype)
     finish(model, processor, tokenizer, out_dir)
     return model, processor
 

@@ -22,7 +22,15 @@ from transformers import (
 )
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
-from .llava import CHAT_TEMPLATE, LlavaSpec, build_tokenizer, clip_vision_config, finish, llama_text_config
+from .llava import (
+    CHAT_TEMPLATE,
+    LlavaSpec,
+    build_tokenizer,
+    clip_vision_config,
+    finish,
+    instantiate,
+    llama_text_config,
+)
 from .registry import Arch, register_arch
 
 # LLaVA-NeXT's pinpoints, (height, width) in units of the crop size (336 px for the real model).
@@ -91,9 +99,8 @@ def build_llava_next(
     spec = spec or LlavaNextSpec()
     tokenizer = build_tokenizer(spec.words)
     processor = build_processor(spec, tokenizer)
-    torch.manual_seed(spec.seed)
-    with torch.device(device):
-        model = LlavaNextForConditionalGeneration._from_config(llava_next_config(spec, tokenizer), dtype=dtype).eval()
+    model = instantiate(LlavaNextForConditionalGeneration, llava_next_config(spec, tokenizer), spec.seed, device,
+                        dtype)
     finish(model, processor, tokenizer, out_dir)
     return model, processor
 

@@ -27,7 +27,7 @@ from transformers import (
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from ..adapters.qwen_vl import ImageOnlyQwenProcessor
-from .llava import finish
+from .llava import finish, instantiate
 from .registry import Arch, register_arch
 from .words import BASE_WORDS, word_tokenizer
 
@@ -170,9 +170,7 @@ def build_qwen_vl(
     processor = build_processor(spec, tokenizer)
     config = qwen_config(spec, tokenizer, version)
     cls = Qwen2VLForConditionalGeneration if version == "2" else Qwen2_5_VLForConditionalGeneration
-    torch.manual_seed(spec.seed)
-    with torch.device(device):
-        model = cls._from_config(config, dtype=dtype).eval()
+    model = instantiate(cls, config, spec.seed, device, dtype)
     model.generation_config.bos_token_id = None
     finish(model, processor, tokenizer, out_dir)
     if out_dir is not None:
