@@ -540,7 +540,8 @@ def add_viz_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--methods", type=_csv(str), default="visionzip,random,spatial",
                    help="comma-separated methods, one panel each")
     p.add_argument("--tokens", type=positive_int,
-                   help="visual tokens per image sent to the LLM (default: 64 of 576, scaled to the model)")
+                   help="visual tokens per image sent to the LLM (default: the papers' 64 of 576, as the same share "
+                   "of the image's own visual tokens)")
     p.add_argument("--out", default="vlmzip-viz.png", help="where to write the picture")
     add_device_args(p)
     p.set_defaults(func=cmd_viz)
