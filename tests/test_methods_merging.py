@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import vlmzip
+import vlmzip.methods
 from vlmzip.methods.base import TokenLayout, VisionTokens, get_method
 from vlmzip.methods.cluster import cluster_aggregate
 from vlmzip.methods.divprune import divprune
@@ -29,6 +30,26 @@ def units(batch, grid, dim, prefix, send, seed, duplicates=False):
     layout = TokenLayout(num_prefix=prefix, grid=grid, send_prefix=send)
     seeds = torch.arange(batch, dtype=torch.int64) * 7919 + seed
     return VisionTokens(hidden=hidden, layout=layout, keys=keys, seeds=seeds)
+
+
+PRE_LLM = sorted(name for name, spec in vlmzip.methods.registered().items() if spec.stage != "llm" and spec.takes_budget)
+
+
+@settings(max_examples=120, deadline=None)
+@given(name=st.sampled_from(PRE_LLM), grid=st.tuples(st.integers(2, 6), st.integers(2, 6)),
+       prefix=st.integers(0, 1), send=st.booleans(), seed=st.integers(0, 99), data=st.data())
+def test_a_selection_applies_its_merging_to_other_features_of_the_same_tokens(name, grid, prefix, send, seed, data):
+    """``Selection.apply`` mixes any per-token features as the method mixed the tokens: applied to the tokens
+    themselves it gives the method's own outputs (so e.g. Qwen3-VL's DeepStack features follow the selection)."""
+    tokens = units(2, grid, 6, prefix, send, seed)
+    gen = torch.Generator().manual_seed(seed)
+    signal = torch.rand(2, tokens.hidden.shape[1], generator=gen)
+    tokens.cls_attention, tokens.received_attention = (signal, None) if prefix else (None, signal)
+    keep = data.draw(st.integers(1, tokens.layout.vanilla))
+    sel = run(name, tokens, keep)
+    torch.testing.assert_close(sel.apply(tokens.hidden), sel.features, atol=1e-5, rtol=1e-5)
+    other = torch.randn(2, tokens.hidden.shape[1], 3, generator=gen)
+    assert sel.apply(other).shape == (2, keep, 3)
 
 
 def run(name, tokens, keep, **knobs):

@@ -103,6 +103,9 @@ class Selection:
     - ``dominant``: optional number of leading outputs that are kept tokens as they are (VisionZip's
       dominant tokens, CLS included), the rest being merged (contextual) tokens; None when the method
       makes no such split. Multi-crop adapters use it to lay out crops as the method's authors do.
+    - ``weights``: for a method that merges, (B, K, T) float: output k is ``sum_t weights[b, k, t] * hidden[b,
+      t]`` (a merged token's mixture of the input tokens, a kept token's one-hot row); None for a pure
+      selection (output k is ``hidden[b, indices[b, k]]``). ``apply`` uses it.
     - ``units``: on a selection recorded by ``vlmzip.recorded``, the (image number in the call, unit number
       within the image) of each row: which crop, tile or frame of which image it is; None otherwise.
     """
@@ -111,7 +114,23 @@ class Selection:
     indices: torch.Tensor
     merged_from: torch.Tensor | None = None
     dominant: int | None = None
+    weights: torch.Tensor | None = None
     units: tuple[tuple[int, int], ...] | None = None
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """The same selection and merging applied to other per-token features aligned with the input tokens:
+        (B, T, D') -> (B, K, D') (e.g. Qwen3-VL's DeepStack features of the same tokens). A kept token takes its
+        own row, a merged token the same mixture of rows as its features."""
+        if self.weights is None:
+            return gather_tokens(x, self.indices.to(x.device))
+        return (self.weights.to(x.device) @ x.float()).to(x.dtype)
+
+
+def mean_weights(merged_from: torch.Tensor, keep: int) -> torch.Tensor:
+    """``Selection.weights`` of outputs that are each the plain mean of their members: (B, T) ``merged_from``
+    (each input token's output slot, -1 = dropped) -> (B, keep, T), 1 / members on each member."""
+    one_hot = (merged_from.unsqueeze(1) == torch.arange(keep, device=merged_from.device).view(1, -1, 1)).float()
+    return one_hot / one_hot.sum(dim=-1, keepdim=True).clamp(min=1)
 
 
 @dataclass

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ..budgets import positive_int
-from .base import Knob, MethodSpec, Selection, VisionTokens, gather_tokens, register
+from .base import Knob, MethodSpec, Selection, VisionTokens, gather_tokens, mean_weights, register
 from .kmeans import cluster_means, kmeans, nearest_in_groups, squared_distances
 from .sampling import hashed_scores
 from .tome import central_members
@@ -59,7 +59,7 @@ def cluster_aggregate(
     indices = candidates[rep.gather(1, sequence)]
     merged_from = torch.full((batch, total), -1, dtype=torch.long, device=device)
     merged_from[:, candidates] = slot_of_cluster.gather(1, labels)
-    return Selection(features=features, indices=indices, merged_from=merged_from)
+    return Selection(features=features, indices=indices, merged_from=merged_from, weights=mean_weights(merged_from, keep))
 
 
 def resolve(knobs: dict[str, Any]) -> dict[str, Any]:
@@ -217,7 +217,8 @@ def cluster_saliency(
     slot_of.scatter_(1, ident, torch.arange(keep, device=device).expand(batch, -1))
     merged_from = torch.full((batch, total), -1, dtype=torch.long, device=device)
     merged_from[:, candidates] = slot_of.gather(1, owner.clamp(min=0)).masked_fill(owner < 0, -1)
-    return Selection(features=features, indices=candidates[out_idx], merged_from=merged_from)
+    return Selection(features=features, indices=candidates[out_idx], merged_from=merged_from,
+                     weights=mean_weights(merged_from, keep))
 
 
 def resolve_saliency(knobs: dict[str, Any]) -> dict[str, Any]:

@@ -72,12 +72,19 @@ def pool(tokens: VisionTokens, keep: int) -> Selection:
     merged_from[centre[cells]] = slot_of_cell[cells]  # bins overlap: a sent centre maps to its own cell
     indices = centre[cells]
     features = pooled[:, cells]
+    weights = torch.zeros(keep, total, device=device)
+    for slot, cell in enumerate(cells.tolist()):  # each sent cell: the mean of its (possibly overlapping) bin
+        i, j = divmod(cell, w)
+        window = torch.zeros(height, width, device=device)
+        window[rs[i] : re[i], cs[j] : ce[j]] = 1.0 / ((re[i] - rs[i]) * (ce[j] - cs[j]))
+        weights[cls_count + slot, pre:] = window.flatten()
     if with_cls:
         merged_from[:pre] = torch.arange(pre, device=device)
         indices = torch.cat([torch.arange(pre, device=device), indices])
         features = torch.cat([hidden[:, :pre].float(), features], dim=1)
+        weights[:pre, :pre] = torch.eye(pre, device=device)
     return Selection(features=features.to(hidden.dtype), indices=indices.expand(batch, -1),
-                     merged_from=merged_from.expand(batch, -1))
+                     merged_from=merged_from.expand(batch, -1), weights=weights.expand(batch, -1, -1))
 
 
 SPEC = register(

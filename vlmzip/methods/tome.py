@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from ..budgets import positive_int
-from .base import Knob, MethodSpec, Selection, VisionTokens, register
+from .base import Knob, MethodSpec, Selection, VisionTokens, mean_weights, register
 from .kmeans import cluster_means, nearest_in_groups
 
 
@@ -103,7 +103,8 @@ def tome(tokens: VisionTokens, keep: int, r: int = 0) -> Selection:
         slot = new_slot.gather(1, slot)
     merged_from = torch.full((batch, total), -1, dtype=torch.long, device=device)
     merged_from[:, candidates] = slot
-    return Selection(features=x, indices=candidates[central_members(tokens, slot, keep)], merged_from=merged_from)
+    return Selection(features=x, indices=candidates[central_members(tokens, slot, keep)], merged_from=merged_from,
+                     weights=mean_weights(merged_from, keep))
 
 
 def central_members(tokens: VisionTokens, slot: torch.Tensor, keep: int) -> torch.Tensor:

@@ -70,8 +70,9 @@ def merge_contextual(
     """Merge R remaining tokens into C contextual tokens.
 
     ``hidden`` (B, R, D) and ``keys`` (B, R, Dh) are the remaining tokens in positional order.
-    Returns ``(tokens (B, C, D), targets (C,), assign (B, R))`` where ``targets`` are positions among
-    the R tokens and ``assign[b, r]`` is the contextual slot (0..C-1) token r went to.
+    Returns ``(tokens (B, C, D), targets (C,), assign (B, R), weights (B, C, R))`` where ``targets`` are
+    positions among the R tokens, ``assign[b, r]`` is the contextual slot (0..C-1) token r went to, and
+    ``weights`` how each contextual token mixes the R tokens (1 on its target, 1 / members on each member).
     """
     batch, num_remaining, _ = hidden.shape
     targets = uniform_targets(num_remaining, contextual, hidden.device)
@@ -93,7 +94,10 @@ def merge_contextual(
     assign = torch.empty(batch, num_remaining, dtype=torch.long, device=hidden.device)
     assign[:, targets] = torch.arange(contextual, device=hidden.device)
     assign[:, members] = member_slot
-    return tokens, targets, assign
+    weights = torch.zeros(batch, contextual, num_remaining, dtype=torch.float32, device=hidden.device)
+    weights[:, :, members] = (one_hot / counts.transpose(1, 2)).transpose(1, 2)
+    weights[:, torch.arange(contextual, device=hidden.device), targets] = 1.0
+    return tokens, targets, assign, weights
 
 
 def visionzip(tokens: VisionTokens, keep: int, contextual_share: float = CONTEXTUAL_FRACTION) -> Selection:
@@ -125,12 +129,15 @@ def visionzip_select(tokens: VisionTokens, dominant: int, contextual: int) -> Se
     rest_idx = remaining_indices(dom_idx, total)
     rest_hidden = gather_tokens(hidden, rest_idx)
     rest_keys = gather_tokens(tokens.keys, rest_idx)
-    ctx_tokens, targets, assign = merge_contextual(rest_hidden, rest_keys, contextual)
+    ctx_tokens, targets, assign, mix = merge_contextual(rest_hidden, rest_keys, contextual)
     merged_from.scatter_(1, rest_idx, assign + dominant)
 
     features = torch.cat([dom_tokens, ctx_tokens], dim=1)
     indices = torch.cat([dom_idx, rest_idx[:, targets]], dim=1)
-    return Selection(features=features, indices=indices, merged_from=merged_from, dominant=dominant)
+    weights = torch.zeros(batch, dominant + contextual, total, dtype=torch.float32, device=hidden.device)
+    weights.scatter_(2, dom_idx.unsqueeze(-1), 1.0)
+    weights[:, dominant:].scatter_(2, rest_idx.unsqueeze(1).expand(-1, contextual, -1), mix)
+    return Selection(features=features, indices=indices, merged_from=merged_from, dominant=dominant, weights=weights)
 
 
 def resolve(knobs: dict[str, Any]) -> dict[str, Any]:
