@@ -32,7 +32,8 @@ def units(batch, grid, dim, prefix, send, seed, duplicates=False):
     return VisionTokens(hidden=hidden, layout=layout, keys=keys, seeds=seeds)
 
 
-PRE_LLM = sorted(name for name, spec in vlmzip.methods.registered().items() if spec.stage != "llm" and spec.takes_budget)
+PRE_LLM = sorted(name for name, spec in vlmzip.methods.registered().items()
+                 if spec.stage != "llm" and spec.takes_budget)
 
 
 @settings(max_examples=120, deadline=None)

@@ -59,7 +59,8 @@ def cluster_aggregate(
     indices = candidates[rep.gather(1, sequence)]
     merged_from = torch.full((batch, total), -1, dtype=torch.long, device=device)
     merged_from[:, candidates] = slot_of_cluster.gather(1, labels)
-    return Selection(features=features, indices=indices, merged_from=merged_from, weights=mean_weights(merged_from, keep))
+    return Selection(features=features, indices=indices, merged_from=merged_from,
+                     weights=mean_weights(merged_from, keep))
 
 
 def resolve(knobs: dict[str, Any]) -> dict[str, Any]:
