@@ -4,7 +4,9 @@ rows, videos left alone, later turns, bad inputs, the 7B shapes and the command 
 
 from __future__ import annotations
 
+import copy
 import json
+import pickle
 import traceback
 from dataclasses import replace
 from pathlib import Path
@@ -395,6 +397,9 @@ def test_multi_image_rows(model, processor, mixed):
     assert counts == [PER_CROP + 1, PER_CROP + 1, 148]
     assert placeholders(inputs, model.config) == [2 * (PER_CROP + 1), 148]
     assert [f.shape[0] for f in image_features(model, inputs)] == counts
+    view = adapter_for(model).view(dict(inputs), processor.image_processor)  # the first image: one padded crop
+    assert len(view.pictures) == 1 and view.grid is None and view.total == PER_CROP + 1
+    assert view.image.size == (98, 98) and view.caption.startswith("The image as the model sees it (one padded")
     before = logits(model, inputs)
     with vlmzip.compressed(model, "visionzip", ratio=1.0):
         torch.testing.assert_close(logits(model, inputs), before, atol=1e-5, rtol=0)
@@ -504,6 +509,17 @@ def test_decompress_restores_exactly(model, batch):
         assert name not in vars(model)
     for name in ("get_image_features", "forward"):
         assert name not in vars(model.model)
+
+
+def test_deepcopy_and_pickle_keep_the_compression(model, batch):
+    inputs, _, _ = batch
+    vlmzip.compress(model, "visionzip", tokens=30)
+    # before any forward: transformers' own lazily installed output-capturing hook is a closure
+    twins = (copy.deepcopy(model), pickle.loads(pickle.dumps(model)))
+    expected = logits(model, inputs)
+    for twin in twins:
+        assert vlmzip.is_compressed(twin)
+        assert torch.equal(logits(twin, inputs), expected)
 
 
 # -- bad input ----------------------------------------------------------------------------------------------

@@ -42,11 +42,11 @@ What a compressed image sends (K_i = the image's budget):
   and each of them, projected, is a token the vanilla model computes. Units are whole crops, padding included
   (no unpadding), as in the LLaVA-NeXT adapter.
   - VisionZip (arXiv 2412.04467): SigLIP has no CLS, so a patch's dominance is the attention it receives in the
-    feature layer, averaged over heads and over all queries (VisionZip's rule for encoders without CLS, as in
-    the authors' Qwen2.5-VL port and vlmzip's Qwen-VL adapter). Layout: the authors' released LLaVA-NeXT layout
-    (``llava_arch.py``) without its CLS tokens: the base crop's tokens as VisionZip emits them (dominant, then
-    contextual); the high-resolution crops' dominant patches in raster order over the whole high-resolution
-    grid; then all high-resolution crops' contextual tokens, crop by crop.
+    feature layer, averaged over heads and over all queries of its crop (VisionZip's rule for encoders without
+    CLS, ``methods/visionzip.py``; the signal vlmzip's Qwen-VL adapter hands it too). Layout: the authors'
+    released LLaVA-NeXT layout (``llava_arch.py``) without its CLS tokens: the base crop's tokens as VisionZip
+    emits them (dominant, then contextual); the high-resolution crops' dominant patches in raster order over the
+    whole high-resolution grid; then all high-resolution crops' contextual tokens, crop by crop.
   - Every other method: each crop's selected tokens in the method's order, base crop first, then the
     high-resolution crops in raster order of the crop grid.
   A budget that cannot be split (fewer tokens than units, or more than the units' patches hold, which only the
