@@ -186,8 +186,13 @@ def test_every_image_size_is_counted_and_sends_its_budget(model, processor, widt
 # -- every method -------------------------------------------------------------------------------------------
 
 
-def test_keep_all_reproduces_vanilla_logits_for_every_method(model, batch):
+def test_keep_all_reproduces_vanilla_logits_for_every_method(model, batch, mixed):
     inputs, _, _ = batch
+    for call in (inputs, mixed[0]):  # single images (pooled or not) and a multi-image row: HF's own packing
+        vanilla = image_features(model, call)
+        with vlmzip.compressed(model, "visionzip", ratio=1.0):
+            same = image_features(model, call)
+        assert all(torch.equal(a, b) for a, b in zip(same, vanilla, strict=True))
     before = logits(model, inputs)
     for method in METHODS:
         with vlmzip.compressed(model, method, **knobs_of(method, ratio=1.0)):
@@ -293,6 +298,18 @@ def test_budget_per_image_holds_in_a_batch(model, batch, method, knobs, kept):
             shares[unit] = selection.features.shape[1]
     for image, (crops, keep) in enumerate(zip(CROPS, expected, strict=True)):
         assert [shares[(image, j)] for j in range(crops)] == split_evenly(keep, crops)
+
+
+def test_an_image_sent_whole_next_to_compressed_ones(model, batch):
+    # tokens equal to the smallest image's count: that image is sent as HF packs it, the others compressed
+    inputs, _, _ = batch
+    counts = placeholders(inputs, model.config)
+    smallest = counts.index(min(counts))
+    vanilla = image_features(model, inputs)
+    with vlmzip.compressed(model, "visionzip", tokens=counts[smallest]):
+        mixed = image_features(model, inputs)
+    assert [f.shape[0] for f in mixed] == [counts[smallest]] * 3
+    torch.testing.assert_close(mixed[smallest], vanilla[smallest], atol=1e-6, rtol=0)
 
 
 def test_no_newline_tokens_once_an_image_is_compressed(model, batch):
