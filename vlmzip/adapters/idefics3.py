@@ -165,12 +165,16 @@ def masked_received_attention(q: torch.Tensor, k: torch.Tensor, mask: torch.Tens
     qh, kh = signals.split_heads(q, num_heads), signals.split_heads(k, num_heads)  # (F, H, T, Dh)
     out = torch.empty(frames, tokens, dtype=torch.float32, device=q.device)
     chunk = max(1, ATTENTION_ELEMENTS // (num_heads * tokens * tokens))
+    mask = mask.to(q.device)
+    padded = not bool(mask.all())
     for a in range(0, frames, chunk):
-        m = mask[a : a + chunk].to(q.device)
+        m = mask[a : a + chunk]
         logits = (qh[a : a + chunk] @ kh[a : a + chunk].transpose(-1, -2)) * scale
-        probs = torch.softmax(logits.masked_fill(~m[:, None, None, :], float("-inf")), dim=-1)
-        queries = m.float()[:, None, :, None]  # average over the real queries only
-        out[a : a + chunk] = (probs * queries).sum(dim=(1, 2)) / (num_heads * queries.sum(dim=(1, 2)).clamp(min=1))
+        if padded:
+            logits = logits.masked_fill(~m[:, None, None, :], float("-inf"))
+        queries = m.float()  # average over the real queries only
+        summed = torch.einsum("fhqk,fq->fk", torch.softmax(logits, dim=-1), queries)
+        out[a : a + chunk] = summed / (num_heads * queries.sum(dim=1, keepdim=True).clamp(min=1))
     return out
 
 
@@ -397,6 +401,7 @@ class Idefics3ImageFeatures:
 
     def original(self, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor | None,
                  kwargs: dict[str, Any]) -> Any:
+        """The model's own ``get_image_features`` (what a call whose images all keep every token sends)."""
         inner = self.adapter.inner
         return type(inner).get_image_features(inner, pixel_values, pixel_attention_mask, return_dict=True,
                                               **feature_kwargs(kwargs))
