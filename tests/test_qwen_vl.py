@@ -14,11 +14,11 @@ from conftest import random_image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import vlmzip
+import vlmzip.methods
 from vlmzip.adapters.qwen_vl import load_processor
-from vlmzip.builders import arch_names, get_arch
-from vlmzip.builders.qwen_vl import QwenVLSpec, build_qwen_vl, build_tokenizer, qwen_config
+from vlmzip.builders.qwen_vl import ARCHS, QwenVLSpec, build_qwen_vl, build_tokenizer, qwen_config
 
-QWEN_ARCHS = [name for name in arch_names() if get_arch(name).family == "qwen-vl"]
+QWEN_ARCHS = {arch.name: arch for arch in ARCHS}
 
 NEW = 5
 # Three images with three different grids (patch 8, merge 2): 8x8, 6x10 and 9x6 merged tokens.
@@ -26,7 +26,7 @@ SIZES = [(130, 120), (160, 96), (96, 144)]
 QUESTIONS = ["what color is the shape ?", "how many ?", "is there a red circle left of the square ?"]
 
 
-@pytest.fixture(scope="module", params=["2", "2.5"], ids=["qwen2-vl", "qwen2.5-vl"])
+@pytest.fixture(scope="module", params=["2", "2.5", "3"], ids=["qwen2-vl", "qwen2.5-vl", "qwen3-vl"])
 def qwen_dir(request, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
     out = tmp_path_factory.mktemp(f"tiny-qwen{request.param}")
     build_qwen_vl(out, QwenVLSpec(), version=request.param)
@@ -153,7 +153,9 @@ def test_batch_equals_single_runs(model, processor, batch, method, knobs):
         single_inputs = processor(images=[image], text=[text], return_tensors="pt")
         single = model.generate(**single_inputs, max_new_tokens=NEW, do_sample=False, return_dict_in_generate=True,
                                 output_logits=True)
-        assert torch.equal(single.sequences[0, single_inputs["input_ids"].shape[1]:], new[i])
+        alone = single.sequences[0, single_inputs["input_ids"].shape[1]:]  # ends early when it ends with EOS
+        assert torch.equal(alone, new[i, : alone.shape[0]])
+        assert (new[i, alone.shape[0]:] == model.generation_config.pad_token_id).all(), "padding after its EOS"
         torch.testing.assert_close(single.logits[0][0], batched.logits[0][i], atol=1e-4, rtol=1e-4)
 
 
@@ -252,15 +254,21 @@ def test_position_ids_with_images_are_refused(model, batch):
 
 
 def video_inputs(model, processor, with_image: bool):
-    """A prompt with a 2 x 8 x 8 video grid (32 placeholders; no video processor here, so random patches)."""
+    """A prompt with a 2 x 8 x 8 video grid (32 placeholders; no video processor here, so random patches). Qwen3-VL
+    writes each temporal step as its own run after a timestamp ("1 seconds"), as its processor does."""
     config = model.config.vision_config
     grid = torch.tensor([[2, 8, 8]])
     text = prompt(processor, "what happens ?", image=with_image)
     images = [random_image(3, SIZES[2])] if with_image else None
     inputs = dict(processor(images=images, text=[text], return_tensors="pt"))
     tokenizer = processor.tokenizer
-    video = torch.tensor([[tokenizer.convert_tokens_to_ids("<|vision_start|>")]
-                          + [model.config.video_token_id] * 32 + [tokenizer.convert_tokens_to_ids("<|vision_end|>")]])
+    start, end = tokenizer.convert_tokens_to_ids("<|vision_start|>"), tokenizer.convert_tokens_to_ids("<|vision_end|>")
+    if model.config.model_type.startswith("qwen3"):
+        runs = [[*tokenizer(f"{t} seconds", add_special_tokens=False)["input_ids"], start,
+                 *[model.config.video_token_id] * 16, end] for t in (1, 2)]
+        video = torch.tensor([[token for run in runs for token in run]])
+    else:
+        video = torch.tensor([[start] + [model.config.video_token_id] * 32 + [end]])
     ids = inputs["input_ids"]
     at = int((ids[0] == tokenizer.convert_tokens_to_ids("what")).nonzero()[0])  # the video goes before the question
     inputs["input_ids"] = torch.cat([ids[:, :at], video, ids[:, at:]], dim=1)
@@ -285,7 +293,7 @@ def test_videos_still_work_on_a_compressed_model(model, processor):
     assert torch.equal(logits(model, only_video), before_video)  # videos are not compressed
     (n,) = vanilla_counts(mixed)
     assert logits(model, mixed).shape[1] == mixed["input_ids"].shape[1] - n + 6
-    out = model.generate(**mixed, max_new_tokens=3, do_sample=False)
+    out = model.generate(**mixed, max_new_tokens=3, min_new_tokens=3, do_sample=False)  # random weights may end early
     assert out.shape[1] == mixed["input_ids"].shape[1] + 3
 
 
@@ -346,9 +354,9 @@ def test_visionzip_signals_match_an_eager_attention(qwen_dir, processor, batch, 
     assert start == merged.shape[0]
 
 
-@pytest.mark.parametrize("name", QWEN_ARCHS)
+@pytest.mark.parametrize("name", [n for n, arch in QWEN_ARCHS.items() if arch.spec.version in ("2", "2.5")])
 def test_real_architectures_have_the_7b_shapes(name):
-    cfg = replace(get_arch(name).spec, text_layers=2)  # reduced text depth, the rest as released
+    cfg = replace(QWEN_ARCHS[name].spec, text_layers=2)  # reduced text depth, the rest as released
     config = qwen_config(cfg, build_tokenizer(cfg.words))
     text, vision = config.text_config, config.vision_config
     assert (text.num_hidden_layers, text.hidden_size, text.num_attention_heads) == (2, 3584, 28)
@@ -396,3 +404,136 @@ def test_a_checkpoint_keeps_its_own_chat_template_when_autoprocessor_cannot_be_b
             load_processor(tmp_path)
     else:
         pytest.skip("transformers builds Qwen's own processor here (torchvision works): no fallback to check")
+
+
+def test_qwen3_vl_8b_has_the_released_shapes():
+    spec = replace(QWEN_ARCHS["qwen3-vl-8b"].spec, text_layers=2)
+    model, _ = build_qwen_vl(spec=spec, device="meta")
+    text, vision = model.config.text_config, model.config.vision_config
+    assert type(model).__name__ == "Qwen3VLForConditionalGeneration"
+    assert (text.hidden_size, text.num_attention_heads, text.num_key_value_heads, text.head_dim) == (4096, 32, 8, 128)
+    assert (text.intermediate_size, text.vocab_size, text.rope_parameters["mrope_section"]) == (12288, 151936,
+                                                                                                 [24, 20, 20])
+    assert (vision.depth, vision.hidden_size, vision.num_heads, vision.patch_size) == (27, 1152, 16, 16)
+    assert list(vision.deepstack_visual_indexes) == [8, 16, 24] and vision.num_position_embeddings == 48 * 48
+    assert len(model.model.visual.deepstack_merger_list) == 3
+
+
+@pytest.fixture(scope="module")
+def qwen3_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny-qwen3")
+    build_qwen_vl(out, QwenVLSpec(version="3", text_layers=3, deepstack_layers=(0, 1, 2)))
+    return out
+
+
+def test_qwen3_deepstack_features_follow_the_selection(qwen3_dir, batch):
+    """The DeepStack features added to the first decoder layers are the vanilla ones, selected and merged as the
+    method selected and merged the tokens (VisionZip merges its contextual tokens)."""
+    inputs, _, _ = batch
+    model = AutoModelForImageTextToText.from_pretrained(qwen3_dir).eval()
+    with torch.no_grad():
+        vanilla = model.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"]).deepstack_features
+    seen = {}
+    hook = model.model.language_model.register_forward_pre_hook(
+        lambda m, a, k: seen.update(embeds=k["deepstack_visual_embeds"], masks=k["visual_pos_masks"]),
+        with_kwargs=True)
+    vlmzip.compress(model, "visionzip", tokens=10)
+    with vlmzip.recorded(model) as selections, torch.no_grad():
+        model(**inputs)
+    hook.remove()
+    sizes = vanilla_counts(inputs)
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    assert len(seen["embeds"]) == 3 and int(seen["masks"].sum()) == 10 * len(sizes)
+    for layer, feats in enumerate(vanilla):
+        expected = torch.cat([
+            sel.apply(feats[starts[i] : starts[i] + sizes[i]].unsqueeze(0))[0]
+            for i, sel in enumerate(selections)  # one selection per image here: every grid differs
+        ])
+        torch.testing.assert_close(seen["embeds"][layer], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_qwen3_deepstack_additions_after_pruning_go_to_the_kept_visual_tokens():
+    """Once an in-LLM method pruned, each kept visual slot gets its own token's addition; text, padding and
+    inserted slots get none."""
+    from vlmzip.adapters.qwen_vl import DeepstackAdditions
+
+    class LM(torch.nn.Module):
+        def _deepstack_process(self, hidden, masks, embeds):
+            hidden = hidden.clone()
+            hidden[masks] = hidden[masks] + embeds
+            return hidden
+
+    class Step:
+        def current_slots(self):  # row 0 keeps input columns 0, 2, 3 (visual 2 and 3); row 1: 4, 1 (visual), pad
+            return torch.tensor([[0, 2, 3], [4, 1, 0]]), torch.tensor([[True, True, True], [True, True, False]])
+
+    class State:
+        def current_step(self):
+            return Step()
+
+    masks = torch.tensor([[False, True, True, True, False], [False, True, False, True, False]])
+    embeds = torch.arange(1.0, 6.0).unsqueeze(1)  # visual tokens in row-major order: (0,1) (0,2) (0,3) (1,1) (1,3)
+    out = DeepstackAdditions(LM(), State())(torch.zeros(2, 3, 1), masks, embeds)
+    assert out[..., 0].tolist() == [[0.0, 2.0, 3.0], [0.0, 4.0, 0.0]]
+
+
+@pytest.mark.parametrize(("version", "layers", "in_llm"), [("3-moe", 3, True), ("3.5", 4, False)],
+                         ids=["qwen3-vl-moe", "qwen3.5"])
+def test_qwen3_moe_and_qwen3_5_share_the_qwen_path(tmp_path, version, layers, in_llm):
+    """Qwen3-VL-MoE (expert MLPs) and Qwen3.5 (linear-attention layers, no DeepStack) take the same adapter:
+    keep-all is exact, a budget shrinks every image, batch equals single runs; in-LLM methods work on the MoE and
+    are refused, clearly, on Qwen3.5's recurrent layers."""
+    build_qwen_vl(tmp_path, QwenVLSpec(version=version, text_layers=layers))
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    processor = load_processor(tmp_path)
+    images = [random_image(i, size) for i, size in enumerate(SIZES[:2])]
+    texts = [prompt(processor, q) for q in QUESTIONS[:2]]
+    inputs = processor(images=images, text=texts, return_tensors="pt", padding=True)
+    before = logits(model, inputs)
+    with vlmzip.compressed(model, "visionzip", ratio=1.0):
+        torch.testing.assert_close(logits(model, inputs), before, atol=1e-5, rtol=0)
+    methods = [("visionzip", {"tokens": 6}), *([("fastv", {"layer": 1, "tokens": 6})] if in_llm else [])]
+    for method, knobs in methods:
+        with vlmzip.compressed(model, method, **knobs):
+            batched = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+            for i in range(2):
+                single = processor(images=[images[i]], text=[texts[i]], return_tensors="pt")
+                alone = model.generate(**single, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+                assert torch.equal(alone[0, -3:], batched[i, -3:]), (method, i)
+    if not in_llm:
+        with pytest.raises(ValueError, match="linear-attention .* use a pre-LLM method"):
+            vlmzip.compress(model, "fastv", tokens=6)
+
+
+@pytest.fixture(scope="module", params=["2", "3"], ids=["qwen2-vl", "qwen3-vl"])
+def deep_qwen(request, tmp_path_factory):
+    """A Qwen2-VL / Qwen3-VL (DeepStack into its first 3 layers) with 6 decoder layers, deep enough for every
+    in-LLM method, its processor and a left-padded batch of three grids."""
+    out = tmp_path_factory.mktemp(f"tiny-qwen{request.param}-6")
+    build_qwen_vl(out, QwenVLSpec(version=request.param, text_layers=6, deepstack_layers=(0, 1, 2)))
+    processor = load_processor(out)
+    images = [random_image(i, size) for i, size in enumerate(SIZES)]
+    texts = [prompt(processor, q) for q in QUESTIONS]
+    return out, processor, (processor(images=images, text=texts, return_tensors="pt", padding=True), images, texts)
+
+
+@pytest.mark.parametrize("method", sorted(name for name, spec in vlmzip.methods.registered().items()
+                                          if spec.takes_budget))
+def test_every_method_batch_equals_single_runs(deep_qwen, method):
+    """Keep-all reproduces the vanilla logits; a budget of 8 per image gives each row of a padded batch of three
+    grids the answer and first-step logits it gets alone (Qwen3-VL: the DeepStack features selected and, inside
+    the LLM, pruned in step)."""
+    folder, processor, (inputs, images, texts) = deep_qwen
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    before = logits(model, inputs)
+    with vlmzip.compressed(model, method, ratio=1.0):
+        torch.testing.assert_close(logits(model, inputs), before, atol=1e-5, rtol=0)
+    with vlmzip.compressed(model, method, tokens=8):
+        batched = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False,
+                                 return_dict_in_generate=True, output_logits=True)
+        for i in range(len(images)):
+            single = processor(images=[images[i]], text=[texts[i]], return_tensors="pt")
+            alone = model.generate(**single, max_new_tokens=3, min_new_tokens=3, do_sample=False,
+                                   return_dict_in_generate=True, output_logits=True)
+            assert torch.equal(alone.sequences[0, -3:], batched.sequences[i, -3:])
+            torch.testing.assert_close(alone.logits[0][0], batched.logits[0][i], atol=1e-4, rtol=1e-4)

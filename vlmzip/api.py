@@ -22,7 +22,7 @@ from .budgets import PAPER_BUDGETS, parse_budget, scale_paper_budget
 from .instance import InstanceAttr
 from .methods import get_method, registered
 from .methods.base import LLMStep, Selection, check_knobs
-from .runtime import CompressedForward, CompressedGenerate, CompressionState, Stage
+from .runtime import CompressedForward, CompressedGenerate, CompressionState, Stage, name_of
 
 STATE_ATTR = "_vlmzip"
 
@@ -168,11 +168,17 @@ def plan(model: nn.Module, method: MethodArg, **knobs: Any) -> Plan:
     _check_steps(steps, num_layers)
     if llm:
         _check_llm_supports_pruning(adapter.language_model())
+    if adapter.rope_axes > 1 and any(step.positions == "renumber" for step in steps):
+        raise ValueError(
+            f"{name_of(stages)}: renumbering positions needs an LLM with 1-D RoPE positions (LLaVA, LLaVA-NeXT); this "
+            f"LLM's positions have {adapter.rope_axes} axes (M-RoPE), which renumbering would scramble: pass "
+            "keep_positions=True"
+        )
     vanilla = adapter.static_tokens_per_image()
     tokens = final = avg = None
     if vanilla is not None:
         tokens, final, avg = image_counts(pre[0] if pre else None, steps, vanilla, num_layers)
-    name = "+".join(s.method for s in stages) or "vanilla"
+    name = name_of(stages)
     notes = tuple(dict.fromkeys(step.note for step in steps if step.note))
     return Plan(name, tuple(stages), adapter, vanilla, tokens, final, avg, notes, tuple(steps), num_layers)
 
@@ -193,7 +199,14 @@ def _check_steps(steps: list[LLMStep], num_layers: int) -> None:
 
 def _check_llm_supports_pruning(lm: nn.Module) -> None:
     """In-LLM methods need one mask for every layer and an attention vlmzip can rebuild rows of."""
-    if "sliding_attention" in (getattr(lm.config, "layer_types", None) or []):
+    layer_types = getattr(lm.config, "layer_types", None) or []
+    if "linear_attention" in layer_types:
+        raise ValueError(
+            "in-LLM methods need attention layers with a KV cache in every decoder layer; this LLM has "
+            "linear-attention (recurrent) layers (e.g. Qwen3.5's Gated DeltaNet), whose state cannot drop tokens: "
+            "use a pre-LLM method"
+        )
+    if "sliding_attention" in layer_types:
         raise ValueError(
             "in-LLM methods do not support LLMs with sliding-window attention layers (their masks differ per "
             "layer); use a pre-LLM method, or a config with use_sliding_window=False"

@@ -70,6 +70,17 @@ def note_pruned(cache: Any, layer: int, cols: torch.Tensor, full_len: int, shift
         record.shift[layer] = shift
 
 
+def full_length(cache: Any) -> int:
+    """The full columns a cache stands for: its own length, or, for a cache pruned before decoder layer 0 (whose
+    every layer holds only kept slots), the columns of the sequence the LLM received plus those added since."""
+    if cache is None:
+        return 0
+    record = record_of(cache)
+    if record is None or 0 not in record.cols:
+        return int(cache.get_seq_length())
+    return record.full_len + int(cache.get_seq_length(0)) - int(record.cols[0].shape[1])
+
+
 def past_columns(cache: Any, start: int, past_full: int, batch: int, device: torch.device) -> torch.Tensor | None:
     """(B, S) full columns of the slots the segment starting at ``start`` already caches before a call with
     ``past_full`` full columns of past (None when the cache is empty)."""
@@ -85,7 +96,7 @@ def past_columns(cache: Any, start: int, past_full: int, batch: int, device: tor
 
 def _candidates(cache: Any, out: Any) -> Iterable[Any]:
     """The caches a generate call may have filled: the one passed, or the one it returns."""
-    return (cache, getattr(out, "cache", None), getattr(out, "past_key_values", None))
+    return (cache, getattr(out, "cache", None))
 
 
 def remember_prompt(cache: Any, out: Any, prompt_len: int, columns: torch.Tensor) -> None:

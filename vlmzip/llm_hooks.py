@@ -83,6 +83,16 @@ class StepState:
     full: tuple[Any, Any, Any] = (None, None, None)  # this call's mask, position embeddings, position ids
     padding: torch.Tensor | None = None  # the caller's (B, full_len) 2-D attention mask, if any
 
+    def current_slots(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """After a pruning step of this call: (B, Q) index of each current slot into this call's LLM input, and
+        (B, Q) bool, True where the slot holds a token of that input (not padding, not a token a method inserted);
+        None before any pruning (the hidden states then hold the whole input)."""
+        if not self.segments or self.sub is None:
+            return None
+        segment = list(self.segments.values())[-1]
+        q_len = segment.q_idx.shape[1]
+        return segment.q_idx, (segment.cols[:, -q_len:] >= 0) & (self.sub == 0)
+
 
 SUB = 1 << 20  # causal order of a slot = column * SUB + sub (inserted tokens sort right after their anchor)
 
@@ -391,7 +401,7 @@ class Pruner:
         full_len = full.shape[-1] if full is not None else int(cache.get_seq_length(0))  # layer 0: updated already
         device = hidden.device
         if start == 0:  # layer 0's cache holds only kept slots: the LLM's own mask and length count those
-            full_len = record.full_len + int(cache.get_seq_length(0)) - record.cols[0].shape[1] + q_len
+            full_len = kvcache.full_length(cache) + q_len
             full = padding_mask(step.padding, full_len, q_len, device)
         new = torch.arange(record.full_len, full_len, device=device).expand(batch, -1)
         cols = torch.cat([record.cols[start].to(device), new], dim=1)

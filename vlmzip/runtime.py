@@ -64,6 +64,11 @@ class Stage:
             raise ValueError(f"{self.method}: {err}") from None
 
 
+def name_of(stages: Sequence[Stage]) -> str:
+    """A compression's name: its stages joined by ``+`` (``vanilla`` without any)."""
+    return "+".join(s.method for s in stages) or "vanilla"
+
+
 @dataclass
 class Call:
     """One user call of a compressed model: a ``forward``, or a whole ``generate`` and its forward steps.
@@ -130,7 +135,7 @@ class CompressionState:
 
     @property
     def name(self) -> str:
-        return "+".join(s.method for s in self.stages) or "vanilla"
+        return name_of(self.stages)
 
     def current_step(self) -> llm_hooks.StepState | None:
         """The in-LLM pruner's state of this model's forward in flight on this thread (None outside one)."""
@@ -168,7 +173,8 @@ class CompressionState:
             self.recording.append(Selection(
                 features=chosen.features.detach().cpu(), indices=chosen.indices.detach().cpu(),
                 merged_from=None if chosen.merged_from is None else chosen.merged_from.detach().cpu(),
-                dominant=chosen.dominant, units=None if units is None else tuple(units),
+                dominant=chosen.dominant, weights=None if chosen.weights is None else chosen.weights.detach().cpu(),
+                units=None if units is None else tuple(units),
             ))
         return chosen
 

@@ -62,11 +62,15 @@ from transformers import (
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLForConditionalGeneration,
     Qwen2VLProcessor,
+    Qwen3_5ForConditionalGeneration,
+    Qwen3_5MoeForConditionalGeneration,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLMoeForConditionalGeneration,
 )
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.vision_utils import get_vision_window_index
 
-from .. import sequence, signals
+from .. import kvcache, sequence, signals
 from ..llm_hooks import rotate_half
 from ..methods.base import TokenLayout, VisionTokens
 from ..runtime import current_call
@@ -227,10 +231,13 @@ def unpatchify(patches: torch.Tensor, grid: tuple[int, int], merge: int, patch: 
 
 
 class QwenVLAdapter(Adapter):
-    """vlmzip's view of one Qwen2-VL / Qwen2.5-VL instance."""
+    """vlmzip's view of one Qwen2-VL / Qwen2.5-VL / Qwen3-VL (dense or MoE) / Qwen3.5 instance."""
 
     family = "qwen-vl"
-    model_classes = (Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration)
+    rope_axes = 3
+    model_classes = (Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration,
+                     Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration,
+                     Qwen3_5ForConditionalGeneration, Qwen3_5MoeForConditionalGeneration)
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
@@ -256,12 +263,18 @@ class QwenVLAdapter(Adapter):
         return self.tower.visual
 
     def install(self, state: Any) -> list[Any]:
-        """Instance-level image features (compressing), M-RoPE positions and generate-time positions."""
-        return [
+        """Instance-level image features (compressing), M-RoPE positions and generate-time positions; on Qwen3-VL
+        also the DeepStack additions of the first decoder layers, in step with in-LLM pruning."""
+        undo = [
             set_instance_attr(self.inner, "get_image_features", QwenImageFeatures(self, state)),
+            set_instance_attr(self.inner, "get_video_features", QwenVideoFeatures(self.inner)),
             set_instance_attr(self.inner, "compute_3d_position_ids", QwenPositions(self, state)),
             set_instance_attr(self.model, "_prepare_position_ids_for_generation", QwenGenerationPositions(self)),
         ]
+        lm = self.language_model()
+        if state.llm and hasattr(lm, "_deepstack_process"):
+            undo.append(set_instance_attr(lm, "_deepstack_process", DeepstackAdditions(lm, state)))
+        return undo
 
     def load_processor(self, folder: Any) -> Any:
         return load_processor(folder)
@@ -366,11 +379,13 @@ class QwenImageFeatures:
             groups.setdefault(grid, []).append(i)
         features: list[torch.Tensor | None] = [None] * len(sizes)
         indices: list[torch.Tensor | None] = [None] * len(sizes)
+        deepstack = getattr(out, "deepstack_features", None)  # Qwen3-VL: (N, D) features of several tower layers
+        deep: list[list[torch.Tensor | None]] = [[None] * len(sizes) for _ in deepstack or ()]
         for (t, h, w), members in groups.items():
             layout = TokenLayout(num_prefix=0, grid=(t * h // adapter.merge, w // adapter.merge), send_prefix=True)
 
-            def stack(x: torch.Tensor | None, members: list[int] = members) -> torch.Tensor | None:
-                return None if x is None else torch.stack([x[starts[i] : starts[i] + sizes[i]] for i in members])
+            def stack(x: torch.Tensor | None, rows: list[int] = members) -> torch.Tensor | None:
+                return None if x is None else torch.stack([x[starts[i] : starts[i] + sizes[i]] for i in rows])
 
             pixels = torch.stack([pixel_values[starts[i] * unit : (starts[i] + sizes[i]) * unit] for i in members])
             tokens = VisionTokens(
@@ -382,10 +397,61 @@ class QwenImageFeatures:
             for i, (selection, row) in zip(members, chosen, strict=True):
                 features[i] = selection.features[row]
                 indices[i] = selection.indices[row].detach().cpu()
+            for selection, rows in _rows_of(chosen, members):  # the same selection and merges for every layer
+                for layer, feats in enumerate(deepstack or ()):
+                    for r, mixed in zip(rows, selection.apply(stack(feats, rows)), strict=True):
+                        deep[layer][r] = mixed
         call = current_call(state)
         if call is not None and isinstance(call.note, PendingCall):
             call.note.indices = indices
-        return BaseModelOutputWithPooling(last_hidden_state=out.last_hidden_state, pooler_output=tuple(features))
+        if deepstack is None:
+            return BaseModelOutputWithPooling(last_hidden_state=out.last_hidden_state, pooler_output=tuple(features))
+        return type(out)(last_hidden_state=out.last_hidden_state, pooler_output=tuple(features),
+                         deepstack_features=[tuple(layer) for layer in deep])
+
+
+class QwenVideoFeatures:
+    """``get_video_features`` of a compressed Qwen-VL: videos are not compressed. Qwen3-VL's own video path calls
+    ``get_image_features``, which the compressing override replaces on the instance; this runs the class's own
+    image path on the video instead (the same tower call Qwen2-VL's video path makes)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        self.inner = inner
+
+    def __call__(self, pixel_values_videos: torch.Tensor, video_grid_thw: torch.Tensor | None = None,
+                 **kwargs: Any) -> Any:
+        return type(self.inner).get_image_features(self.inner, pixel_values_videos, video_grid_thw, **kwargs)
+
+
+def _rows_of(chosen: list[tuple[Any, int]], members: list[int]) -> list[tuple[Any, list[int]]]:
+    """Each distinct selection of ``select_rows``' answer with the images (``members``) of its rows, in row order."""
+    found: dict[int, tuple[Any, list[int]]] = {}
+    for i, (selection, _) in zip(members, chosen, strict=True):
+        found.setdefault(id(selection), (selection, []))[1].append(i)
+    return list(found.values())
+
+
+class DeepstackAdditions:
+    """``_deepstack_process`` of a compressed Qwen3-VL's language model: after each of its first decoder layers
+    the model adds the tower's DeepStack features at the visual tokens (``visual_pos_masks``, (B, L) over the
+    LLM's input). Once an in-LLM method has pruned, the hidden states hold only the kept slots: each kept visual
+    token gets its own addition, every other slot (text, padding, a token a method inserted) none."""
+
+    def __init__(self, lm: nn.Module, state: Any) -> None:
+        self.lm, self.state = lm, state
+
+    def __call__(self, hidden_states: torch.Tensor, visual_pos_masks: torch.Tensor,
+                 visual_embeds: torch.Tensor) -> torch.Tensor:
+        original = type(self.lm)._deepstack_process.__get__(self.lm)
+        step = self.state.current_step()
+        slots = None if step is None else step.current_slots()
+        if slots is None:  # nothing pruned yet in this call: the hidden states hold the whole input
+            return original(hidden_states, visual_pos_masks, visual_embeds)
+        q_idx, real = slots
+        masks = visual_pos_masks.to(hidden_states.device)
+        rank = (masks.flatten().long().cumsum(0) - 1).view_as(masks)  # row of each visual token in visual_embeds
+        here = masks.gather(1, q_idx) & real
+        return original(hidden_states, here, visual_embeds[rank.gather(1, q_idx)[here]])
 
 
 class QwenPositions:
@@ -404,7 +470,7 @@ class QwenPositions:
         pending = None
         if call is not None and isinstance(call.note, PendingCall):
             pending, call.note = call.note, None  # used by the prefill only
-        cache_length = 0 if cache is None else int(cache.get_seq_length())
+        cache_length = kvcache.full_length(cache)  # of the whole sequence, also when layer 0 holds only kept slots
         # generate encodes the images before the prefill and passes their features instead of pixels and
         # grids: the grids come from the pending call, noted when the caller's call was shrunk
         usable = (pending is not None and pending.indices is not None and input_ids is not None

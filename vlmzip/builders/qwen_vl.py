@@ -1,13 +1,15 @@
-"""Qwen2-VL / Qwen2.5-VL built from config classes: random weights, no download.
+"""Qwen2-VL / Qwen2.5-VL / Qwen3-VL built from config classes: random weights, no download.
 
-``build_qwen_vl(out_dir, QwenVLSpec(...), version="2" | "2.5")`` returns (model, processor) and, with
+``build_qwen_vl(out_dir, QwenVLSpec(...), version="2" | "2.5" | "3")`` returns (model, processor) and, with
 ``out_dir``, writes a folder that loads like a Hugging Face Qwen-VL checkpoint, offline
 (``AutoModelForImageTextToText.from_pretrained(dir)``; the processor with ``vlmzip.adapters.qwen_vl.load_processor``,
 which is ``AutoProcessor`` where transformers can build Qwen's video processor). The architecture is the real
 one (ViT with 2-D RoPE -> 2x2 PatchMerger -> Qwen2 decoder with M-RoPE; Qwen2.5: window attention with
-full-attention blocks at ``fullatt_block_indexes``); only the sizes are the spec's. The processor is the
-Qwen2-VL one with the PIL image processor and the spec's ``min_pixels`` / ``max_pixels``, so images of
-different sizes get different grids. ``arch:qwen2-vl-7b`` and ``arch:qwen2.5-vl-7b`` are the 7B shapes.
+full-attention blocks at ``fullatt_block_indexes``; Qwen3: learned position embeddings, DeepStack mergers of the
+blocks at ``deepstack_layers`` added to the first decoder layers, a Qwen3 decoder); only the sizes are the
+spec's. The processor is the Qwen2-VL one with the PIL image processor and the spec's ``min_pixels`` /
+``max_pixels``, so images of different sizes get different grids. ``arch:qwen2-vl-7b``, ``arch:qwen2.5-vl-7b``
+and ``arch:qwen3-vl-8b`` are the released shapes.
 """
 
 from __future__ import annotations
@@ -23,6 +25,12 @@ from transformers import (
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
+    Qwen3_5Config,
+    Qwen3_5ForConditionalGeneration,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLMoeConfig,
+    Qwen3VLMoeForConditionalGeneration,
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -54,7 +62,7 @@ class QwenVLSpec:
     """Every knob of a Qwen-VL built from config: version, vision tower, merger, language model, processor
     pixels, words. ``text_layers`` sets the decoder depth."""
 
-    version: str = "2"  # "2": Qwen2-VL, "2.5": Qwen2.5-VL
+    version: str = "2"  # "2": Qwen2-VL, "2.5": Qwen2.5-VL, "3": Qwen3-VL
     patch_size: int = 8
     merge_size: int = 2
     temporal_patch_size: int = 2
@@ -65,6 +73,8 @@ class QwenVLSpec:
     window_size: int = 32  # Qwen2.5-VL: window side in pixels (here 2 x 2 merged tokens)
     fullatt_block_indexes: tuple[int, ...] = (1, 2)  # Qwen2.5-VL: the last block stays windowed
     tokens_per_second: int = 2
+    deepstack_layers: tuple[int, ...] = (0, 1)  # Qwen3-VL: the tower blocks whose features go to decoder layers 0..
+    position_grid: int = 8  # Qwen3-VL: side of the learned position-embedding grid (resampled to each image)
     text_hidden: int = 64
     text_layers: int = 2
     text_heads: int = 4
@@ -94,10 +104,18 @@ def default_mrope_section(head_dim: int) -> list[int]:
     return [t, h, half - t - h]
 
 
+VERSIONS = {"2": Qwen2VLForConditionalGeneration, "2.5": Qwen2_5_VLForConditionalGeneration,
+            "3": Qwen3VLForConditionalGeneration, "3-moe": Qwen3VLMoeForConditionalGeneration,
+            "3.5": Qwen3_5ForConditionalGeneration}
+PROCESSORS = {"2": "Qwen2VLProcessor", "2.5": "Qwen2_5_VLProcessor", "3": "Qwen3VLProcessor",
+              "3-moe": "Qwen3VLProcessor", "3.5": "Qwen3VLProcessor"}
+
+
 def check_version(version: str) -> str:
-    """``version`` if it is "2" (Qwen2-VL) or "2.5" (Qwen2.5-VL); a clear error otherwise."""
-    if version not in ("2", "2.5"):
-        raise ValueError(f"version must be '2' or '2.5', got {version!r}")
+    """``version`` if it is "2" (Qwen2-VL), "2.5" (Qwen2.5-VL), "3" (Qwen3-VL), "3-moe" (Qwen3-VL-MoE) or "3.5"
+    (Qwen3.5: linear-attention layers between full-attention ones, no DeepStack); a clear error otherwise."""
+    if version not in VERSIONS:
+        raise ValueError(f"version must be one of {sorted(VERSIONS)}, got {version!r}")
     return version
 
 
@@ -129,6 +147,23 @@ def qwen_config(spec: QwenVLSpec, tokenizer: PreTrainedTokenizerFast, version: s
     if version == "2":
         vision = dict(common, embed_dim=spec.vision_hidden, hidden_size=spec.text_hidden, mlp_ratio=4)
         return Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
+    if version.startswith("3"):
+        vision = dict(common, hidden_size=spec.vision_hidden, out_hidden_size=spec.text_hidden,
+                      intermediate_size=spec.vision_intermediate or 2 * spec.vision_hidden,
+                      num_position_embeddings=spec.position_grid**2)
+        text = dict(text, head_dim=head_dim)
+        if version == "3.5":  # three linear-attention (Gated DeltaNet) layers to each full-attention one
+            text.update(layer_types=["full_attention" if (i + 1) % 4 == 0 else "linear_attention"
+                                     for i in range(spec.text_layers)], linear_num_key_heads=spec.text_kv_heads,
+                        linear_num_value_heads=spec.text_heads, linear_key_head_dim=head_dim,
+                        linear_value_head_dim=head_dim)
+            return Qwen3_5Config(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
+        vision["deepstack_visual_indexes"] = list(spec.deepstack_layers)
+        if version == "3-moe":  # every decoder layer a mixture of experts
+            text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=text["intermediate_size"] // 2,
+                        decoder_sparse_step=1)
+            return Qwen3VLMoeConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
+        return Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
     vision = dict(
         common, hidden_size=spec.vision_hidden, out_hidden_size=spec.text_hidden,
         intermediate_size=spec.vision_intermediate or 2 * spec.vision_hidden, window_size=spec.window_size,
@@ -169,26 +204,24 @@ def build_qwen_vl(
     tokenizer = build_tokenizer(spec.words)
     processor = build_processor(spec, tokenizer)
     config = qwen_config(spec, tokenizer, version)
-    cls = Qwen2VLForConditionalGeneration if version == "2" else Qwen2_5_VLForConditionalGeneration
-    model = instantiate(cls, config, spec.seed, device, dtype)
+    model = instantiate(VERSIONS[version], config, spec.seed, device, dtype)
     model.generation_config.bos_token_id = None
     finish(model, processor, tokenizer, out_dir)
     if out_dir is not None:
-        _name_processor(Path(out_dir), "Qwen2VLProcessor" if version == "2" else "Qwen2_5_VLProcessor")
+        _name_processor(Path(out_dir), PROCESSORS[version])
     return model, processor
 
 
 _QWEN_7B_TEXT = dict(text_hidden=3584, text_layers=28, text_heads=28, text_kv_heads=4, text_intermediate=18944,
                      mrope_section=(16, 24, 24), vocab_size=152064, min_pixels=56 * 56, max_pixels=28 * 28 * 1280)
-register_arch(Arch(
+ARCHS = (register_arch(Arch(
     "qwen2-vl-7b", "qwen-vl", build_qwen_vl,
     # Qwen2-VL-7B-Instruct: ViT 32 x 1280 (16 heads, quick-GELU MLP x4) -> merger -> Qwen2-7B text
     # (28 layers x 3584, 28 heads, 4 KV heads, intermediate 18944), mrope_section [16, 24, 24].
     QwenVLSpec(version="2", patch_size=14, vision_hidden=1280, vision_layers=32, vision_heads=16,
                max_positions=32768, **_QWEN_7B_TEXT),
     "Qwen2-VL-7B: dynamic resolution, 2x2 merged tokens, M-RoPE",
-))
-register_arch(Arch(
+)), register_arch(Arch(
     "qwen2.5-vl-7b", "qwen-vl", build_qwen_vl,
     # Qwen2.5-VL-7B-Instruct: ViT 32 x 1280 (16 heads, SwiGLU 3420, window 112 px, full attention at
     # blocks 7, 15, 23, 31) -> merger -> the same 7B text shapes; tokens_per_second 2.
@@ -196,4 +229,15 @@ register_arch(Arch(
                vision_intermediate=3420, window_size=112, fullatt_block_indexes=(7, 15, 23, 31),
                tokens_per_second=2, max_positions=128000, **_QWEN_7B_TEXT),
     "Qwen2.5-VL-7B: dynamic resolution, windowed ViT, 2x2 merged tokens, M-RoPE",
-))
+)), register_arch(Arch(
+    "qwen3-vl-8b", "qwen-vl", build_qwen_vl,
+    # Qwen3-VL-8B-Instruct: ViT 27 x 1152 (16 heads, intermediate 4304, patch 16, 48 x 48 learned position grid,
+    # DeepStack from blocks 8, 16, 24) -> merger -> Qwen3-8B text (36 layers x 4096, 32 heads, 8 KV heads, head
+    # dim 128, intermediate 12288, vocab 151936), interleaved M-RoPE sections [24, 20, 20], rope theta 5e6.
+    QwenVLSpec(version="3", patch_size=16, vision_hidden=1152, vision_layers=27, vision_heads=16,
+               vision_intermediate=4304, deepstack_layers=(8, 16, 24), position_grid=48, text_hidden=4096,
+               text_layers=36, text_heads=32, text_kv_heads=8, text_intermediate=12288, mrope_section=(24, 20, 20),
+               rope_theta=5_000_000.0, max_positions=262144, vocab_size=151936, min_pixels=64 * 64,
+               max_pixels=32 * 32 * 1280),
+    "Qwen3-VL-8B: dynamic resolution, 2x2 merged tokens, DeepStack features in the first decoder layers, M-RoPE",
+)))  # this family's arch: models
