@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator
 
 import pytest
@@ -294,3 +295,12 @@ def test_bench_eval_writes_the_pareto_plot_from_a_real_eval_run(llava_dir, tmp_p
                  "--quiet", "--eval", str(run), "--out", str(out)]) == 0
     assert f"wrote {out / 'pareto.png'}" in capsys.readouterr().out
     assert (out / "pareto.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_bench_takes_knobs_in_brackets(llava_dir, tmp_path) -> None:
+    out = tmp_path / "b"
+    assert main(["bench", "--model", str(llava_dir), "--methods", "fastv[layer=1],visionzip", "--tokens", "16",
+                 "--batch-sizes", "1", "--repeats", "1", "--quiet", "--out", str(out)]) == 0
+    rows = json.loads((out / "bench.json").read_text())["rows"]
+    assert [(r["method"], r["tokens"]) for r in rows] == [("fastv", 16), ("visionzip", 16)]
+    assert rows[0]["kv_cache_bytes"] > rows[1]["kv_cache_bytes"], "fastv at layer 1 keeps layer 0 in full"

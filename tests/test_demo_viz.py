@@ -258,3 +258,11 @@ def test_recorded_selections_say_which_unit_each_row_is():
     assert sorted(units) == [0, 1, 2, 3]
     assert [(units[u][0] is first, units[u][1]) for u in range(4)] == [(False, 0), (False, 1), (True, 0), (True, 1)]
     assert unit_selections([first, second], image=1) == {0: (second, 2)}
+
+
+def test_viz_takes_knobs_in_brackets(llava_dir, tmp_path, capsys):
+    out = tmp_path / "viz.png"
+    assert viz(llava_dir, out, "--methods", "fastv[layer=1],random[seed=3]", "--tokens", "8") == 0
+    assert "fastv[layer=1], random[seed=3] at 8 visual tokens" in capsys.readouterr().out
+    assert viz(llava_dir, out, "--methods", "fastv[nope=1]", "--tokens", "8") == 2
+    assert "has no knob 'nope'" in capsys.readouterr().err

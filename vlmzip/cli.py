@@ -325,7 +325,7 @@ def cmd_viz(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     check_out_file(args.out)
     for method in args.methods:
-        get_method(method)  # an unknown name fails before the model loads
+        get_method(split_knobs(method)[0])  # an unknown name fails before the model loads
     if args.image:
         image, source = read_image(args.image), args.image
     else:
@@ -402,7 +402,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.image_size:
         image = image.resize((args.image_size, args.image_size))
     tokens = args.tokens or [paper_budget(model, t) for t in PAPER_BUDGETS]
-    runs = [(m, {"tokens": t}) for m in args.methods for t in tokens]
+    runs = [(name, {**knobs, "tokens": t}) for name, knobs in map(split_knobs, args.methods) for t in tokens]
 
     def make_inputs(batch_size: int) -> dict:
         return batch_inputs(processor, [image] * batch_size, [args.prompt] * batch_size, model)
@@ -537,8 +537,9 @@ def add_viz_parser(sub: argparse._SubParsersAction) -> None:
     p = _command(sub, "viz", "draw what each method sends to the LLM, side by side, over the image the model sees")
     p.add_argument("--model", help="checkpoint folder (default: the lab mini-VLM)")
     p.add_argument("--image", help="image file (default: lab test scene 3, the demo's)")
-    p.add_argument("--methods", type=_csv(str), default="visionzip,random,spatial",
-                   help="comma-separated methods, one panel each")
+    p.add_argument("--methods", type=_method_list, default="visionzip,random,spatial",
+                   help="comma-separated methods, one panel each, each with optional knobs in brackets "
+                   "(fastv[layer=3])")
     p.add_argument("--tokens", type=positive_int,
                    help="visual tokens per image sent to the LLM (default: the papers' 64 of 576, as the same share "
                    "of the image's own visual tokens)")
@@ -594,7 +595,8 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     """``vlmzip bench``."""
     p = _command(sub, "bench", "prefill / time-to-first-token speedups vs vanilla, with the ideal")
     p.add_argument("--model", help="checkpoint folder or arch:llava-1.5-7b (default: the lab mini-VLM)")
-    p.add_argument("--methods", type=_csv(str), default="visionzip", help="comma-separated methods to time")
+    p.add_argument("--methods", type=_method_list, default="visionzip",
+                   help="comma-separated methods to time, each with optional knobs in brackets (fastv[layer=3])")
     p.add_argument("--tokens", type=_csv(int), help=PAPER_BUDGETS_HELP)
     p.add_argument("--batch-sizes", type=_csv(positive_int), default="1,8",
                    help="comma-separated batch sizes (images per prefill)")
@@ -654,7 +656,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # -- errors and exit codes ---------------------------------------------------------------------------------------
 
-FLAG_KNOBS = ("tokens", "ratio", "dominant", "contextual", "layer", "seed")
+FLAG_KNOBS = ("tokens", "ratio", "dominant", "contextual", "layer")  # the knobs run / demo take as flags
 
 
 def as_flags(message: str, knobs: dict[str, Any] | None = None) -> str:

@@ -363,13 +363,15 @@ def methods_figure(model: Any, processor: Any, image: Image.Image, methods: list
     the budget drawn. ``tokens`` None: the papers' 64 of LLaVA-1.5's 576, as the same share of this image's own
     visual tokens (so that it fits every model: a multi-crop or dynamic-resolution image has its own count)."""
     from .budgets import scale_paper_budget
+    from .knobs import split_knobs
     from .methods import get_method
 
     view = view_of(model, processor, image)
     tokens = tokens or scale_paper_budget(64, view.total)
     panels, keys = [], set()
-    for method in methods:
-        knobs = {"tokens": tokens} if get_method(method).takes_budget else {}
+    for entry in methods:  # a method, optionally with knobs in brackets: "fastv[layer=3]"
+        method, knobs = split_knobs(entry)
+        knobs = {**knobs, "tokens": tokens} if get_method(method).takes_budget else knobs
         caption, picture, used = method_panel(model, view, method, knobs)
         panels.append((caption, picture))
         keys |= used

@@ -6,11 +6,23 @@ Each family's file calls :func:`register_adapter` on its adapter class (like the
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+from pathlib import Path
+
 from torch import nn
 
 from .base import Adapter
 
 _ADAPTERS: dict[str, type[Adapter]] = {}
+_SUPPORT = {"base", "registry"}  # the contract and the registry, not families
+
+
+def _load_families() -> None:
+    """Import every family file of this package once (each registers its adapter)."""
+    for module in sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)])):
+        if module not in _SUPPORT:
+            importlib.import_module(f"{__package__}.{module}")
 
 
 def register_adapter(adapter: type[Adapter]) -> type[Adapter]:
@@ -30,17 +42,19 @@ def register_adapter(adapter: type[Adapter]) -> type[Adapter]:
 
 def families() -> dict[str, type[Adapter]]:
     """Every registered adapter by family name (a copy)."""
+    _load_families()
     return dict(_ADAPTERS)
 
 
 def supported_classes() -> list[str]:
     """Names of the transformers classes vlmzip can compress."""
-    return [cls.__name__ for adapter in _ADAPTERS.values() for cls in adapter.model_classes]
+    return [cls.__name__ for adapter in families().values() for cls in adapter.model_classes]
 
 
 def adapter_for(model: nn.Module) -> Adapter:
     """The adapter for this model instance (its exact class first, then a subclass of a supported one); a
     clear error lists the supported classes otherwise."""
+    _load_families()
     for exact in (True, False):
         for adapter in _ADAPTERS.values():
             if (type(model) in adapter.model_classes) if exact else isinstance(model, adapter.model_classes):

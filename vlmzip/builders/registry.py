@@ -9,8 +9,11 @@ timings scale; say so wherever they are reported).
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,6 +37,14 @@ class Arch:
 
 
 _ARCHS: dict[str, Arch] = {}
+_SUPPORT = {"registry", "words"}  # the registry and the shared tokenizer, not families
+
+
+def _load_families() -> None:
+    """Import every family module of this package once (each registers its architectures)."""
+    for module in sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)])):
+        if module not in _SUPPORT:
+            importlib.import_module(f"{__package__}.{module}")
 
 
 def register_arch(arch: Arch) -> Arch:
@@ -46,11 +57,13 @@ def register_arch(arch: Arch) -> Arch:
 
 def arch_names() -> list[str]:
     """The registered architecture names, sorted."""
+    _load_families()
     return sorted(_ARCHS)
 
 
 def get_arch(name: str) -> Arch:
     """The architecture called ``name``; a clear error lists the known ones otherwise."""
+    _load_families()
     try:
         return _ARCHS[name]
     except KeyError:

@@ -1,4 +1,4 @@
-"""DivPrune (Alvar et al., CVPR 2025; beyond the seeds): greedy max-min diversity selection.
+"""DivPrune (Alvar et al., CVPR 2025, arXiv 2503.02175): greedy max-min diversity selection.
 
 As the released code (``DivPrune`` in vbdi/divprune) does, on the projected visual tokens:
 

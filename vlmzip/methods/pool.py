@@ -1,4 +1,4 @@
-"""Average pooling (a merging baseline beyond the seeds): 2-D average pooling of each unit's patch grid.
+"""Average pooling (a merging baseline): 2-D average pooling of each unit's patch grid.
 
 - Output grid: ``h' x w' == keep`` with the aspect closest to the unit's grid (``h' <= H``, ``w' <= W``)
   when one exists within a factor 2 of that aspect (or no further off than the cover below); otherwise

@@ -1,5 +1,5 @@
-"""ToMe (Bolya et al., ICLR 2023; the seeds' merging baseline): bipartite soft matching, applied once to the
-vision tower's output tokens, round after round until ``keep`` tokens remain.
+"""ToMe (Bolya et al., ICLR 2023, arXiv 2210.09461; the merging baseline of VisionZip and SparseVLM): bipartite
+soft matching, applied once to the vision tower's output tokens, round after round until ``keep`` tokens remain.
 
 One round, as ``bipartite_soft_matching`` + ``merge_wavg`` in facebookresearch/ToMe ``merge.py``:
 

@@ -1,6 +1,6 @@
 """VisionZip (Yang et al., 2024, arXiv 2412.04467, and its supplement): dominant tokens + contextual tokens.
 
-Faithful to the authors' released behaviour (DESIGN.md section 3):
+Faithful to the authors' released behaviour (dvlab-research/VisionZip):
 
 - dominant tokens: for a CLS encoder, the CLS token plus the (dominant - 1) patches the CLS query
   attends to most (attention summed over heads); for an encoder without CLS, the ``dominant`` tokens
