@@ -33,7 +33,7 @@ from vlmzip.builders.internvl import InternVLSpec, build_internvl
 from vlmzip.cli import main
 from vlmzip.lab.scenes import write_split
 from vlmzip.views import pixels_to_image
-from vlmzip.viz import view_of
+from vlmzip.viz import method_panel, view_of
 
 # 64 px tiles / patch 8 -> 8 x 8 patches + CLS; pixel shuffle 0.5 -> 4 x 4 = 16 tokens per tile; up to 4 tiles.
 SPEC = InternVLSpec(image_size=64, patch_size=8, vision_layers=2, text_layers=5, max_patches=4)
@@ -420,6 +420,9 @@ def test_view_shows_the_thumbnail_then_every_tile_in_its_grid(loaded, processor,
     assert np.array_equal(np.asarray(view.pictures[1]), np.asarray(pixels_to_image(pixels[0], image_processor)))
     assert view.pictures[1].size == (64, 64) and view.caption.startswith("As the model sees it: the thumbnail")
     assert tile_grid(pixels[:2], pixels[2]) == (1, 2)
+    caption, _, keys = method_panel(loaded, view, "random", {"tokens": 9})  # a selection drawn on every tile
+    assert caption.endswith("left: the base crop, 3 of its 16 tokens; right: the 1 x 2 high-resolution crops, "
+                            "6 tokens") and keys == {"kept", "dropped"}
     tall = Image.fromarray(rng.integers(0, 256, (130, 60, 3), dtype=np.uint8))
     assert view_of(loaded, processor, tall).grid == (2, 1)
     out = tmp_path / "viz.png"
@@ -440,9 +443,6 @@ def test_run_on_the_command_line(iv_dir, tmp_path, capsys):
     assert "InternVLForConditionalGeneration" in text and "48 -> 9" in text
 
 
-@pytest.mark.xfail(raises=TypeError, strict=True, reason=(
-    "core: vlmzip/eval/report.py retention_table calls int(None) on the vanilla run's tokens, which plan() leaves "
-    "None for every model whose images have their own token counts (LLaVA-NeXT fails the same way)"))
 def test_eval_on_the_command_line(iv_dir, tmp_path):
     data = tmp_path / "val2"
     write_split("val", data, n_images=2)
@@ -452,6 +452,7 @@ def test_eval_on_the_command_line(iv_dir, tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert [r["key"] for r in results["runs"]] == ["vanilla", "visionzip@16"]
     assert all(r["scores"]["n"] == 4 for r in results["runs"])
+    assert "| visionzip | 16 |" in (out / "table.md").read_text()
 
 
 # -- errors -------------------------------------------------------------------------------------------------

@@ -239,6 +239,7 @@ class ImageOnlyInternVLProcessor(InternVLProcessor):
         )
 
     def __call__(self, images: Any = None, text: Any = None, videos: Any = None, **kwargs: Any) -> Any:
+        """InternVL's processing of ``images`` and ``text``; ``videos`` is a clear error."""
         if videos is not None:
             raise ValueError("this InternVL processor was built without video support (transformers' video "
                              "processor needs torchvision); install torchvision to process videos")
@@ -334,6 +335,7 @@ class InternVLAdapter(Adapter):
     # -- the model's parts ---------------------------------------------------------------------------
 
     def vision_module(self) -> nn.Module:
+        """The InternViT tower (``model.model.vision_tower``)."""
         return self.tower.tower
 
     def install(self, state: Any) -> list[Any]:
@@ -341,6 +343,7 @@ class InternVLAdapter(Adapter):
         return [set_instance_attr(self.inner, "get_image_features", InternVLImageFeatures(self, state))]
 
     def load_processor(self, folder: Any) -> Any:
+        """The checkpoint's InternVL processor (image-only where torchvision is missing, see ``load_processor``)."""
         return load_processor(folder)
 
     def view(self, inputs: dict[str, Any], image_processor: Any) -> ImageView:
