@@ -248,18 +248,23 @@ def test_second_turn_continues_the_cache(model, processor, method, knobs):
     assert torch.equal(turn2[:, : ids.shape[1]], ids)
 
 
-def test_beams_with_keep_all_equal_vanilla_beams(model, batch):
-    """generate expands the encoded images for beams before the prefill; kept-whole images keep HF's features."""
+def test_beams_expand_each_rows_images(model, processor, batch):
+    """generate encodes the images, then repeats each row's features for its beams before the prefill: kept-whole
+    images keep HF's features (vanilla beams), compressed ones are repeated row by row (one token per feature
+    row), so a batch's beams equal each prompt's own."""
     inputs, _, _ = batch
-    kwargs = dict(max_new_tokens=2, num_beams=2, num_return_sequences=2, do_sample=False,
+    kwargs = dict(max_new_tokens=2, min_new_tokens=2, num_beams=2, num_return_sequences=2, do_sample=False,
                   return_dict_in_generate=True, output_scores=True)
     vanilla = model.generate(**inputs, **kwargs)
     with vlmzip.compressed(model, "visionzip", ratio=1.0):
         same = model.generate(**inputs, **kwargs)
     assert torch.equal(vanilla.sequences, same.sequences)
-    with vlmzip.compressed(model, "visionzip", tokens=10):  # compressed images are split between rows per token
-        beams = model.generate(**inputs, **kwargs)
-    assert beams.sequences.shape[0] == 6
+    with vlmzip.compressed(model, "visionzip", tokens=10):
+        beams = model.generate(**inputs, **kwargs).sequences[:, inputs["input_ids"].shape[1]:]
+        for i in range(3):
+            alone_inputs = single(processor, i)
+            alone = model.generate(**alone_inputs, **kwargs).sequences[:, alone_inputs["input_ids"].shape[1]:]
+            assert torch.equal(alone, beams[2 * i : 2 * i + 2]), i
 
 
 # -- budgets over tiles ---------------------------------------------------------------------------------------
