@@ -343,3 +343,20 @@ def test_projector_stage_methods_select_projected_tokens(next_model, next_batch,
     for a, b in zip(outputs["spatial"].pooler_output, outputs["spatial-projected"].pooler_output, strict=True):
         assert a.shape == b.shape == (30, next_model.config.text_config.hidden_size)
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_eval_on_images_with_their_own_counts(tmp_path, capsys, next_dir):
+    """vlmzip eval on a model whose images each have their own visual-token count: vanilla is 'per image', a
+    token budget is every image's count, a ratio goes to its own group; the table and plot are written."""
+    from vlmzip.cli import main
+    from vlmzip.lab.scenes import write_split
+
+    write_split("val", tmp_path / "data", n_images=2)
+    out = tmp_path / "ev"
+    assert main(["eval", "--model", str(next_dir), "--data", str(tmp_path / "data"), "--out", str(out),
+                 "--methods", "vanilla,visionzip,fastv[layer=1],random[ratio=0.25]", "--tokens", "12", "--limit", "4",
+                 "--max-new-tokens", "2", "--batch-size", "4"]) == 0
+    table = (out / "table.md").read_text()
+    assert "| vanilla | per image |" in table and "**Retain 12 tokens**" in table and "| visionzip | 12 |" in table
+    assert "**Other budgets**" in table and "| random[ratio=0.25] | ratio 0.25 |" in table
+    assert (out / "plot.png").read_bytes()[:4] == b"\x89PNG"

@@ -537,3 +537,47 @@ def test_every_method_batch_equals_single_runs(deep_qwen, method):
                                    return_dict_in_generate=True, output_logits=True)
             assert torch.equal(alone.sequences[0, -3:], batched.sequences[i, -3:])
             torch.testing.assert_close(alone.logits[0][0], batched.logits[0][i], atol=1e-4, rtol=1e-4)
+
+
+def test_eval_on_images_with_their_own_counts(tmp_path, capsys, qwen_dir):
+    """vlmzip eval on a model whose images each have their own visual-token count: vanilla is 'per image', a
+    token budget is every image's count, a ratio goes to its own group; the table and plot are written."""
+    from vlmzip.cli import main
+    from vlmzip.lab.scenes import write_split
+
+    write_split("val", tmp_path / "data", n_images=2)
+    out = tmp_path / "ev"
+    assert main(["eval", "--model", str(qwen_dir[1]), "--data", str(tmp_path / "data"), "--out", str(out),
+                 "--methods", "vanilla,visionzip,fastv[layer=1],random[ratio=0.25]", "--tokens", "12", "--limit", "4",
+                 "--max-new-tokens", "2", "--batch-size", "4"]) == 0
+    table = (out / "table.md").read_text()
+    assert "| vanilla | per image |" in table and "**Retain 12 tokens**" in table and "| visionzip | 12 |" in table
+    assert "**Other budgets**" in table and "| random[ratio=0.25] | ratio 0.25 |" in table
+    assert (out / "plot.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("version", ["3", "3-moe"])
+def test_in_llm_attention_rows_are_the_eager_ones_with_q_k_norms(tmp_path, version, monkeypatch):
+    """Qwen3 normalises q and k per head (q_norm / k_norm) before RoPE: the attention rows FastV (the previous
+    layer's) and saliency (its own layer's logits) rebuild from the captured q / k equal eager attention."""
+    build_qwen_vl(tmp_path, QwenVLSpec(text_layers=3), version=version)
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    processor = load_processor(tmp_path)
+    inputs = processor(images=[random_image(1, SIZES[1])], text=[prompt(processor, "how many ?")], return_tensors="pt")
+    with torch.no_grad():
+        probs = model(**inputs, output_attentions=True).attentions
+    for method, knobs, layer in (("fastv", {"layer": 2}, 1), ("saliency", {"tokens": 6}, 0)):
+        vlmzip.compress(model, method, **knobs)
+        step = vlmzip.api.state_of(model).steps[0]
+        seen: list[torch.Tensor] = []
+
+        def spy(tokens, original=step.fn, seen=seen, **kw):
+            last = torch.full((1, 1), tokens.hidden.shape[1] - 1)
+            rows = tokens.attention(last) if tokens.layer > 0 else torch.softmax(tokens.logits(last), dim=-1)
+            seen.append(rows[0, :, 0])
+            return original(tokens, **kw)
+
+        monkeypatch.setattr(step, "fn", spy)
+        logits(model, inputs)
+        vlmzip.decompress(model)
+        torch.testing.assert_close(seen[0], probs[layer][0, :, -1].float(), atol=1e-5, rtol=1e-4)

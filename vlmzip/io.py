@@ -123,7 +123,8 @@ def batch_inputs(
     A clear ``ValueError`` when the longest prompt (image tokens and chat template included) leaves no room
     for an answer in the model's context (``max_position_embeddings`` of its text config)."""
     texts = [chat_prompt(processor, q) for q in questions]
-    inputs = processor(images=images, text=texts, return_tensors="pt", padding=True)
+    # one list of images per prompt: some processors (SmolVLM's) read a flat list as one prompt's images
+    inputs = processor(images=[[image] for image in images], text=texts, return_tensors="pt", padding=True)
     context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     longest = inputs["input_ids"].shape[1]
     if context is not None and longest >= context:

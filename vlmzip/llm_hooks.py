@@ -1,9 +1,11 @@
 """Pruning inside the LLM: forward hooks on one model instance's decoder layers.
 
-An in-LLM stage acts before decoder layer K. Layer K-1's attention input, ``q_proj`` and ``k_proj``
-outputs are captured with hooks (the model keeps SDPA: only the attention rows a method asks for are
-rebuilt, from q/k after RoPE with GQA expanded and the layer's mask applied). Before layer K the
-method says which visual tokens stay; from then on every later layer receives only the kept tokens:
+An in-LLM stage acts before decoder layer K. Layer K-1's attention input and its queries and keys
+(the ``q_proj`` / ``k_proj`` outputs, or the ``q_norm`` / ``k_norm`` outputs of an attention that
+normalises them per head before RoPE, as Qwen3's does) are captured with hooks (the model keeps SDPA:
+only the attention rows a method asks for are rebuilt, from q/k after RoPE with GQA expanded and the
+layer's mask applied). Before layer K the method says which visual tokens stay; from then on every
+later layer receives only the kept tokens:
 hidden states, position embeddings (original positions, so gaps remain), position ids and an attention
 mask gathered to the kept columns. Each later layer's KV cache therefore holds only kept tokens.
 Decode steps run every layer in full on the new token; layers >= K attend through a mask gathered to
@@ -234,16 +236,32 @@ def rope_ones(
     return (gather_rows(ones_rot, rows) @ ones_rot.transpose(1, 2)) * scaling
 
 
+def qk_modules(attn: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """The modules whose outputs are an attention's queries and keys before RoPE: ``q_norm`` / ``k_norm`` where
+    it normalises them (Qwen3, Gemma 3: per head), else ``q_proj`` / ``k_proj``."""
+    q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+    if isinstance(q_norm, nn.Module) and isinstance(k_norm, nn.Module):
+        return q_norm, k_norm
+    return attn.q_proj, attn.k_proj
+
+
 def layer_qk(layer: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The q_proj / k_proj outputs (B, L, H*Dh) / (B, L, Hkv*Dh) decoder ``layer`` computes from ``hidden``."""
+    """The queries / keys before RoPE, (B, L, H*Dh) / (B, L, Hkv*Dh), decoder ``layer`` computes from ``hidden``
+    (the q_proj / k_proj outputs, normalised per head where the attention has ``q_norm`` / ``k_norm``)."""
     attn = layer.self_attn
     normed = layer.input_layernorm(hidden)
-    return attn.q_proj(normed), attn.k_proj(normed)
+    q, k = attn.q_proj(normed), attn.k_proj(normed)
+    q_norm, k_norm = qk_modules(attn)
+    if q_norm is not attn.q_proj:
+        heads = (*q.shape[:-1], -1, attn.head_dim)
+        q, k = q_norm(q.view(heads)).flatten(2), k_norm(k.view(heads)).flatten(2)
+    return q, k
 
 
 class _Capture:
-    """Hooks on a signal layer: its attention's kwargs (pre-hook) and q_proj / k_proj outputs; or, with
-    name "inputs", the LLM's input embeddings (pre-hook on decoder layer 0)."""
+    """Hooks on a signal layer: its attention's kwargs (pre-hook) and its queries / keys before RoPE
+    (:func:`qk_modules`' outputs, as (B, L, H*Dh)); or, with name "inputs", the LLM's input embeddings
+    (pre-hook on decoder layer 0)."""
 
     def __init__(self, pruner: Pruner, name: str) -> None:
         self.pruner, self.name = pruner, name
@@ -259,7 +277,7 @@ class _Capture:
             step.captured["position_embeddings"] = kwargs.get("position_embeddings")
             step.captured["mask"] = kwargs.get("attention_mask")
         else:
-            step.captured[self.name] = rest[0]
+            step.captured[self.name] = rest[0].flatten(2)  # per-head norms give (B, L, H, Dh)
         return None
 
 
@@ -343,8 +361,9 @@ class Pruner:
         for k in sorted({s.layer for s in self.steps if s.layer > 0}):
             attn = self.layers[k - 1].self_attn
             self.handles.append(attn.register_forward_pre_hook(_Capture(self, "attn"), with_kwargs=True))
-            self.handles.append(attn.q_proj.register_forward_hook(_Capture(self, "q")))
-            self.handles.append(attn.k_proj.register_forward_hook(_Capture(self, "k")))
+            q_module, k_module = qk_modules(attn)
+            self.handles.append(q_module.register_forward_hook(_Capture(self, "q")))
+            self.handles.append(k_module.register_forward_hook(_Capture(self, "k")))
         for index in range(self.first, len(self.layers)):
             self.handles.append(
                 self.layers[index].register_forward_pre_hook(_LayerPreHook(self, index), with_kwargs=True)

@@ -86,6 +86,8 @@ def pareto_points(rows: list[BenchRow], results: dict[str, Any], batch_size: int
     timed = {(r.method, r.tokens): r for r in rows if r.batch_size == batch_size}
     points: dict[str, list[tuple]] = {}
     for run in results["runs"][1:]:
+        if run["tokens"] is None:  # each image its own count: no one bench row to match
+            continue
         row = timed.get((run["method"], int(run["tokens"])))
         if row is not None:
             points.setdefault(run["method"], []).append(
@@ -94,7 +96,7 @@ def pareto_points(rows: list[BenchRow], results: dict[str, Any], batch_size: int
     if mine:
         vanilla = results["runs"][0]
         points["vanilla"] = [(statistics.median(r.vanilla_ttft_ms for r in mine),
-                              vanilla["scores"]["macro_accuracy"], int(vanilla["tokens"]))]
+                              vanilla["scores"]["macro_accuracy"], vanilla["tokens"])]
     return points
 
 

@@ -145,7 +145,8 @@ def previous_runs(out: Path) -> list[Run]:
     try:
         rows = json.loads(path.read_text())["runs"]
         return [
-            Run(r["key"], r["method"], dict(r["knobs"]), int(r["tokens"]), r.get("layer_avg_tokens"),
+            Run(r["key"], r["method"], dict(r["knobs"]), None if r["tokens"] is None else int(r["tokens"]),
+                r.get("layer_avg_tokens"),
                 r.get("budget"), r.get("sent_tokens"), list(r.get("notes", [])))
             for r in rows
         ]

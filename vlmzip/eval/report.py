@@ -72,10 +72,17 @@ def retention_table(results: dict[str, Any]) -> str:
 
     total = vanilla["tokens"]
     lines.append(row(vanilla))
-    for budget in sorted({nominal(r) for r in runs[1:]}, reverse=True):
-        kept = f"{100 * budget / total:.1f}%"
-        lines.append(f"| **Retain {budget} tokens ({kept})** |" + " |" * (len(header) - 1))
-        lines.extend(row(r) for r in runs[1:] if nominal(r) == budget)
+    for budget in [*sorted({nominal(r) for r in runs[1:]} - {None}, reverse=True), None]:
+        members = [r for r in runs[1:] if nominal(r) == budget]
+        if not members:
+            continue
+        if budget is None:  # a budget of the method's own knobs, or a ratio: each image its own count
+            title = "**Other budgets**"
+        else:
+            kept = "" if total is None else f" ({100 * budget / total:.1f}%)"
+            title = f"**Retain {budget} tokens{kept}**"
+        lines.append(f"| {title} |" + " |" * (len(header) - 1))
+        lines.extend(row(r) for r in members)
     return "\n".join(lines + notes_lines(runs)) + "\n"
 
 
@@ -85,16 +92,21 @@ def notes_lines(runs: list[dict[str, Any]]) -> list[str]:
     return ["", *(f"Note: {note}." for note in notes)] if notes else []
 
 
-def nominal(run: dict[str, Any]) -> int:
-    """The run's nominal budget (the tokens it was given), else the visual tokens it ends with."""
-    budget = run.get("budget")
-    return int(run["tokens"] if budget is None else budget)
+def nominal(run: dict[str, Any]) -> int | None:
+    """The run's nominal budget (the tokens it was given), else the visual tokens it ends with; None when
+    neither is one number (a ratio, or a model whose images each have their own count)."""
+    value = run["tokens"] if run.get("budget") is None else run["budget"]
+    return None if value is None else int(value)
 
 
 def token_cell(run: dict[str, Any]) -> str:
     """The nominal budget; for in-LLM methods and compositions also the visual tokens the LLM receives
     (sent), ends with (final) and averages over its decoder layers (from ``vlmzip.plan``)."""
-    cell = str(nominal(run))
+    budget = nominal(run)
+    if budget is None:
+        given = {k: v for k, v in run.get("knobs", {}).items() if k in ("ratio", "dominant", "contextual")}
+        return ", ".join(f"{k} {v}" for k, v in given.items()) or "per image"
+    cell = str(budget)
     if run.get("layer_avg_tokens") is not None:
         sent = "" if run.get("sent_tokens") is None else f"sent {run['sent_tokens']}, "
         cell += f" ({sent}final {run['tokens']}, layer avg {run['layer_avg_tokens']:.1f})"
@@ -103,7 +115,7 @@ def token_cell(run: dict[str, Any]) -> str:
 
 def budgets_run(results: dict[str, Any]) -> list[int]:
     """The nominal budgets of the compressed runs, ascending (the plot's x ticks)."""
-    return sorted({nominal(run) for run in results["runs"][1:]})
+    return sorted({nominal(run) for run in results["runs"][1:]} - {None})
 
 
 def accuracy_figure(results: dict[str, Any]) -> Any:
@@ -119,7 +131,8 @@ def accuracy_figure(results: dict[str, Any]) -> Any:
     vanilla = runs[0]
     by_method: dict[str, list[tuple[int, float]]] = {}
     for run in runs[1:]:
-        by_method.setdefault(run_label(run), []).append((nominal(run), run["scores"]["macro_accuracy"]))
+        if nominal(run) is not None:  # a ratio or per-image count has no place on the tokens axis
+            by_method.setdefault(run_label(run), []).append((nominal(run), run["scores"]["macro_accuracy"]))
     # Every line its own (colour, marker): the default 10-colour cycle repeats colours from the 11th method
     # on (a full lab sweep draws 12 methods), and a legend beside the axes hides no line.
     colours = plt.get_cmap("tab10" if len(by_method) <= 10 else "tab20").colors
@@ -129,8 +142,9 @@ def accuracy_figure(results: dict[str, Any]) -> Any:
         points.sort()
         ax.plot([p[0] for p in points], [100 * p[1] for p in points], marker=markers[i % len(markers)],
                 color=colours[i % len(colours)], label=method)
+    of = "each image's own" if vanilla["tokens"] is None else str(vanilla["tokens"])
     ax.axhline(100 * vanilla["scores"]["macro_accuracy"], color="gray", linestyle="--",
-               label=f"vanilla ({vanilla['tokens']} tokens)")
+               label=f"vanilla ({of} tokens)")
     ax.set_xscale("log", base=2)
     budgets = budgets_run(results)
     if budgets:  # ticks at the budgets run, written as plain numbers (not powers of 2)
@@ -139,7 +153,7 @@ def accuracy_figure(results: dict[str, Any]) -> Any:
         ax.xaxis.set_minor_formatter(NullFormatter())
         if len(budgets) == 1:
             ax.set_xlim(budgets[0] / 2, budgets[0] * 2)
-    ax.set_xlabel(f"visual tokens per image (of {vanilla['tokens']})")
+    ax.set_xlabel(f"visual tokens per image (of {of})")
     ax.set_ylabel("accuracy, mean over question types (%)")
     ax.set_title(f"{results['config']['data']} ({results['n_questions']} questions)")
     ax.grid(alpha=0.3)

@@ -65,13 +65,14 @@ class Run:
 
     ``budget`` is the nominal budget (the ``tokens`` the run was given; None for a method without one),
     ``sent_tokens`` what the LLM receives per image, ``tokens`` what it ends with, ``layer_avg_tokens`` the
-    mean over its decoder layers (for in-LLM stages the three differ; ``vlmzip.plan`` computes them).
+    mean over its decoder layers (for in-LLM stages the three differ; ``vlmzip.plan`` computes them). On a model
+    whose images each have their own count, the counts the budget does not fix are None.
     """
 
     key: str
     method: str
     knobs: dict[str, Any]
-    tokens: int  # visual tokens per image the LLM ends with
+    tokens: int | None  # visual tokens per image the LLM ends with (None: each image its own, LLaVA-NeXT, Qwen-VL)
     layer_avg_tokens: float | None = None  # in-LLM methods: visual tokens per image averaged over decoder layers
     budget: int | None = None
     sent_tokens: int | None = None
@@ -120,7 +121,10 @@ def _entry_runs(model: nn.Module, entry: str, name: str, extra: dict[str, Any], 
         key = f"{entry}@{budget['tokens']}" if budget else entry
         avg = planned.layer_avg_tokens if has_llm_stage(name) else None
         nominal = knobs.get("tokens", planned.final_tokens)
-        runs.append(Run(key, name, knobs, planned.final_tokens, avg, nominal, planned.tokens, list(planned.notes)))
+        final, sent = planned.final_tokens, planned.tokens
+        if final is None and "tokens" in knobs and not has_llm_stage(name):
+            final = sent = knobs["tokens"]  # images with their own counts: each still sends exactly its budget
+        runs.append(Run(key, name, knobs, final, avg, nominal, sent, list(planned.notes)))
     return runs
 
 
