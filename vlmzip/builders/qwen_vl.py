@@ -237,7 +237,8 @@ ARCHS = (register_arch(Arch(
     QwenVLSpec(version="3", patch_size=16, vision_hidden=1152, vision_layers=27, vision_heads=16,
                vision_intermediate=4304, deepstack_layers=(8, 16, 24), position_grid=48, text_hidden=4096,
                text_layers=36, text_heads=32, text_kv_heads=8, text_intermediate=12288, mrope_section=(24, 20, 20),
-               rope_theta=5_000_000.0, max_positions=262144, vocab_size=151936, min_pixels=256 * 256,
-               max_pixels=4096 * 4096),  # the released processor's pixel-count bounds (its size "shortest_edge" / "longest_edge")
+               rope_theta=5_000_000.0, max_positions=262144, vocab_size=151936,
+               # the released processor's pixel-count bounds (its size "shortest_edge" / "longest_edge")
+               min_pixels=256 * 256, max_pixels=4096 * 4096),
     "Qwen3-VL-8B: dynamic resolution, 2x2 merged tokens, DeepStack features in the first decoder layers, M-RoPE",
 )))  # this family's arch: models
