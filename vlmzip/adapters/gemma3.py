@@ -67,8 +67,8 @@ _CONNECTORS: dict[str, tuple[tuple[int, ...], tuple[int, ...]] | None] = {}
 
 
 def chunked_received_attention(q: torch.Tensor, k: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
-    """(B, T, H * Dh) queries and keys -> (B, T) attention each token receives, mean over heads and queries
-    (float32; ``signals.received_attention`` built ``QUERY_CHUNK`` query rows of one unit at a time)."""
+    """(B, T, H * Dh) queries and keys -> (B, T) attention each token receives, mean over heads and queries: what
+    ``signals.received_attention`` computes (float32), built ``QUERY_CHUNK`` query rows of one unit at a time."""
     qh, kh = signals.split_heads(q, num_heads), signals.split_heads(k, num_heads)  # (B, H, T, Dh)
     batch, heads, tokens, _ = qh.shape
     total = torch.zeros(batch, tokens, dtype=torch.float32, device=q.device)
