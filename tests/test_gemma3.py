@@ -376,24 +376,18 @@ def test_viz_and_run_commands(gemma_dir, tmp_path, capsys):
     assert "36 -> 8" in capsys.readouterr().out
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason="core: eval's table.md takes int() of the vanilla run's "
-                   "tokens, None for every model whose images have their own count (LLaVA-NeXT, Qwen-VL, Gemma 3 "
-                   "with pan-and-scan): vlmzip/eval/report.py nominal()")
 def test_eval_command(gemma_dir, tmp_path):
     data = tmp_path / "val2"
     write_split("val", data, n_images=2)
     out = tmp_path / "ev"
     assert main(["eval", "--model", str(gemma_dir), "--data", str(data), "--out", str(out),
-                 "--methods", "vanilla,visionzip", "--tokens", "8", "--limit", "4", "--max-new-tokens", "2",
-                 "--batch-size", "1"]) == 0
-    for key in ("vanilla", "visionzip@8"):
+                 "--methods", "vanilla,visionzip,fastv[layer=1]", "--tokens", "8", "--limit", "4",
+                 "--max-new-tokens", "2", "--batch-size", "2"]) == 0
+    for key in ("vanilla", "visionzip@8", "fastv[layer=1]@8"):
         assert len((out / "predictions" / f"{key}.jsonl").read_text().splitlines()) == 4
     assert (out / "table.md").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="core: vlmzip.io.batch_inputs passes one flat list of images for a batch of "
-                   "prompts; Gemma3Processor reads a flat list as the images of ONE prompt (it wants one list per "
-                   "prompt), so `vlmzip eval` / `bench` with batches > 1 fail on Gemma 3 until io nests them")
 def test_batches_of_the_command_line_on_gemma3(model, processor):
     image = random_image(0, (130, 120))
     inputs = batch_inputs(processor, [image, image], ["how many ?", "what is it ?"], model)
@@ -440,14 +434,24 @@ def test_crops_without_a_processor_to_read_them_are_a_clear_error(processor, bat
     assert logits(model, single).shape[1] == single["input_ids"].shape[1] - PER_RUN + 8
 
 
-def test_in_llm_methods_are_refused_on_sliding_window_layers():
-    model, _ = build_gemma3(None, replace(SPEC, text_layers=6))  # deep enough for every method's default layers
+def test_a_pre_llm_method_composes_with_every_in_llm_method():
+    """Sliding-window layers take in-LLM methods (tests/test_gemma3_in_llm.py checks them against a reference):
+    VisionZip before the LLM, then each in-LLM method on what it sent, generates at batch size 3; the last layer's
+    cache holds fewer tokens than VisionZip sent, the sliding layers' caches at most their window."""
+    model, processor = build_gemma3(None, replace(SPEC, text_layers=6))  # deep enough for every method's layers
+    images = [random_image(i, size) for i, size in enumerate(SIZES)]
+    inputs = encode(processor, images, QUESTIONS, crops=False)
+    prompt_len = inputs["input_ids"].shape[1]
     for method in sorted(n for n, s in registered().items() if s.stage == "llm"):
-        knobs = {"ratio": 0.5} if registered()[method].takes_budget else {}
-        with pytest.raises(ValueError, match="sliding-window attention layers"):
-            vlmzip.compress(model, method, **knobs)
-        with pytest.raises(ValueError, match="sliding-window attention layers"):
-            vlmzip.compress(model, [("visionzip", {"tokens": 8}), (method, knobs)])
+        with vlmzip.compressed(model, [("visionzip", {"tokens": 16}), (method, {"ratio": 0.5})]):
+            out = greedy(model, inputs, return_dict_in_generate=True)
+        assert torch.equal(out.sequences[:, :prompt_len], inputs["input_ids"])
+        held = [layer.keys.shape[-2] for layer in out.cache.layers]
+        sent = prompt_len - (PER_RUN - 16) + NEW - 1  # VisionZip's 16 tokens per image, and the answer
+        assert held[-1] < sent, "the last (global) layer holds fewer than the tokens VisionZip sent"
+        kinds = model.config.text_config.layer_types
+        window = SPEC.sliding_window
+        assert all(n <= window - 1 for n, kind in zip(held, kinds, strict=True) if kind != "full_attention")
     assert not vlmzip.is_compressed(model)
 
 

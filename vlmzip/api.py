@@ -206,10 +206,17 @@ def _check_llm_supports_pruning(lm: nn.Module) -> None:
             "linear-attention (recurrent) layers (e.g. Qwen3.5's Gated DeltaNet), whose state cannot drop tokens: "
             "use a pre-LLM method"
         )
-    if "sliding_attention" in layer_types:
+    other = sorted(set(layer_types) - {llm_hooks.FULL, llm_hooks.SLIDING})
+    if other:
         raise ValueError(
-            "in-LLM methods do not support LLMs with sliding-window attention layers (their masks differ per "
-            "layer); use a pre-LLM method, or a config with use_sliding_window=False"
+            f"in-LLM methods support decoder layers of types {llm_hooks.FULL!r} and {llm_hooks.SLIDING!r}; this LLM "
+            f"also has {other}: use a pre-LLM method"
+        )
+    window = getattr(lm.config, "sliding_window", None)
+    if llm_hooks.SLIDING in layer_types and (not isinstance(window, int) or window < 1):
+        raise ValueError(
+            f"this LLM has sliding-window layers but its config's sliding_window is {window!r}; in-LLM methods need "
+            "the window's length: use a pre-LLM method, or set text_config.sliding_window"
         )
     kind = lm.config._attn_implementation
     if kind not in llm_hooks.SUPPORTED_ATTENTION:
@@ -281,7 +288,9 @@ def compress(model: nn.Module, method: MethodArg, *, padding_side: str | None = 
             lm = adapter.language_model()
             state.steps = llm_steps(llm, len(lm.layers))
             state.pruner = llm_hooks.Pruner(state, lm.layers, lm.config._attn_implementation, state.steps,
-                                            rotary=getattr(lm, "rotary_emb", None))
+                                            rotary=getattr(lm, "rotary_emb", None),
+                                            layer_types=getattr(lm.config, "layer_types", None),
+                                            window=getattr(lm.config, "sliding_window", None), lm=lm)
             state.pruner.install()
     except Exception:
         _undo(state)

@@ -1,8 +1,8 @@
 """Pruning inside the LLM: forward hooks on one model instance's decoder layers.
 
 An in-LLM stage acts before decoder layer K. Layer K-1's attention input and its queries and keys
-(the ``q_proj`` / ``k_proj`` outputs, or the ``q_norm`` / ``k_norm`` outputs of an attention that
-normalises them per head before RoPE, as Qwen3's does) are captured with hooks (the model keeps SDPA:
+(the ``q_proj`` / ``k_proj`` outputs, normalised per head where the attention does so before RoPE, as
+Qwen3's and Gemma 3's do) are captured with hooks (the model keeps SDPA:
 only the attention rows a method asks for are rebuilt, from q/k after RoPE with GQA expanded and the
 layer's mask applied). Before layer K the method says which visual tokens stay; from then on every
 later layer receives only the kept tokens:
@@ -11,6 +11,13 @@ mask gathered to the kept columns. Each later layer's KV cache therefore holds o
 Decode steps run every layer in full on the new token; layers >= K attend through a mask gathered to
 their cached columns, which vlmzip remembers per cache object (``vlmzip.kvcache``).
 
+LLMs with sliding-window layers (Gemma 3: five local layers to one global) get, in each pruned segment, one
+mask per layer type: a global layer attends as above; a sliding layer attends to the keys fewer than
+``sliding_window`` *slots* before each query, i.e. the model's own window applied to the pruned sequence, which
+is also what its cache keeps (a sliding cache layer holds the last ``sliding_window - 1`` slots). Each layer type
+keeps its own rotary embeddings (Gemma 3's local and global RoPE differ), gathered per slot from what the model
+gives that layer.
+
 Coordinates: a *full column* is a position in the sequence the LLM received (after any pre-LLM
 shrink). A pruned segment's tensors are indexed by slots; ``cols`` maps each slot to its full column
 (-1 = padding added because rows kept different numbers of tokens; such slots are masked out).
@@ -18,6 +25,8 @@ shrink). A pruned segment's tensors are indexed by slots; ``cols`` maps each slo
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,17 +37,23 @@ from . import kvcache
 from .methods.base import LLMSelection, LLMTokens, to_device
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
+FULL, SLIDING = "full_attention", "sliding_attention"  # the decoder layer types in-LLM pruning supports
 
 
 @dataclass
 class Segment:
-    """The tensors every layer of one pruned segment receives in one forward call."""
+    """The tensors every layer of one pruned segment receives in one forward call.
+
+    ``mask`` is the global (full-attention) layers' mask; ``inputs[kind]`` caches, per layer type, the mask and
+    position embeddings its layers get (built on first use by :meth:`Pruner._layer_inputs`).
+    """
 
     q_idx: torch.Tensor  # (B, Q) index of each query slot into this call's full-length queries
     cols: torch.Tensor  # (B, S) full column of each key slot (past and present), -1 = padding
     mask: torch.Tensor | None
-    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None
     position_ids: torch.Tensor | None
+    renumbered: bool = False  # positions come from ``position_ids`` through the rotary, not the model's own
+    inputs: dict[str, tuple[Any, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -65,8 +80,9 @@ class StepState:
     """Per forward call: the prefill plan (None for decode / text-only calls) and the segments built.
 
     The current slots (after the steps run so far) are described by ``visual`` / ``image`` (B, Q),
-    ``sub`` (B, Q) long (0, or the insertion rank of a token inserted at its anchor's column) and
-    ``pos_emb`` / ``pos_ids`` (the positions each slot uses).
+    ``sub`` (B, Q) long (0, or the insertion rank of a token inserted at its anchor's column) and ``pos_ids``
+    (the positions each slot uses; with ``renumbered`` False each slot's rotary embeddings are the call's own
+    at its query index).
     """
 
     prefill: PrefillPlan | None
@@ -74,7 +90,6 @@ class StepState:
     visual: torch.Tensor | None = None  # (B, Q) on the device, current slots
     image: torch.Tensor | None = None
     sub: torch.Tensor | None = None
-    pos_emb: tuple[torch.Tensor, torch.Tensor] | None = None
     pos_ids: torch.Tensor | None = None
     renumbered: bool = False
     valid: list[int] | None = None  # real (non-padding) slots per row, host ints
@@ -82,7 +97,8 @@ class StepState:
     scratch: dict[str, dict[str, Any]] = field(default_factory=dict)
     past_full: int = 0  # full columns already in the cache before this call
     call_len: int = 0  # full columns of this call
-    full: tuple[Any, Any, Any] = (None, None, None)  # this call's mask, position embeddings, position ids
+    full_mask: Any = None  # this call's global-layer mask over its full columns (None = causal)
+    full_ids: torch.Tensor | None = None  # this call's position ids
     padding: torch.Tensor | None = None  # the caller's (B, full_len) 2-D attention mask, if any
 
     def current_slots(self) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -126,7 +142,9 @@ def gather_mask(
     ``q_idx`` (B, Q) indexes the full mask's query rows, ``q_cols``/``k_cols`` are full columns of the
     query/key slots (-1 = padding: keys masked, padding queries attend to every real key so no row is
     empty). ``q_rank``/``k_rank`` (default: the columns) give the causal order where inserted tokens
-    share their anchor's column. Returns None when plain causal attention over the slots is already right.
+    share their anchor's column. A full mask is followed as it is, attention to later columns included (Gemma 3's
+    image tokens attend to each other both ways); slots of one column attend in causal order. Returns None when
+    plain causal attention over the slots is already right.
     """
     batch, q_len = q_cols.shape
     k_valid = k_cols >= 0
@@ -138,14 +156,41 @@ def gather_mask(
     q_order = q_cols if q_rank is None else q_rank
     k_order = k_cols if k_rank is None else k_rank
     causal = k_order.unsqueeze(1) <= q_order.unsqueeze(2)  # (B, Q, S)
-    allowed = causal & k_valid.unsqueeze(1)
-    if full is not None:
+    if full is None:
+        allowed = causal & k_valid.unsqueeze(1)
+    else:
         fb = _to_bool(full).expand(batch, -1, -1, -1)[:, 0]  # (B, Lq, Lk)
         rows = fb.gather(1, q_idx.clamp(min=0).unsqueeze(-1).expand(-1, -1, fb.shape[-1]))
         picked = rows.gather(2, k_cols.clamp(min=0).unsqueeze(1).expand(-1, q_len, -1))
-        allowed = allowed & picked
+        same = k_cols.unsqueeze(1) == q_cols.unsqueeze(2)
+        allowed = picked & k_valid.unsqueeze(1) & (causal | ~same)
     allowed = torch.where(q_valid.unsqueeze(-1), allowed, k_valid.unsqueeze(1).expand(-1, q_len, -1))
     return _from_bool(allowed.unsqueeze(1), kind, dtype)
+
+
+def slide(
+    mask: torch.Tensor | None, past: int, q_len: int, window: int, kind: str, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor | None:
+    """A sliding-window layer's mask in a pruned segment, from the segment's global mask (B, 1, Q, P + Q) over
+    ``past`` (P) cached and ``q_len`` (Q) new slots (None = causal, only without past).
+
+    The layer's cache holds only the last ``min(P, window - 1)`` past slots, so its keys are those plus the new
+    ones: (B, 1, Q, min(P, window - 1) + Q); a query attends to the keys fewer than ``window`` slots before it,
+    as the model's own window counts positions of the sequence it is given. None when plain causal is right.
+    """
+    cached = min(past, window - 1)
+    total = cached + q_len
+    if past + q_len <= window:  # no key is ``window`` or more slots before a query
+        return None if mask is None else mask[..., -total:]
+    q_slot = torch.arange(past, past + q_len, device=device).view(-1, 1)
+    k_slot = torch.arange(past - cached, past + q_len, device=device).view(1, -1)
+    in_window = k_slot > q_slot - window  # (Q, total)
+    if mask is None:
+        return _from_bool((in_window & (k_slot <= q_slot)).view(1, 1, q_len, total), kind, dtype)
+    sliced = mask[..., -total:]
+    if sliced.dtype == torch.bool:
+        return sliced & in_window
+    return sliced.masked_fill(~in_window, torch.finfo(sliced.dtype).min)
 
 
 def gather_rows(t: torch.Tensor | None, q_idx: torch.Tensor, dim: int = 1) -> torch.Tensor | None:
@@ -236,32 +281,29 @@ def rope_ones(
     return (gather_rows(ones_rot, rows) @ ones_rot.transpose(1, 2)) * scaling
 
 
-def qk_modules(attn: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """The modules whose outputs are an attention's queries and keys before RoPE: ``q_norm`` / ``k_norm`` where
-    it normalises them (Qwen3, Gemma 3: per head), else ``q_proj`` / ``k_proj``."""
+def normed_qk(attn: nn.Module, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An attention's queries / keys before RoPE from its ``q_proj`` / ``k_proj`` outputs, (B, L, H*Dh) /
+    (B, L, Hkv*Dh): normalised per head where the attention has ``q_norm`` / ``k_norm`` (Qwen3, Gemma 3), which act
+    on each head's last dimension whatever layout the model calls them in."""
     q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
-    if isinstance(q_norm, nn.Module) and isinstance(k_norm, nn.Module):
-        return q_norm, k_norm
-    return attn.q_proj, attn.k_proj
+    if not (isinstance(q_norm, nn.Module) and isinstance(k_norm, nn.Module)):
+        return q, k
+    return (q_norm(q.unflatten(-1, (-1, attn.head_dim))).flatten(2),
+            k_norm(k.unflatten(-1, (-1, attn.head_dim))).flatten(2))
 
 
 def layer_qk(layer: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The queries / keys before RoPE, (B, L, H*Dh) / (B, L, Hkv*Dh), decoder ``layer`` computes from ``hidden``
-    (the q_proj / k_proj outputs, normalised per head where the attention has ``q_norm`` / ``k_norm``)."""
+    """The queries / keys before RoPE, (B, L, H*Dh) / (B, L, Hkv*Dh), decoder ``layer`` computes from ``hidden``."""
     attn = layer.self_attn
     normed = layer.input_layernorm(hidden)
-    q, k = attn.q_proj(normed), attn.k_proj(normed)
-    q_norm, k_norm = qk_modules(attn)
-    if q_norm is not attn.q_proj:
-        heads = (*q.shape[:-1], -1, attn.head_dim)
-        q, k = q_norm(q.view(heads)).flatten(2), k_norm(k.view(heads)).flatten(2)
-    return q, k
+    return normed_qk(attn, attn.q_proj(normed), attn.k_proj(normed))
 
 
 class _Capture:
-    """Hooks on a signal layer: its attention's kwargs (pre-hook) and its queries / keys before RoPE
-    (:func:`qk_modules`' outputs, as (B, L, H*Dh)); or, with name "inputs", the LLM's input embeddings
-    (pre-hook on decoder layer 0)."""
+    """Hooks on a signal layer: its attention's kwargs (pre-hook) and its ``q_proj`` / ``k_proj`` outputs
+    ((B, L, H*Dh); :func:`normed_qk` turns them into the queries / keys before RoPE); or, with name "inputs", the
+    LLM's input embeddings (pre-hook on decoder layer 0); or, with name "masks", the per-layer-type masks an LLM
+    with sliding-window layers is given (pre-hook on the LLM; Gemma 3's model builds them and passes a dict)."""
 
     def __init__(self, pruner: Pruner, name: str) -> None:
         self.pruner, self.name = pruner, name
@@ -272,12 +314,15 @@ class _Capture:
             return None
         if self.name == "inputs":
             step.captured["inputs"] = args[0] if args else rest[0]["hidden_states"]
+        elif self.name == "masks":
+            masks = rest[0].get("attention_mask")
+            step.captured["masks"] = masks if isinstance(masks, dict) else None
         elif self.name == "attn":
             kwargs = rest[0]
             step.captured["position_embeddings"] = kwargs.get("position_embeddings")
             step.captured["mask"] = kwargs.get("attention_mask")
         else:
-            step.captured[self.name] = rest[0].flatten(2)  # per-head norms give (B, L, H, Dh)
+            step.captured[self.name] = rest[0]
         return None
 
 
@@ -332,10 +377,13 @@ class Pruner:
     rotary embedding module (needed by steps that renumber positions). ``state``: the compression it
     belongs to; ``state.current_step()`` is the :class:`StepState` of this model's forward in flight on this
     thread (runtime.py creates one around each forward), so two threads can share one compressed model.
+    ``layer_types``: each decoder layer's type (``FULL`` or ``SLIDING``; None = all global) and ``window`` the
+    sliding layers' window; ``lm``: the LLM module, whose per-type masks are captured when it has sliding layers.
     """
 
     def __init__(
-        self, state: Any, layers: nn.ModuleList, attn_kind: str, steps: list[Any], rotary: nn.Module | None = None
+        self, state: Any, layers: nn.ModuleList, attn_kind: str, steps: list[Any], rotary: nn.Module | None = None,
+        layer_types: Sequence[str] | None = None, window: int | None = None, lm: nn.Module | None = None,
     ) -> None:
         if attn_kind not in SUPPORTED_ATTENTION:
             raise ValueError(
@@ -347,6 +395,14 @@ class Pruner:
         self.attn_kind = attn_kind
         self.steps = steps
         self.rotary = rotary
+        self.kinds = list(layer_types) if layer_types else [FULL] * len(layers)
+        self.sliding = SLIDING in self.kinds
+        if self.sliding and (not isinstance(window, int) or window < 1):
+            raise ValueError(f"an LLM with sliding-window layers needs a positive sliding_window, got {window!r}")
+        self.window = window or 0
+        self.lm = lm
+        # Gemma 3's rotary takes the layer type (its local and global layers use different RoPE bases)
+        self.rotary_by_kind = rotary is not None and "layer_type" in inspect.signature(rotary.forward).parameters
         self.first = steps[0].layer
         self.handles: list[Any] = []
 
@@ -356,14 +412,15 @@ class Pruner:
 
     def install(self) -> None:
         """Register the hooks on this instance's decoder layers (and the signal layers' projections)."""
+        if self.sliding and self.lm is not None:
+            self.handles.append(self.lm.register_forward_pre_hook(_Capture(self, "masks"), with_kwargs=True))
         if any("inputs_embeds" in s.needs for s in self.steps):
             self.handles.append(self.layers[0].register_forward_pre_hook(_Capture(self, "inputs"), with_kwargs=True))
         for k in sorted({s.layer for s in self.steps if s.layer > 0}):
             attn = self.layers[k - 1].self_attn
             self.handles.append(attn.register_forward_pre_hook(_Capture(self, "attn"), with_kwargs=True))
-            q_module, k_module = qk_modules(attn)
-            self.handles.append(q_module.register_forward_hook(_Capture(self, "q")))
-            self.handles.append(k_module.register_forward_hook(_Capture(self, "k")))
+            self.handles.append(attn.q_proj.register_forward_hook(_Capture(self, "q")))
+            self.handles.append(attn.k_proj.register_forward_hook(_Capture(self, "k")))
         for index in range(self.first, len(self.layers)):
             self.handles.append(
                 self.layers[index].register_forward_pre_hook(_LayerPreHook(self, index), with_kwargs=True)
@@ -390,10 +447,11 @@ class Pruner:
         segment = self._segment(step, index, hidden, kwargs, cache)
         if segment is None:
             return None
+        mask, position_embeddings = self._layer_inputs(segment, self.kinds[index], hidden, kwargs)
         kwargs = dict(kwargs)
-        kwargs["attention_mask"] = segment.mask
-        if segment.position_embeddings is not None:
-            kwargs["position_embeddings"] = segment.position_embeddings
+        kwargs["attention_mask"] = mask
+        if position_embeddings is not None:
+            kwargs["position_embeddings"] = position_embeddings
         if kwargs.get("position_ids") is not None:
             kwargs["position_ids"] = segment.position_ids
         if args:
@@ -403,6 +461,38 @@ class Pruner:
 
     def _segment_start(self, index: int) -> int:
         return max(s.layer for s in self.steps if s.layer <= index)
+
+    def _layer_inputs(self, segment: Segment, kind: str, hidden: torch.Tensor,
+                      kwargs: dict[str, Any]) -> tuple[Any, Any]:
+        """The mask and position embeddings the layers of type ``kind`` get in ``segment`` (built once per type):
+        the segment's mask (a sliding layer's windowed over its slots, :func:`slide`), and the rotary embeddings of
+        the slots' positions for that type (the model's own for this layer, gathered per slot, or, renumbered,
+        recomputed from the position ids)."""
+        if kind not in segment.inputs:
+            mask = segment.mask
+            if kind == SLIDING:
+                q_len = segment.q_idx.shape[1]
+                mask = slide(mask, segment.cols.shape[1] - q_len, q_len, self.window, self.attn_kind, hidden.dtype,
+                             hidden.device)
+            embeddings = self._embeddings(segment.renumbered, segment.position_ids, segment.q_idx, kind, hidden,
+                                          kwargs)
+            segment.inputs[kind] = (mask, embeddings)
+        return segment.inputs[kind]
+
+    def _embeddings(self, renumbered: bool, pos_ids: torch.Tensor | None, q_idx: torch.Tensor, kind: str,
+                    hidden: torch.Tensor, kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(cos, sin), each (B, Q, Dh), of slots at query indices ``q_idx`` (B, Q) for a layer of type ``kind``
+        whose own inputs are ``kwargs``: recomputed from ``pos_ids`` when ``renumbered``, else the model's own
+        embeddings for this layer gathered per slot (None when the model passes none)."""
+        if renumbered:
+            return self._rope(hidden, pos_ids, kind)
+        own = kwargs.get("position_embeddings")
+        return None if own is None else tuple(gather_rows(t, q_idx) for t in own)
+
+    def _rope(self, hidden: torch.Tensor, pos_ids: torch.Tensor | None, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The LLM rotary's (cos, sin) for ``pos_ids`` (B, Q) at a layer of type ``kind``."""
+        assert self.rotary is not None and pos_ids is not None
+        return self.rotary(hidden, pos_ids, kind) if self.rotary_by_kind else self.rotary(hidden, pos_ids)
 
     def _segment(
         self, step: StepState, index: int, hidden: torch.Tensor, kwargs: dict[str, Any], cache: Any
@@ -419,21 +509,23 @@ class Pruner:
         full = kwargs.get("attention_mask")
         full_len = full.shape[-1] if full is not None else int(cache.get_seq_length(0))  # layer 0: updated already
         device = hidden.device
-        if start == 0:  # layer 0's cache holds only kept slots: the LLM's own mask and length count those
-            full_len = kvcache.full_length(cache) + q_len
+        if start == 0 or self.sliding:
+            # the LLM's own masks are not over full columns: with layer 0 pruned its cache holds only kept slots;
+            # with sliding layers the model sizes its global mask by its first global layer's (pruned) cache and
+            # its sliding mask by the window. This call's tokens are text: causal attention and the caller's padding
+            full_len = kvcache.full_length(cache) + (q_len if start == 0 else 0)
             full = padding_mask(step.padding, full_len, q_len, device)
         new = torch.arange(record.full_len, full_len, device=device).expand(batch, -1)
         cols = torch.cat([record.cols[start].to(device), new], dim=1)
         q_cols = torch.arange(full_len - q_len, full_len, device=device).expand(batch, -1)
         q_idx = torch.arange(q_len, device=device).expand(batch, -1)
         mask = gather_mask(full, q_idx, q_cols, cols, self.attn_kind, hidden.dtype)
-        pos_emb, pos_ids = kwargs.get("position_embeddings"), kwargs.get("position_ids")
+        pos_ids = kwargs.get("position_ids")
         shift = record.shift.get(start)
         if shift is not None:  # renumbered positions: the new tokens continue the kept tokens' count
             pos_ids = self._call_positions(pos_ids, kwargs, batch, q_len, full_len, device)
             pos_ids = pos_ids - shift.to(device).unsqueeze(1)
-            pos_emb = self.rotary(hidden, pos_ids)
-        segment = Segment(q_idx, cols, mask, pos_emb, pos_ids)
+        segment = Segment(q_idx, cols, mask, pos_ids, renumbered=shift is not None)
         step.segments[start] = segment
         return segment
 
@@ -447,8 +539,9 @@ class Pruner:
             raise ValueError("renumbered positions need 1-D position ids (this LLM uses multi-axis RoPE)")
         return pos_ids.expand(batch, -1)
 
-    def _start_call(self, step: StepState, hidden: torch.Tensor, kwargs: dict[str, Any]) -> None:
-        """Describe this call's full sequence as the current slots (before the first step acts)."""
+    def _start_call(self, step: StepState, layer: int, hidden: torch.Tensor, kwargs: dict[str, Any],
+                    cache: Any) -> None:
+        """Describe this call's full sequence as the current slots (before the first step acts, at ``layer``)."""
         plan = step.prefill
         assert plan is not None
         batch, cur_len, _ = hidden.shape
@@ -458,13 +551,33 @@ class Pruner:
         step.sub = torch.zeros(batch, cur_len, dtype=torch.long, device=device)
         step.valid = [cur_len] * batch
         step.call_len = cur_len
-        step.full = (kwargs.get("attention_mask"), kwargs.get("position_embeddings"), kwargs.get("position_ids"))
-        pos_emb = kwargs.get("position_embeddings")
-        step.pos_emb = None if pos_emb is None else tuple(t.expand(batch, *t.shape[1:]) for t in pos_emb)
+        step.full_mask = self._call_mask(step, layer, kwargs, cache, device)
         pos_ids = kwargs.get("position_ids")
+        step.full_ids = pos_ids
         step.pos_ids = pos_ids if pos_ids is not None and pos_ids.shape[-1] == cur_len else None
 
-    def _view(self, step: StepState, j: int, hidden: torch.Tensor, cur_cols: torch.Tensor,
+    def _call_mask(self, step: StepState, layer: int, kwargs: dict[str, Any], cache: Any,
+                   device: torch.device) -> Any:
+        """This call's global-layer mask over its full columns (None = causal): the one ``layer`` is given, or, on
+        an LLM with sliding-window layers, the global one of the masks the LLM was given (else causal attention
+        with the caller's padding)."""
+        if not self.sliding:
+            return kwargs.get("attention_mask")
+        record = kvcache.record_of(cache)
+        if step.past_full and record is not None and record.cols:
+            raise ValueError(
+                "this KV cache was pruned inside an LLM with sliding-window layers; a later call with new images "
+                "cannot continue it (the model's masks for it are no longer over the whole sequence): send the "
+                "images in the first call, or run the conversation again without the cache"
+            )
+        masks = step.captured.get("masks")
+        if isinstance(masks, dict) and FULL in masks:
+            return masks[FULL]
+        if self.kinds[layer] == FULL:
+            return kwargs.get("attention_mask")
+        return padding_mask(step.padding, step.past_full + step.call_len, step.call_len, device)
+
+    def _view(self, step: StepState, j: int, hidden: torch.Tensor, cur_cols: torch.Tensor, cur_q_idx: torch.Tensor,
               kwargs: dict[str, Any]) -> LLMTokens:
         """The :class:`LLMTokens` step ``j`` sees."""
         spec = self.steps[j]
@@ -476,14 +589,15 @@ class Pruner:
             if layer == 0:
                 raise ValueError("a step before decoder layer 0 has no previous layer's attention; use logits(rows)")
             attn = self.layers[layer - 1].self_attn
-            return attention_rows(captured["q"], captured["k"], rows, captured["position_embeddings"],
+            q, k = normed_qk(attn, captured["q"], captured["k"])
+            return attention_rows(q, k, rows, captured["position_embeddings"],
                                   captured["mask"], attn.head_dim, attn.scaling)
 
         def logits(rows: torch.Tensor) -> torch.Tensor:
             own = self.layers[layer]
             q, k = layer_qk(own, hidden)
-            mask = self._current_mask(step, kwargs)
-            return attention_logits(q, k, rows, step.pos_emb, mask, own.self_attn.head_dim, own.self_attn.scaling)
+            mask, embeddings = self._current_inputs(step, layer, hidden, cur_q_idx, kwargs)
+            return attention_logits(q, k, rows, embeddings, mask, own.self_attn.head_dim, own.self_attn.scaling)
 
         def gravity(rows: torch.Tensor) -> torch.Tensor:
             if layer == 0:
@@ -507,34 +621,38 @@ class Pruner:
             scratch=step.scratch.setdefault(spec.group, {}),
         )
 
-    @staticmethod
-    def _current_mask(step: StepState, kwargs: dict[str, Any]) -> torch.Tensor | None:
-        """The mask the current slots attend with at this layer (the call's own, or its latest segment's)."""
+    def _current_inputs(self, step: StepState, layer: int, hidden: torch.Tensor, q_idx: torch.Tensor,
+                        kwargs: dict[str, Any]) -> tuple[Any, Any]:
+        """The mask and rotary embeddings the current slots (query indices ``q_idx``, (B, Q)) attend with at
+        ``layer``: the layer's own before the call's first step, else its type's in the latest segment."""
         built = list(step.segments.values())
-        return built[-1].mask if built else kwargs.get("attention_mask")
+        if built:
+            return self._layer_inputs(built[-1], self.kinds[layer], hidden, kwargs)
+        return kwargs.get("attention_mask"), self._embeddings(step.renumbered, step.pos_ids, q_idx, self.kinds[layer],
+                                                              hidden, kwargs)
 
     def _prune(self, step: StepState, j: int, hidden: torch.Tensor, kwargs: dict[str, Any], cache: Any) -> torch.Tensor:
         """Run step ``j``'s method on the current tokens and build its segment; returns the new hidden states."""
         layer = self.steps[j].layer
-        cur_cols, cur_q_idx = self._current_slots(step, layer, hidden, kwargs)
-        out = self.steps[j].fn(self._view(step, j, hidden, cur_cols, kwargs), **self.steps[j].knobs)
+        cur_cols, cur_q_idx = self._current_slots(step, layer, hidden, kwargs, cache)
+        out = self.steps[j].fn(self._view(step, j, hidden, cur_cols, cur_q_idx, kwargs), **self.steps[j].knobs)
         selection = out if isinstance(out, LLMSelection) else LLMSelection(keep=out)
         valid = self._checked_counts(step, j, selection, cur_cols)
         slots = self._slot_order(step, selection, cur_cols, valid)
         new_hidden = self._gather(step, j, hidden, selection, slots, cur_cols, cur_q_idx)
-        self._positions(step, j, new_hidden, slots)
+        self._positions(step, j, slots)
         self._build_segment(step, layer, hidden, slots, valid, cache)
         return new_hidden
 
-    def _current_slots(self, step: StepState, layer: int, hidden: torch.Tensor,
-                       kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _current_slots(self, step: StepState, layer: int, hidden: torch.Tensor, kwargs: dict[str, Any],
+                       cache: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, L) full columns and query indices of the slots entering ``layer``: this call's full sequence at
         the first step of the call, else the previous step's segment."""
         batch, cur_len, _ = hidden.shape
         prev = step.segments.get(self._segment_start(layer - 1)) if layer > self.first else None
         if prev is not None:
             return prev.cols[:, -cur_len:], prev.q_idx
-        self._start_call(step, hidden, kwargs)
+        self._start_call(step, layer, hidden, kwargs, cache)
         device = hidden.device
         cur_cols = torch.arange(step.past_full, step.past_full + cur_len, device=device).expand(batch, -1)
         return cur_cols, torch.arange(cur_len, device=device).expand(batch, -1)
@@ -608,16 +726,15 @@ class Pruner:
         step.image = new_image.masked_fill(pad, -1)
         return new_hidden
 
-    def _positions(self, step: StepState, j: int, new_hidden: torch.Tensor, slots: _Slots) -> None:
+    def _positions(self, step: StepState, j: int, slots: _Slots) -> None:
         """The new slots' positions: kept as they were (an inserted token takes its anchor's), or renumbered
         contiguously (the step's ``positions``)."""
         src = slots.src
-        pos_emb = None if step.pos_emb is None else tuple(gather_rows(t, src) for t in step.pos_emb)
-        pos_ids = gather_last(step.pos_ids, src) if step.pos_ids is not None else step.full[2]
+        pos_ids = gather_last(step.pos_ids, src) if step.pos_ids is not None else step.full_ids
         positions = self.steps[j].positions
         if positions == "renumber" or (positions == "auto" and self._can_renumber(pos_ids)):
-            pos_ids, pos_emb = self._renumber(step, pos_ids, slots.cols, new_hidden)
-        step.pos_emb, step.pos_ids = pos_emb, pos_ids
+            pos_ids = self._renumber(step, pos_ids, slots.cols)
+        step.pos_ids = pos_ids
 
     def _build_segment(self, step: StepState, layer: int, hidden: torch.Tensor, slots: _Slots, valid: list[int],
                        cache: Any) -> None:
@@ -629,12 +746,12 @@ class Pruner:
         k_cols = new_cols if past_cols is None else torch.cat([past_cols, new_cols], dim=1)
         q_rank = new_cols * SUB + step.sub
         k_rank = q_rank if past_cols is None else torch.cat([past_cols * SUB, q_rank], dim=1)
-        full_mask = step.full[0]
+        full_mask = step.full_mask
         if full_mask is None and past_cols is None and min(valid) == max(valid):
             mask = None  # no padding anywhere, no past: plain causal attention over the kept slots is right
         else:
             mask = gather_mask(full_mask, slots.q_idx, new_cols, k_cols, self.attn_kind, hidden.dtype, q_rank, k_rank)
-        step.segments[layer] = Segment(slots.q_idx, k_cols, mask, step.pos_emb, step.pos_ids)
+        step.segments[layer] = Segment(slots.q_idx, k_cols, mask, step.pos_ids, renumbered=step.renumbered)
         step.valid = valid
         if cache is not None:
             shift = self._shift(step, step.pos_ids) if step.renumbered else None
@@ -644,11 +761,10 @@ class Pruner:
         """Whether this LLM has 1-D positions to renumber ("auto" keeps multi-axis M-RoPE positions)."""
         return pos_ids is not None and pos_ids.ndim == 2 and self.rotary is not None
 
-    def _renumber(self, step: StepState, pos_ids: torch.Tensor | None, new_cols: torch.Tensor,
-                  new_hidden: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """Contiguous positions for the new slots, as transformers numbers a sequence without the dropped
+    def _renumber(self, step: StepState, pos_ids: torch.Tensor | None, new_cols: torch.Tensor) -> torch.Tensor:
+        """Contiguous (B, N) positions for the new slots, as transformers numbers a sequence without the dropped
         tokens: each row's first real token keeps its position, the next real ones count up from it, padding
-        (the caller's, or added here) gets 0."""
+        (the caller's, or added here) gets 0. Each layer type's rotary turns them into embeddings."""
         if pos_ids is None or pos_ids.ndim != 2 or self.rotary is None:
             raise ValueError(
                 "renumbering positions needs an LLM with 1-D RoPE position ids (LLaVA, LLaVA-NeXT); this LLM "
@@ -664,14 +780,15 @@ class Pruner:
         counted = real.long().cumsum(dim=1) - 1
         new_ids = torch.where(real, base + counted, torch.zeros_like(base))
         step.renumbered = True
-        return new_ids, self.rotary(new_hidden, new_ids)
+        return new_ids
 
     def _shift(self, step: StepState, pos_ids: torch.Tensor | None) -> torch.Tensor:
         """(B,) how far later tokens' positions move: the call's last position minus its new one."""
-        full_ids = step.full[2]
+        full_ids = step.full_ids
         assert pos_ids is not None and full_ids is not None
         old_last = full_ids.expand(pos_ids.shape[0], -1)[:, -1]
         return old_last - pos_ids[:, -1]
+
 
 def plan_visual_counts(plan: PrefillPlan, stage: int) -> list[list[int]]:
     """Visual tokens per row and image entering ``stage`` (the previous step's counts, or the LLM input)."""

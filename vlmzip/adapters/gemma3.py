@@ -36,8 +36,10 @@ Model quirks this file owns:
   counts: generate's expansion for beams splits that first dimension by each row's placeholder count, which
   is a multiple of g, so each row's tokens stay together.
 - Positions: 1-D, contiguous over the shrunk sequence (what the released VisionZip code does); the decoder's
-  sliding-window layers apply their window to the shrunk sequence. In-LLM methods are refused by
-  ``vlmzip.plan`` on these layers.
+  sliding-window layers apply their window to the shrunk sequence.
+- In-LLM methods: the LLM's global and sliding layers each get their own mask and RoPE in a pruned segment; a
+  sliding layer's window counts the kept sequence's slots, as its cache does (``vlmzip.llm_hooks``). The kept
+  tokens of an image run still attend to each other both ways (the model's global mask, gathered).
 """
 
 from __future__ import annotations
