@@ -455,6 +455,24 @@ def test_a_pre_llm_method_composes_with_every_in_llm_method():
     assert not vlmzip.is_compressed(model)
 
 
+def test_gemma4_is_a_clear_error_naming_the_supported_classes():
+    """Gemma 4 does not share Gemma 3's path (another vision encoder, per-layer input embeddings, KV shared across
+    layers, audio): compressing one says so by naming what is supported."""
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration
+
+    config = Gemma4Config(
+        text_config={"num_hidden_layers": 2, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
+                     "num_key_value_heads": 1, "head_dim": 16, "global_head_dim": 16, "vocab_size": 300,
+                     "hidden_size_per_layer_input": 8, "vocab_size_per_layer_input": 300,
+                     "layer_types": ["sliding_attention", "full_attention"]},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "num_key_value_heads": 2, "head_dim": 16})
+    model = Gemma4ForConditionalGeneration(config)
+    with pytest.raises(ValueError, match="does not support Gemma4ForConditionalGeneration.*Gemma3ForConditional"):
+        vlmzip.compress(model, "visionzip", tokens=8)
+    assert not vlmzip.is_compressed(model)
+
+
 # -- the speed model -----------------------------------------------------------------------------------------
 
 

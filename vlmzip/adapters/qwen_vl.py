@@ -1,6 +1,15 @@
-"""Adapter for ``Qwen2VLForConditionalGeneration`` and ``Qwen2_5_VLForConditionalGeneration``.
+"""Adapter for the Qwen-VL families: ``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``,
+``Qwen3VLForConditionalGeneration`` (and its MoE), ``Qwen3_5ForConditionalGeneration`` (and its MoE).
 
 Model quirks this file owns:
+- Qwen3-VL: patch 16, the same 2x2 merge and M-RoPE positions (videos carry timestamps as text), and DeepStack:
+  the tower also returns, for each of a few of its layers, features of every merged token
+  (``deepstack_features``), which the LLM adds to the hidden states at the visual tokens after its first decoder
+  layers. A token dropped before the LLM is dropped from every DeepStack level; merging methods merge each level
+  with the same weights (``Selection.apply``); keep-all sends the model's own features. In-LLM methods prune the
+  additions in step with the hidden states (``DeepstackAdditions``). The MoE variant differs only in its MLPs.
+- Qwen3.5: Qwen3-VL's image path without DeepStack, an LLM whose layers are mostly linear attention (Gated
+  DeltaNet, a recurrent state that cannot drop tokens): pre-LLM methods work; in-LLM methods are refused.
 - Dynamic resolution: image i of a call has its own patch grid ``image_grid_thw[i] = (t, h, w)``; the
   vision tower packs every image's patches into one sequence (attention stays inside each image's
   ``cu_seqlens`` segment) and the 2x2 PatchMerger turns each group of ``merge^2`` consecutive patches
@@ -15,7 +24,7 @@ Model quirks this file owns:
   receive in the tower's signal block (summed over the group), each patch's share being the mean over
   heads and over the queries of its image's attention segment; ``keys`` = that block's keys (the fused
   ``qkv`` output, before RoPE), mean over heads, mean over the group. The signal block is the last
-  block (Qwen2-VL) or the last full-attention block, ``max(fullatt_block_indexes)`` (Qwen2.5-VL: the
+  block (Qwen2-VL, Qwen3-VL, Qwen3.5) or the last full-attention block, ``max(fullatt_block_indexes)`` (Qwen2.5-VL: the
   other blocks attend within windows). Qwen2.5-VL reorders merge groups by window before its blocks;
   the captured signals are mapped back to the merger's output order with the inverse of the same
   ``window_index`` the tower uses.
