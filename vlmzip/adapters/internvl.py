@@ -39,9 +39,10 @@ Model quirks this file owns:
   prefix, and VisionZip ranks prefix-less tokens by ``received_attention``: that field carries the CLS
   dominance too (as does ``cls_attention``, which Cluster & Saliency reads).
 - Videos. The processor writes each video frame as ``FrameN: <img>`` + 256 ``<IMG_CONTEXT>`` + ``</img>`` (the
-  image tokens) and merges the frames' pixels into ``pixel_values``: the model's inputs carry nothing that tells
-  a frame from a one-tile image. A compressed model runs on videos and treats each frame as an image of one
-  tile (a budget applies to each frame as to an image); ``ratio=1.0`` leaves them as the vanilla model has them.
+  image tokens) and merges the frames' pixels into ``pixel_values``: nothing in the model's inputs but the label's
+  text (tokenizer-specific ids) tells a frame from a one-tile image. A compressed model runs on videos and treats
+  each frame as an image of one tile (a budget applies to each frame as to an image); ``ratio=1.0`` leaves them
+  as the vanilla model has them.
 - Positions: 1-D, contiguous over the shrunk sequence (Qwen2 LLM; what the released VisionZip code does).
 - Processor: transformers' InternVL processor needs torchvision for its video processor. Where it cannot be
   built, ``load_processor`` builds the same processor without video support, with the checkpoint's own chat
