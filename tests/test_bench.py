@@ -304,3 +304,28 @@ def test_bench_takes_knobs_in_brackets(llava_dir, tmp_path) -> None:
     rows = json.loads((out / "bench.json").read_text())["rows"]
     assert [(r["method"], r["tokens"]) for r in rows] == [("fastv", 16), ("visionzip", 16)]
     assert rows[0]["kv_cache_bytes"] > rows[1]["kv_cache_bytes"], "fastv at layer 1 keeps layer 0 in full"
+
+
+def test_bench_on_images_with_their_own_counts_takes_ratios_and_counts_the_tokens(tmp_path, capsys) -> None:
+    """A model whose images have their own counts (Qwen2-VL) is timed at shares of the image's count (the papers'
+    budgets as shares by default); each row says the bench image's vanilla count and what the LLM ends with."""
+    from vlmzip.builders.qwen_vl import QwenVLSpec, build_qwen_vl
+
+    build_qwen_vl(tmp_path / "qwen", QwenVLSpec(text_layers=3))
+    out = tmp_path / "b"
+    assert main(["bench", "--model", str(tmp_path / "qwen"), "--methods", "visionzip,fastv[layer=1]",
+                 "--ratios", "0.5,0.25", "--batch-sizes", "1", "--repeats", "1", "--quiet", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    rows = json.loads((out / "bench.json").read_text())["rows"]
+    vanilla = rows[0]["vanilla_tokens"]
+    assert vanilla > 8 and all(r["vanilla_tokens"] == vanilla for r in rows)
+    assert [(r["method"], r["budget"], r["tokens"]) for r in rows] == [
+        ("visionzip", "ratio=0.5", round(vanilla * 0.5)), ("visionzip", "ratio=0.25", round(vanilla * 0.25)),
+        ("fastv", "ratio=0.5", round(vanilla * 0.5)), ("fastv", "ratio=0.25", round(vanilla * 0.25))]
+    assert f"| visionzip [ratio=0.25] | {vanilla} -> {round(vanilla * 0.25)} |" in printed
+    assert main(["bench", "--model", str(tmp_path / "qwen"), "--batch-sizes", "1", "--repeats", "1", "--quiet",
+                 "--out", str(out)]) == 0
+    rows = json.loads((out / "bench.json").read_text())["rows"]
+    assert [r["budget"] for r in rows] == ["ratio=0.333", "ratio=0.222", "ratio=0.111"]
+    assert main(["bench", "--model", str(tmp_path / "qwen"), "--tokens", "8", "--ratios", "0.5"]) == 2
+    assert "give --tokens or --ratios, not both" in capsys.readouterr().err

@@ -120,6 +120,14 @@ def _method_list(text: str) -> list[str]:
     return values
 
 
+def _ratio(text: str) -> float:
+    """argparse type: a share in (0, 1]."""
+    value = float(text)
+    if not 0 < value <= 1:
+        raise ValueError(f"a ratio is a share in (0, 1], got {text}")
+    return value
+
+
 def _csv(cast: Any) -> Any:
     """argparse type: a comma-separated, non-empty list of ``cast`` values."""
 
@@ -401,8 +409,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     image = default_image()
     if args.image_size:
         image = image.resize((args.image_size, args.image_size))
-    tokens = args.tokens or [paper_budget(model, t) for t in PAPER_BUDGETS]
-    runs = [(name, {**knobs, "tokens": t}) for name, knobs in map(split_knobs, args.methods) for t in tokens]
+    if args.tokens and args.ratios:
+        raise ValueError("give --tokens or --ratios, not both")
+    if args.ratios or (not args.tokens and plan(model, "vanilla").vanilla_tokens is None):
+        # per-image budgets: a share of each image's own count (the default where counts depend on the image)
+        ratios = args.ratios or [t / PAPER_PATCHES for t in PAPER_BUDGETS]
+        budgets = [{"ratio": r} for r in ratios]
+    else:
+        budgets = [{"tokens": t} for t in args.tokens or [paper_budget(model, t) for t in PAPER_BUDGETS]]
+    runs = [(name, {**knobs, **b}) for name, knobs in map(split_knobs, args.methods) for b in budgets]
 
     def make_inputs(batch_size: int) -> dict:
         return batch_inputs(processor, [image] * batch_size, [args.prompt] * batch_size, model)
@@ -598,6 +613,9 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--methods", type=_method_list, default="visionzip",
                    help="comma-separated methods to time, each with optional knobs in brackets (fastv[layer=3])")
     p.add_argument("--tokens", type=_csv(int), help=PAPER_BUDGETS_HELP)
+    p.add_argument("--ratios", type=_csv(_ratio),
+                   help="budgets as shares of each image's own count, e.g. 0.25,0.1 (default for models whose images "
+                   "have their own counts: the papers' 192,128,64 of 576 as shares)")
     p.add_argument("--batch-sizes", type=_csv(positive_int), default="1,8",
                    help="comma-separated batch sizes (images per prefill)")
     p.add_argument("--repeats", type=positive_int, default=10, help="timed repeats per configuration (median)")

@@ -178,7 +178,7 @@ class BenchRow:
     """
 
     method: str
-    tokens: int | None  # visual tokens per image the LLM ends with (None: varies per image)
+    tokens: int | None  # visual tokens per image the LLM ends with (counted on the bench's image)
     batch_size: int
     forward_speedup: float  # model(...) (vision + compression + prefill)
     ttft_speedup: float  # generate(max_new_tokens=1)
@@ -204,6 +204,8 @@ class BenchRow:
     ideal_kind: str = "llm_macs"  # what ideal_speedup divides: "flops" (counted, end to end) or "llm_macs"
     compiled: bool = False  # timed with the language model compiled and a static KV cache (bench.compiled)
     peak_memory_kind: str = "process"  # "process": this process's peak; "child": a fresh process per config
+    vanilla_tokens: int | None = None  # visual tokens per image of the vanilla model (the bench's image)
+    budget: str = ""  # the budget asked for: "tokens=N" or "ratio=r"
 
 
 @torch.no_grad()
@@ -304,14 +306,20 @@ def _row(calls: _Calls, method: str, knobs: dict[str, Any], batch_size: int, van
          peak_kind: str) -> BenchRow:
     """One row: medians of the interleaved rounds, ratios to vanilla, and the once-measured numbers."""
     planned = plan(calls.model, method, **knobs)
+    # visual tokens per image on the bench's image (every row holds it once): its placeholders, less the tokens the
+    # method removed by the LLM's last layer whose cache holds the whole sequence (a sliding layer's may not)
+    vanilla_tokens = int((calls.inputs["input_ids"][0] == planned.adapter.image_token_id).sum())
+    last = max(i for i, n in enumerate(reference.lengths) if n == max(reference.lengths))
+    final_tokens = vanilla_tokens - (reference.lengths[last] - measured.lengths[last])
+    budget = f"tokens={knobs['tokens']}" if "tokens" in knobs else f"ratio={knobs['ratio']:.3g}" if "ratio" in knobs \
+        else ""
     v = {name: statistics.median(seconds) for name, seconds in vanilla.items() if name != "overhead"}
     m = {name: statistics.median(seconds) for name, seconds in squeezed.items() if name != "overhead"}
     shares = [s for s in squeezed["overhead"] if not math.isnan(s)]
     text_cfg = planned.adapter.language_model().config
-    tokens = planned.final_tokens if planned.final_tokens is not None else knobs.get("tokens")
     new = batch_size * DECODE_TOKENS
     return BenchRow(
-        method=method, tokens=tokens, batch_size=batch_size,
+        method=method, tokens=final_tokens, batch_size=batch_size, vanilla_tokens=vanilla_tokens, budget=budget,
         forward_speedup=v["forward"] / m["forward"], ttft_speedup=v["ttft"] / m["ttft"],
         ideal_speedup=reference.flops / measured.flops,
         ideal_speedup_llm=llm_prefill_macs(reference.lengths, text_cfg) / llm_prefill_macs(measured.lengths, text_cfg),
@@ -367,7 +375,8 @@ def format_rows(rows: list[BenchRow], vanilla_tokens: int | None, repeats: int, 
     for r in rows:
         overhead = "n/a" if r.overhead_share is None else f"{100 * r.overhead_share:.1f}% of {_STAGE[r.overhead_of]}"
         lines.append(
-            f"| {r.batch_size} | {r.method} | {vanilla_tokens or 'per image'} -> {r.tokens} | "
+            f"| {r.batch_size} | {r.method}{f' [{r.budget}]' if r.budget.startswith('ratio') else ''} | "
+            f"{r.vanilla_tokens or vanilla_tokens or 'per image'} -> {r.tokens} | "
             f"{r.forward_speedup:.2f}x | {r.ttft_speedup:.2f}x | {r.ideal_speedup:.2f}x | "
             f"{r.ttft_speedup / r.ideal_speedup:.2f} | {r.ideal_speedup_llm:.2f}x | "
             f"{r.vanilla_forward_ms:.1f} | {r.method_forward_ms:.1f} | {overhead} | "
