@@ -185,6 +185,19 @@ def test_budget_errors_speak_in_flags(llava_dir, capsys):
     assert "--layer 5 is outside this LLM's decoder layers" in capsys.readouterr().err
 
 
+def test_list_archs_names_every_speed_model_and_its_depth(capsys):
+    """`vlmzip list --archs` lists each registered arch:NAME with its family and LLM depth (what --layers cuts)."""
+    assert main(["list", "--archs"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    names = [line.split()[0] for line in lines]
+    assert names == sorted(names) and len(names) == len(set(names))
+    for name in ("llava-1.5-7b", "llava-next-7b", "qwen2.5-vl-7b", "llava-onevision-7b", "qwen3-vl-8b",
+                 "gemma-3-12b", "internvl3-8b", "smolvlm-2b"):
+        assert f"arch:{name}" in names
+    assert "[gemma3, 48 decoder layers]" in lines[names.index("arch:gemma-3-12b")]
+    assert "[qwen-vl, 36 decoder layers]" in lines[names.index("arch:qwen3-vl-8b")]
+
+
 def test_list_reads_the_catalog_which_matches_the_registry():
     """`vlmzip list` answers from catalog.json (no torch import); it must equal the live registry."""
     import subprocess

@@ -246,9 +246,16 @@ def model_name(args: argparse.Namespace) -> str:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    """``vlmzip list``: the registered methods and their knobs."""
+    """``vlmzip list``: the registered methods and their knobs; ``--archs``: the ``arch:NAME`` speed models."""
     from . import catalog  # the registry as data: no torch import, so the answer is instant
 
+    if args.archs:
+        from .builders.registry import arch_names, get_arch
+
+        for name in arch_names():
+            arch = get_arch(name)
+            print(f"arch:{name:<20} [{arch.family}, {arch.spec.text_layers} decoder layers] {arch.description}")
+        return 0
     for method in catalog.read():
         print(f"{method['name']:<12} [{method['stage']}] {method['description']}")
         for knob in method["knobs"]:
@@ -515,6 +522,8 @@ def add_device_args(parser: argparse.ArgumentParser) -> None:
 def add_list_parser(sub: argparse._SubParsersAction) -> None:
     """``vlmzip list``."""
     p = _command(sub, "list", "list registered methods and their knobs")
+    p.add_argument("--archs", action="store_true",
+                   help="list the arch:NAME models instead (real architectures with random weights, for bench)")
     p.set_defaults(func=cmd_list)
 
 

@@ -198,5 +198,6 @@ register_arch(Arch(
                        vision_intermediate=4304, text_hidden=3584, text_layers=28, text_heads=28, text_kv_heads=4,
                        text_intermediate=18944, max_positions=32768, vocab_size=152064, grid_crops=square_grids(6),
                        vision_aspect_ratio="anyres_max_9"),
-    "LLaVA-OneVision-7B (Qwen2): SigLIP, anyres_max_9, base crop + up to 6 x 6 crops of 729 tokens, pooled to ~9",
+    "LLaVA-OneVision-7B (Qwen2): SigLIP, anyres_max_9, base crop + up to 6 x 6 crops of 729 tokens "
+    "(bilinearly shrunk beyond 9 crops' worth)",
 ))
