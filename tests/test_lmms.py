@@ -128,25 +128,44 @@ def test_write_task_refuses_bad_options(tmp_path: Path) -> None:
         write_task("lab-test-small", tmp_path, name="my-task")
 
 
-@pytest.mark.parametrize("family", ["llava-next", "qwen2-vl"])
+def _build_family(family: str, out: Path) -> dict:
+    """A tiny random-weight model of ``family`` saved to ``out``; returns the VisionZip budget to run it at."""
+    from vlmzip.builders.gemma3 import Gemma3Spec, build_gemma3
+    from vlmzip.builders.idefics3 import Idefics3Spec, build_idefics3
+    from vlmzip.builders.internvl import InternVLSpec, build_internvl
+    from vlmzip.builders.llava_next import LlavaNextSpec, build_llava_next
+    from vlmzip.builders.llava_onevision import LlavaOnevisionSpec, build_llava_onevision
+    from vlmzip.builders.qwen_vl import QwenVLSpec, build_qwen_vl
+
+    if family == "llava-next":
+        build_llava_next(out, LlavaNextSpec(image_size=84, patch_size=14, vision_layers=2, text_layers=3))
+        return {"tokens": 8}
+    if family in ("qwen2-vl", "qwen3-vl"):
+        build_qwen_vl(out, QwenVLSpec(version=family[4], text_layers=3))
+        return {"tokens": 8}
+    builders = {"llava-onevision": lambda: build_llava_onevision(out, LlavaOnevisionSpec()),
+                "gemma3": lambda: build_gemma3(out, Gemma3Spec()),
+                "internvl": lambda: build_internvl(out, InternVLSpec(image_size=64, patch_size=8, vision_layers=2,
+                                                                     text_layers=3, max_patches=4)),
+                "smolvlm": lambda: build_idefics3(out, Idefics3Spec(text_layers=3))}
+    builders[family]()
+    return {"ratio": 0.5}  # per-image counts differ with tiles and crops: half of each image's own
+
+
+@pytest.mark.parametrize("family", ["llava-next", "qwen2-vl", "qwen3-vl", "llava-onevision", "gemma3", "internvl",
+                                    "smolvlm"])
 def test_other_families_answer_as_vlmzip_does(lmms_eval_cli: Path, family: str, tmp_path: Path) -> None:
     from vlmzip.api import compressed
-    from vlmzip.builders.llava_next import LlavaNextSpec, build_llava_next
-    from vlmzip.builders.qwen_vl import QwenVLSpec, build_qwen_vl
     from vlmzip.io import generate_answers, load_model
     from vlmzip.lmms.model import VlmzipLMM
 
-    if family == "qwen2-vl":
-        build_qwen_vl(tmp_path / "model", QwenVLSpec(), version="2")
-    else:
-        build_llava_next(tmp_path / "model", LlavaNextSpec(image_size=84, patch_size=14, vision_layers=2,
-                                                                 text_layers=3))
+    budget = _build_family(family, tmp_path / "model")
     write_task("lab-test-small", tmp_path / "task", limit=5)
     docs = [json.loads(line) for line in (tmp_path / "task/vlmzip_lab.jsonl").open()]
     words = ["what color is the shape ?", "how many ?", "is there a red circle left of the square ?"]
     for i, doc in enumerate(docs):  # questions in the tiny models' vocabulary, so that they answer words
         doc["question"] = words[i % len(words)]
-    lmm = VlmzipLMM(pretrained=str(tmp_path / "model"), method="visionzip", tokens=8, device="cpu", batch_size=2)
+    lmm = VlmzipLMM(pretrained=str(tmp_path / "model"), method="visionzip", **budget, device="cpu", batch_size=2)
     lmm.task_dict = {"lab": {"test": docs}}
     gen = {"max_new_tokens": 4, "do_sample": False, "until": []}
     got = lmm.generate_until(requests("generate_until", docs, [gen] * len(docs)))
@@ -155,7 +174,7 @@ def test_other_families_answer_as_vlmzip_does(lmms_eval_cli: Path, family: str, 
 
     model, processor = load_model(str(tmp_path / "model"))
     want = []
-    with compressed(model, "visionzip", tokens=8):
+    with compressed(model, "visionzip", **budget):
         for start in range(0, len(docs), 2):  # vlmzip eval's batches of 2
             batch = docs[start : start + 2]
             images = [doc_to_visual(d)[0] for d in batch]
