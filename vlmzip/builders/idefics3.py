@@ -20,7 +20,6 @@ ships) or "smolvlm" (``SmolVLMForConditionalGeneration``, SmolVLM2). ``special_t
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -169,14 +168,6 @@ def idefics3_config(spec: Idefics3Spec, tokenizer: PreTrainedTokenizerFast) -> I
     )
 
 
-def _name_processor(out: Path, name: str) -> None:
-    """Record the family's own processor class, so ``AutoProcessor`` builds it where it can."""
-    path = out / "processor_config.json"
-    config = json.loads(path.read_text()) if path.exists() else {}
-    config["processor_class"] = name
-    path.write_text(json.dumps(config, indent=2) + "\n")
-
-
 def build_idefics3(
     out_dir: str | Path | None = None,
     spec: Idefics3Spec | None = None,
@@ -190,9 +181,7 @@ def build_idefics3(
     processor = build_processor(spec, tokenizer)
     config = idefics3_config(spec, tokenizer)
     model = instantiate(CLASSES[spec.model_class][0], config, spec.seed, device, dtype)
-    finish(model, processor, tokenizer, out_dir)
-    if out_dir is not None:
-        _name_processor(Path(out_dir), PROCESSORS[spec.model_class])
+    finish(model, processor, tokenizer, out_dir, processor_class=PROCESSORS[spec.model_class])
     return model, processor
 
 

@@ -13,7 +13,6 @@ is more than one tile, so images of different shapes get different tile and toke
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,14 +145,6 @@ def internvl_config(spec: InternVLSpec, tokenizer: PreTrainedTokenizerFast) -> I
     )
 
 
-def _name_processor(out: Path) -> None:
-    """Record the real processor class, so ``AutoProcessor`` builds it where torchvision is installed."""
-    path = out / "processor_config.json"
-    config = json.loads(path.read_text()) if path.exists() else {}
-    config["processor_class"] = "InternVLProcessor"
-    path.write_text(json.dumps(config, indent=2) + "\n")
-
-
 def build_internvl(
     out_dir: str | Path | None = None,
     spec: InternVLSpec | None = None,
@@ -167,9 +158,7 @@ def build_internvl(
     processor = build_processor(spec, tokenizer)
     model = instantiate(InternVLForConditionalGeneration, internvl_config(spec, tokenizer), spec.seed, device, dtype)
     model.generation_config.bos_token_id = None
-    finish(model, processor, tokenizer, out_dir)
-    if out_dir is not None:
-        _name_processor(Path(out_dir))
+    finish(model, processor, tokenizer, out_dir, processor_class="InternVLProcessor")
     return model, processor
 
 

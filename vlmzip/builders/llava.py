@@ -9,6 +9,7 @@ trained; ``arch:llava-1.5-7b`` is LLaVA-1.5-7B's shapes.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -143,9 +144,11 @@ def instantiate(cls: type, config: object, seed: int, device: str | torch.device
 
 
 def finish(model: torch.nn.Module, processor: object, tokenizer: PreTrainedTokenizerFast,
-           out_dir: str | Path | None) -> None:
+           out_dir: str | Path | None, processor_class: str | None = None) -> None:
     """Set the generation config's pad / eos tokens from ``tokenizer`` and save model and processor to
-    ``out_dir`` when given (shared by every builder)."""
+    ``out_dir`` when given (shared by every builder). ``processor_class``: the family's real processor class
+    to record in ``processor_config.json`` where the saved processor is an image-only stand-in, so that
+    ``AutoProcessor`` builds the real one wherever it can."""
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     if out_dir is not None:
@@ -153,6 +156,11 @@ def finish(model: torch.nn.Module, processor: object, tokenizer: PreTrainedToken
         out.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(out)
         processor.save_pretrained(out)
+        if processor_class is not None:
+            path = out / "processor_config.json"
+            config = json.loads(path.read_text()) if path.exists() else {}
+            config["processor_class"] = processor_class
+            path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def build_llava(

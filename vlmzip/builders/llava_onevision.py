@@ -13,7 +13,6 @@ token counts. ``arch:llava-onevision-7b`` is LLaVA-OneVision-Qwen2-7B's shapes.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -159,14 +158,6 @@ def onevision_config(spec: LlavaOnevisionSpec, tokenizer: PreTrainedTokenizerFas
     )
 
 
-def _name_processor(out: Path) -> None:
-    """Record the real processor class, so ``AutoProcessor`` builds it where its video processor can be built."""
-    path = out / "processor_config.json"
-    config = json.loads(path.read_text()) if path.exists() else {}
-    config["processor_class"] = "LlavaOnevisionProcessor"
-    path.write_text(json.dumps(config, indent=2) + "\n")
-
-
 def build_llava_onevision(
     out_dir: str | Path | None = None,
     spec: LlavaOnevisionSpec | None = None,
@@ -181,9 +172,7 @@ def build_llava_onevision(
     model = instantiate(LlavaOnevisionForConditionalGeneration, onevision_config(spec, tokenizer), spec.seed,
                         device, dtype)
     model.generation_config.bos_token_id = None
-    finish(model, processor, tokenizer, out_dir)
-    if out_dir is not None:
-        _name_processor(Path(out_dir))
+    finish(model, processor, tokenizer, out_dir, processor_class="LlavaOnevisionProcessor")
     return model, processor
 
 

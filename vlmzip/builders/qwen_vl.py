@@ -14,7 +14,6 @@ and ``arch:qwen3-vl-8b`` are the released shapes.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -181,14 +180,6 @@ def build_processor(spec: QwenVLSpec, tokenizer: PreTrainedTokenizerFast) -> Ima
     return ImageOnlyQwenProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
 
 
-def _name_processor(out: Path, name: str) -> None:
-    """Record the real processor class, so ``AutoProcessor`` builds it where torchvision is installed."""
-    path = out / "processor_config.json"
-    config = json.loads(path.read_text()) if path.exists() else {}
-    config["processor_class"] = name
-    path.write_text(json.dumps(config, indent=2) + "\n")
-
-
 def build_qwen_vl(
     out_dir: str | Path | None = None,
     spec: QwenVLSpec | None = None,
@@ -206,9 +197,7 @@ def build_qwen_vl(
     config = qwen_config(spec, tokenizer, version)
     model = instantiate(VERSIONS[version], config, spec.seed, device, dtype)
     model.generation_config.bos_token_id = None
-    finish(model, processor, tokenizer, out_dir)
-    if out_dir is not None:
-        _name_processor(Path(out_dir), PROCESSORS[version])
+    finish(model, processor, tokenizer, out_dir, processor_class=PROCESSORS[version])
     return model, processor
 
 
