@@ -74,6 +74,7 @@ from ..runtime import current_call
 from ..sequence import Item
 from ..views import ImageView, pixels_to_image
 from .base import Adapter, captured, feature_kwargs, set_instance_attr
+from .llava import LlavaImageFeatures
 from .qwen_vl import checkpoint_chat_template
 from .registry import register_adapter
 
@@ -368,26 +369,9 @@ class InternVLAdapter(Adapter):
         return ImageView(inputs, item.vanilla, pictures, layouts, grid=(rows, cols), caption=caption)
 
 
-class InternVLImageFeatures:
+class InternVLImageFeatures(LlavaImageFeatures):
     """``get_image_features`` of a compressed InternVL: pooler_output holds every image's sent tokens, in order
-    (see the module docstring for its shape)."""
-
-    def __init__(self, adapter: InternVLAdapter, state: Any) -> None:
-        self.adapter, self.state = adapter, state
-        config = adapter.config
-        self.configured = (config.vision_feature_layer, config.vision_feature_select_strategy)
-
-    def check(self, vision_feature_layer: int | None, vision_feature_select_strategy: str | None) -> None:
-        """The feature layer and strategy of this call must be the ones the model was compressed for."""
-        asked = (
-            self.configured[0] if vision_feature_layer is None else vision_feature_layer,
-            self.configured[1] if vision_feature_select_strategy is None else vision_feature_select_strategy,
-        )
-        if asked != self.configured:
-            raise ValueError(
-                f"this model was compressed for vision_feature_layer/strategy {self.configured}, got {asked}; "
-                "decompress, change the config, and compress again"
-            )
+    (see the module docstring for its shape). The feature layer / strategy check is LLaVA's."""
 
     def images(self, count: int, num_patches: Any) -> list[Item]:
         """The images of these ``count`` tiles: from ``num_patches`` (tiles per image, as the image processor
