@@ -154,6 +154,9 @@ def test_device_that_is_no_device(llava_dir, capsys):
         (["--batch-sizes", ","], "argument --batch-sizes: expected a comma-separated list"),
         (["--repeats", "0"], "argument --repeats: must be >= 1, got 0"),
         (["--repeats", "-3"], "argument --repeats: must be >= 1, got -3"),
+        (["--ratios", "0.5,0"], "argument --ratios: must be in (0, 1] (1.0 keeps every token), got 0"),
+        (["--ratios", "1.5"], "argument --ratios: must be in (0, 1] (1.0 keeps every token), got 1.5"),
+        (["--ratios", "half"], "argument --ratios: expected a number in (0, 1], got 'half'"),
     ],
 )
 def test_bench_rejects_non_positive_sizes_and_repeats(capsys, args, message):

@@ -120,14 +120,6 @@ def _method_list(text: str) -> list[str]:
     return values
 
 
-def _ratio(text: str) -> float:
-    """argparse type: a share in (0, 1]."""
-    value = float(text)
-    if not 0 < value <= 1:
-        raise ValueError(f"a ratio is a share in (0, 1], got {text}")
-    return value
-
-
 def _csv(cast: Any) -> Any:
     """argparse type: a comma-separated, non-empty list of ``cast`` values."""
 
@@ -622,7 +614,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--methods", type=_method_list, default="visionzip",
                    help="comma-separated methods to time, each with optional knobs in brackets (fastv[layer=3])")
     p.add_argument("--tokens", type=_csv(int), help=PAPER_BUDGETS_HELP)
-    p.add_argument("--ratios", type=_csv(_ratio),
+    p.add_argument("--ratios", type=_csv(share),
                    help="budgets as shares of each image's own count, e.g. 0.25,0.1 (default for models whose images "
                    "have their own counts: the papers' 192,128,64 of 576 as shares)")
     p.add_argument("--batch-sizes", type=_csv(positive_int), default="1,8",
