@@ -7,7 +7,9 @@ import circle.
 
 from __future__ import annotations
 
+import importlib
 import os
+import pkgutil
 from pathlib import Path
 
 CHECKPOINT_DIR = Path(__file__).parent / "lab" / "checkpoint"
@@ -34,3 +36,12 @@ def cache_dir() -> Path:
     xdg = os.environ.get("XDG_CACHE_HOME")
     base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".cache"
     return base / "vlmzip"
+
+
+def import_package_modules(package: str, folder: str | Path, skip: set[str]) -> None:
+    """Import every module of ``package`` (whose files are in ``folder``) but those named in ``skip``, in name
+    order: how the adapter and builder registries find every family file without a list to edit."""
+    for module in sorted(m.name for m in pkgutil.iter_modules([str(folder)])):
+        if module not in skip:
+            importlib.import_module(f"{package}.{module}")
+

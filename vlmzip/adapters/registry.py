@@ -6,12 +6,11 @@ Each family's file calls :func:`register_adapter` on its adapter class (like the
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from pathlib import Path
 
 from torch import nn
 
+from ..paths import import_package_modules
 from .base import Adapter
 
 _ADAPTERS: dict[str, type[Adapter]] = {}
@@ -20,9 +19,7 @@ _SUPPORT = {"base", "registry"}  # the contract and the registry, not families
 
 def _load_families() -> None:
     """Import every family file of this package once (each registers its adapter)."""
-    for module in sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)])):
-        if module not in _SUPPORT:
-            importlib.import_module(f"{__package__}.{module}")
+    import_package_modules(__package__, Path(__file__).parent, _SUPPORT)
 
 
 def register_adapter(adapter: type[Adapter]) -> type[Adapter]:

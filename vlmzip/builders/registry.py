@@ -9,14 +9,14 @@ timings scale; say so wherever they are reported).
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..paths import import_package_modules
 
 # Memory a forward needs beyond the weights: activations, KV cache and logits, as 10 % of the weights + 2 GB.
 ACTIVATION_MARGIN = (0.10, 2e9)
@@ -42,9 +42,7 @@ _SUPPORT = {"registry", "words"}  # the registry and the shared tokenizer, not f
 
 def _load_families() -> None:
     """Import every family module of this package once (each registers its architectures)."""
-    for module in sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)])):
-        if module not in _SUPPORT:
-            importlib.import_module(f"{__package__}.{module}")
+    import_package_modules(__package__, Path(__file__).parent, _SUPPORT)
 
 
 def register_arch(arch: Arch) -> Arch:
