@@ -71,7 +71,8 @@ def test_list_methods_describes_knobs():
     methods = {m["name"]: m for m in vlmzip.list_methods()}
     assert {"vanilla", "visionzip", "random", "spatial"} <= set(methods)
     knobs = {k["name"] for k in methods["visionzip"]["knobs"]}
-    assert knobs == {"tokens", "ratio", "dominant", "contextual"}
+    assert knobs == {"tokens", "ratio", "tokens_per_frame", "scope", "dominant", "contextual"}
+    assert {k["name"] for k in methods["fastv"]["knobs"]} == {"tokens", "ratio", "layer"}  # in-LLM: no video knobs
     assert all(m["description"] for m in methods.values())
 
 
@@ -87,7 +88,7 @@ def test_list_methods_describes_knobs():
         ("visionzip", {}, r"needs a budget"),
         ("visionzip", {"tokens": 64, "dominant": 54}, r"not both"),
         ("visionzip", {"tokens": 2.5}, r"must be an integer"),
-        ("visionzip", {"budget": 64}, r"no knob 'budget'.*contextual, dominant, ratio, tokens"),
+        ("visionzip", {"budget": 64}, r"no knob 'budget'.*dominant, ratio, scope, tokens, tokens_per_frame"),
         ("random", {"tokens": 100}, r"larger than the 64"),
         ("random", {}, r"needs a budget"),
         ("nosuch", {}, r"unknown method 'nosuch'.*visionzip"),

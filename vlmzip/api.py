@@ -18,13 +18,14 @@ from torch import nn
 
 from . import compose, llm_hooks
 from .adapters import Adapter, adapter_for
-from .budgets import PAPER_BUDGETS, parse_budget, scale_paper_budget
+from .budgets import PAPER_BUDGETS, parse_budget, parse_scope, scale_paper_budget
 from .instance import InstanceAttr
 from .methods import get_method, registered
 from .methods.base import LLMStep, Selection, check_knobs
 from .runtime import CompressedForward, CompressedGenerate, CompressionState, Stage, name_of
 
 STATE_ATTR = "_vlmzip"
+BUDGET_NAMES = ("tokens", "ratio", "tokens_per_frame", "scope")  # the shared budget knobs of every method
 
 __all__ = [
     "PAPER_BUDGETS", "STATE_ATTR", "Plan", "compress", "compressed", "decompress", "is_compressed", "list_methods",
@@ -111,17 +112,20 @@ def _stage(name: str, knobs: dict[str, Any]) -> Stage:
     check_knobs(spec, knobs)
     rest = dict(knobs)
     budget = parse_budget(rest, required=False) if spec.takes_budget else None
+    scope = parse_scope(rest) if spec.takes_budget else "frame"
     resolved = spec.resolve(rest)
     own = spec.budget(resolved)
     if budget is not None and own is not None and _gave_own_budget(spec, knobs):
         raise ValueError(
             f"{name}: pass either tokens=N / ratio=r or its own budget knobs "
-            f"({', '.join(k for k in knobs if k not in ('tokens', 'ratio'))}), not both"
+            f"({', '.join(k for k in knobs if k not in BUDGET_NAMES)}), not both"
         )
     if budget is None:
         budget = own if own is not None else spec.default_budget
     if budget is None and spec.takes_budget:
         raise ValueError(f"{name} needs a budget: pass tokens=N (visual tokens per image) or ratio=r (0 < r <= 1)")
+    if budget is not None and scope != budget.scope:
+        budget = replace(budget, scope=scope)
     return Stage(method=name, knobs=resolved, budget=budget, given=dict(knobs))
 
 
@@ -130,7 +134,7 @@ def _gave_own_budget(spec: Any, knobs: dict[str, Any]) -> bool:
 
     A method's default budget (FastV's ratio 0.5, there whatever its other knobs) is not one the user fixed.
     """
-    rest = {k: v for k, v in knobs.items() if k not in ("tokens", "ratio")}
+    rest = {k: v for k, v in knobs.items() if k not in BUDGET_NAMES}
     own = spec.budget(spec.resolve(rest))
     return own is not None and own != spec.budget(spec.resolve({}))
 

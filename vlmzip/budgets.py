@@ -1,7 +1,9 @@
 """Budgets: how many visual tokens of an image reach the LLM, and the papers' arithmetic around them.
 
-- :class:`Budget` is what a method keeps of an image: ``tokens`` per image (summed over its crops, tiles or
-  frames) or ``ratio`` of the image's own vanilla count; :func:`parse_budget` reads it from a method's knobs.
+- :class:`Budget` is what a method keeps of an image or a video: ``tokens`` per image or video (summed over its
+  crops, tiles or frames), ``ratio`` of its own vanilla count, or ``tokens_per_frame`` (a video's frames times
+  that); ``scope`` says whether a video's budget is spent frame by frame (each frame an even share, the papers'
+  setting) or across the whole video; :func:`parse_budget` reads it from a method's knobs.
 - The papers (VisionZip, arXiv 2412.04467; SparseVLM, arXiv 2410.04417; FastV, arXiv 2403.06764) report budgets
   of 192 / 128 / 64 of LLaVA-1.5's 576 patches per image; :func:`scale_paper_budget` keeps the same share on
   a model with another patch count (``vlmzip.paper_budget(model, tokens)`` asks the model's adapter for it).
@@ -45,9 +47,19 @@ class Budget:
     tokens: int | None = None
     ratio: float | None = None
     label: str = "tokens"
+    per_frame: int | None = None
+    scope: str = "frame"
 
-    def keep(self, vanilla: int, image: str = "an image") -> int:
-        """Tokens kept of an image the vanilla model sends ``vanilla`` tokens for (clear error if impossible)."""
+    def keep(self, vanilla: int, image: str = "an image", frames: int = 1) -> int:
+        """Tokens kept of an image (or a video of ``frames`` frames) the vanilla model sends ``vanilla`` tokens for
+        (clear error if impossible)."""
+        if self.per_frame is not None:
+            if self.per_frame * frames > vanilla:
+                raise ValueError(
+                    f"tokens_per_frame={self.per_frame} is larger than the {vanilla // frames} visual tokens per frame "
+                    f"{image} has; choose tokens_per_frame <= {vanilla // frames}"
+                )
+            return self.per_frame * frames
         if self.tokens is not None:
             if self.tokens > vanilla:
                 label, tokens = self.label, self.tokens
@@ -63,17 +75,41 @@ class Budget:
         return max(1, min(vanilla, round(self.ratio * vanilla)))
 
     def describe(self) -> str:
-        """``tokens=N`` or ``ratio=r``, as a user would pass it."""
-        return f"tokens={self.tokens}" if self.tokens is not None else f"ratio={self.ratio}"
+        """``tokens=N``, ``ratio=r`` or ``tokens_per_frame=M`` (with ``scope=video`` when set), as a user would
+        pass it."""
+        if self.per_frame is not None:
+            text = f"tokens_per_frame={self.per_frame}"
+        else:
+            text = f"tokens={self.tokens}" if self.tokens is not None else f"ratio={self.ratio}"
+        return text + (f", scope={self.scope}" if self.scope != "frame" else "")
+
+
+SCOPES = ("frame", "video")
+
+
+def parse_scope(knobs: dict[str, Any]) -> str:
+    """Pop ``scope`` from ``knobs``: how a video's budget is spent, ``"frame"`` (default: each frame its even
+    share, the papers' setting) or ``"video"`` (the method chooses across all the video's frames at once)."""
+    scope = knobs.pop("scope", None)
+    if scope is not None and scope not in SCOPES:
+        raise ValueError(f"scope must be 'frame' (each frame of a video its even share of the budget) or 'video' "
+                         f"(the budget spent across the video's frames), got {scope!r}")
+    return scope or "frame"
 
 
 def parse_budget(knobs: dict[str, Any], required: bool = True) -> Budget | None:
-    """Pop ``tokens`` / ``ratio`` from ``knobs`` and validate them: one of the two, never both."""
+    """Pop ``tokens`` / ``ratio`` / ``tokens_per_frame`` from ``knobs`` (one of them, never two) and validate it."""
     tokens, ratio = knobs.pop("tokens", None), knobs.pop("ratio", None)
-    if tokens is not None and ratio is not None:
-        raise ValueError(f"pass tokens=N or ratio=r, not both (got tokens={tokens}, ratio={ratio})")
+    per_frame = knobs.pop("tokens_per_frame", None)
+    given = {k: v for k, v in (("tokens", tokens), ("ratio", ratio), ("tokens_per_frame", per_frame)) if v is not None}
+    if len(given) > 1:
+        spelled = ", ".join(f"{k}={v}" for k, v in given.items())
+        several = "both" if len(given) == 2 else "all three"
+        raise ValueError(f"pass one of tokens=N, ratio=r or tokens_per_frame=M, not {several} (got {spelled})")
     if tokens is not None:
         return Budget(tokens=positive_int("tokens", tokens))
+    if per_frame is not None:
+        return Budget(per_frame=positive_int("tokens_per_frame", per_frame), label="tokens_per_frame")
     if ratio is not None:
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
             raise ValueError(f"ratio must be a number in (0, 1], got {ratio!r}; ratio=1.0 keeps every token")
@@ -106,3 +142,14 @@ def split_evenly(total: int, parts: int) -> list[int]:
     """``total`` tokens over ``parts`` units, the remainder to the first: 162 over 5 -> 33, 33, 32, 32, 32."""
     base, extra = divmod(total, parts)
     return [base + (1 if j < extra else 0) for j in range(parts)]
+
+
+def split_frames(keep: int, frames: int, image: str = "a video") -> list[int]:
+    """A video's ``keep`` tokens over its ``frames`` frames, evenly (the remainder to the first frames): 136 over 8
+    -> 17 each. A clear error when a frame would get no token (fewer tokens than frames)."""
+    if keep < frames:
+        raise ValueError(
+            f"{keep} tokens cannot be split over the {frames} frames of {image} (at least one token per frame); "
+            f"pass tokens >= {frames}, or scope=video to spend the budget across the video's frames"
+        )
+    return split_evenly(keep, frames)

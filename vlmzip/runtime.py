@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from . import kvcache, llm_hooks, sequence
-from .budgets import Budget
+from .budgets import Budget, split_frames
 from .methods.base import LLMStep, MethodSpec, Selection, VisionTokens, get_method
 from .sequence import Item
 
@@ -54,12 +54,13 @@ class Stage:
     def spec(self) -> MethodSpec:
         return get_method(self.method)
 
-    def keep(self, vanilla: int, image: str = "an image") -> int:
-        """Tokens this stage keeps of an image that reaches it with ``vanilla`` tokens."""
+    def keep(self, vanilla: int, image: str = "an image", frames: int = 1) -> int:
+        """Tokens this stage keeps of an image (a video of ``frames`` frames) that reaches it with ``vanilla``
+        tokens."""
         if self.budget is None:
             return vanilla
         try:
-            return self.budget.keep(vanilla, image)
+            return self.budget.keep(vanilla, image, frames)
         except ValueError as err:
             raise ValueError(f"{self.method}: {err}") from None
 
@@ -144,9 +145,20 @@ class CompressionState:
 
     # -- pre-LLM stage, called by the adapter's image-feature override --------------------------
 
-    def pre_keep(self, vanilla: int, image: int = 0) -> int:
-        """Tokens image number ``image`` sends to the LLM after the pre-LLM stage."""
-        return vanilla if self.pre is None else self.pre.keep(vanilla, f"image {image} of this batch")
+    def pre_keep(self, vanilla: int, image: int = 0, frames: int = 1) -> int:
+        """Tokens image (or video of ``frames`` frames) number ``image`` sends to the LLM after the pre-LLM stage."""
+        if self.pre is None:
+            return vanilla
+        return self.pre.keep(vanilla, f"{'video' if frames > 1 else 'image'} {image} of this batch", frames)
+
+    def frame_keeps(self, keep: int, frames: int, video: int = 0) -> list[int] | None:
+        """How a video (number ``video`` of the call) that sends ``keep`` tokens spends them over its ``frames``
+        frames: each frame's count (``scope=frame``, an even split: the papers' setting), or None when the method
+        chooses across the whole video (``scope=video``: the adapter joins the frames' units with
+        ``VisionTokens.joined`` and selects ``keep`` tokens of the joined unit)."""
+        if self.pre is not None and self.pre.budget is not None and self.pre.budget.scope == "video":
+            return None
+        return split_frames(keep, frames, f"video {video} of this batch")
 
     def needs(self) -> frozenset[str]:
         """The signals the pre-LLM method asks the adapter for (none without one)."""
@@ -201,7 +213,7 @@ class CompressionState:
         """Placeholders image ``number`` (``item``) keeps in each of its runs after the pre-LLM stage."""
         if self.pre is None:
             return item.segments
-        keep = self.pre_keep(item.vanilla, number)
+        keep = self.pre_keep(item.vanilla, number, item.frames)
         return item.segments if keep >= item.vanilla else self.adapter.split(item, keep, number, self.name)
 
     def shrink_call(self, kwargs: dict[str, Any], ids: torch.Tensor, call: Call) -> sequence.Shrunk:

@@ -79,6 +79,35 @@ class VisionTokens:
         start = 0 if self.layout.send_prefix else self.layout.num_prefix
         return torch.arange(start, self.layout.total, device=self.hidden.device)
 
+    def joined(self, frames: int) -> VisionTokens:
+        """The units of whole videos from the units of their frames: B = V * F frames (video v's frames at rows
+        ``v * F .. v * F + F - 1``) -> V units of ``F * N`` patch tokens (N = the grid's patches; prefix tokens are
+        dropped), so a method chooses across a video's frames (``scope=video``). Index ``f * N + i`` of a joined unit
+        is patch ``i`` of frame ``f``; the grid stacks the frames' grids in time, (F * rows, cols).
+
+        A frame's CLS attention (each frame's own CLS query over its patches) becomes the joined unit's received
+        attention, the score a method without a CLS token ranks by; ``keys`` are joined alike; each video's seed
+        combines its frames'. Frames whose prefix the vanilla model sends (``send_prefix``) cannot be joined.
+        """
+        layout, p = self.layout, self.layout.num_prefix
+        if layout.send_prefix and p:
+            raise ValueError("scope=video needs frames whose prefix tokens (CLS) are not sent to the LLM; use "
+                             "scope=frame on this model")
+        batch = self.hidden.shape[0]
+        if frames < 1 or batch % frames:
+            raise ValueError(f"{batch} frame units cannot be joined into videos of {frames} frames")
+        videos = batch // frames
+
+        def join(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[:, p:].reshape(videos, frames * (t.shape[1] - p), *t.shape[2:])
+
+        score = self.received_attention if self.cls_attention is None or p == 0 else self.cls_attention
+        seeds = None if self.seeds is None else self.seeds.view(videos, frames).sum(dim=1)
+        return VisionTokens(
+            hidden=join(self.hidden), layout=TokenLayout(0, (frames * layout.grid[0], layout.grid[1]), False),
+            keys=join(self.keys), received_attention=join(score), seeds=seeds,
+        )
+
     def rows(self, rows: list[int]) -> VisionTokens:
         """The same record for the units ``rows`` only (B' = len(rows)), every signal taken along."""
         index = torch.tensor(rows, device=self.hidden.device)
@@ -246,8 +275,13 @@ class Knob:
 
 
 BUDGET_KNOBS = (
-    Knob("tokens", int, None, "visual tokens per image sent to the LLM (summed over its crops)"),
+    Knob("tokens", int, None, "visual tokens per image (or video) sent to the LLM (summed over its crops or frames)"),
     Knob("ratio", float, None, "or: that share of each image's vanilla token count (1.0 keeps all)"),
+)
+# Pre-LLM methods only: in-LLM methods rank all of a video's tokens together anyway.
+VIDEO_KNOBS = (
+    Knob("tokens_per_frame", int, None, "or: that many tokens per video frame (an image counts as one frame)"),
+    Knob("scope", str, "frame", "a video's budget: 'frame' (even share per frame) or 'video' (across its frames)"),
 )
 
 
@@ -293,7 +327,9 @@ class MethodSpec:
 
     def all_knobs(self) -> tuple[Knob, ...]:
         """The method's knobs with the shared budget knobs first."""
-        return (BUDGET_KNOBS if self.takes_budget else ()) + self.knobs
+        if not self.takes_budget:
+            return self.knobs
+        return BUDGET_KNOBS + (VIDEO_KNOBS if self.stage != "llm" else ()) + self.knobs
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
@@ -330,6 +366,11 @@ def check_knobs(spec: MethodSpec, knobs: dict[str, Any]) -> None:
     """Raise a clear error for a knob the method does not have."""
     names = {k.name for k in spec.all_knobs()}
     for key in knobs:
+        if key in {k.name for k in VIDEO_KNOBS} and spec.takes_budget and spec.stage == "llm":
+            raise ValueError(
+                f"{spec.name} acts inside the LLM, where it already ranks all of a video's tokens together: pass "
+                "tokens=N (per video) or ratio=r; tokens_per_frame and scope apply to methods before the LLM"
+            )
         if key not in names:
             allowed = ", ".join(sorted(names)) or "none"
             raise ValueError(f"method {spec.name!r} has no knob {key!r}; its knobs are: {allowed}")
