@@ -1,4 +1,4 @@
-"""Adapter for ``transformers.LlavaOnevisionForConditionalGeneration`` (LLaVA-OneVision), images.
+"""Adapter for ``transformers.LlavaOnevisionForConditionalGeneration`` (LLaVA-OneVision): images and videos.
 
 LLaVA-OneVision is LLaVA-NeXT's anyres layout on a SigLIP tower, with a pooled high-resolution grid and single-crop
 images in multi-image prompts: :class:`LlavaOnevisionAdapter` builds on
@@ -23,11 +23,28 @@ Model quirks this file owns:
 - Route: an instance-level ``get_image_features`` on ``model.model`` returns K_i projected tokens for image i;
   runtime.py shrinks each placeholder run from N_i to K_i before the model sees it.
 - Positions: 1-D (Qwen2 LLM), contiguous over the shrunk sequence (what the released VisionZip code does).
-- Videos are not compressed: ``<video>`` placeholders, ``get_video_features`` (its own 2 x 2 ``apply_pooling``)
-  and their features stay as in the vanilla model, in prompts with or without images.
-- Processor: transformers' ``LlavaOnevisionProcessor`` needs torchvision for its video processor. Where it cannot
-  be built, ``load_processor`` builds the same processor without video support (:class:`ImageOnlyOnevisionProcessor`:
-  the same placeholder counts), with the checkpoint's own chat template.
+- Videos: ``pixel_values_videos`` (videos, frames, 3, H, W), every video of a call with the same frame count; each
+  frame is one crop through the tower, its patches projected, then shrunk 2 x 2 by ``apply_pooling`` (bilinear
+  interpolation to ceil(side / 2) a side: 27 x 27 -> 14 x 14 = 196 tokens per frame at 384 px); one ``image_newline``
+  token after the video's frames; one run of ``<video>`` placeholders. Route: an instance-level
+  ``get_video_features`` (:class:`OnevisionVideoFeatures`).
+- Processor: transformers' video processors need torchvision. Where it is missing, ``load_processor`` builds
+  ``LlavaOnevisionProcessor`` with the torchvision-free video processor (:class:`OnevisionPilVideoProcessor`: the
+  saved settings, each frame resized and normalised with the PIL image-processor backend (bicubic resampling
+  differs from torchvision's by rounding), the same (videos, frames, 3, H, W) layout and placeholder expansion),
+  with the checkpoint's own chat template.
+
+What a compressed video sends (its budget: ``tokens=N`` per video, ``ratio=r`` of its count, ``tokens_per_frame=M``;
+the budget counts frame tokens, the video's newline token is always sent after them):
+- Keep-all: HF's own video features.
+- Selection acts on the pooled tokens, the ones the vanilla model sends, as on LLaVA-NeXT-Video
+  (``adapters/llava_next_video.py``): the frame is the unit (every pooled token mixes patches of one frame only,
+  unlike the image grid's pooling across crops), the signals (received attention, keys) are shrunk by the same
+  bilinear interpolation, and kept tokens are not pooled again. HF pools after the projector, so the pooled tokens
+  exist in the LLM's space only: every pre-LLM method, merging ones included, works on the projected pooled tokens.
+- ``scope=frame``: each frame an even share, selected with the frame's own signals; ``scope=video``: the method
+  chooses across the video's joined frames.
+- In-LLM methods see HF's vanilla video tokens, the newline included, as visual tokens.
 
 What a compressed image sends (K_i = the image's budget):
 - Keep-all (K_i >= N_i, e.g. ``ratio=1.0``): exactly HF's own packing (unpadding, pooling and newline tokens).
@@ -63,23 +80,30 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
-from transformers import (
-    AutoImageProcessor,
-    AutoProcessor,
-    AutoTokenizer,
-    LlavaOnevisionForConditionalGeneration,
-    LlavaOnevisionProcessor,
-    ProcessorMixin,
-)
+from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor
 from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.llava_onevision.video_processing_llava_onevision import LlavaOnevisionVideoProcessor
+from transformers.utils import is_torchvision_available
 
 from ..budgets import split_evenly
 from ..methods.base import Selection
 from ..sequence import Item
 from ..views import ImageView, pixels_to_image
-from .base import set_instance_attr
+from .base import feature_kwargs, set_instance_attr
+from .llava import LlavaImageFeatures
 from .llava_next import LlavaNextAdapter, LlavaNextImageFeatures, host_sizes, unpadded_grid
+from .llava_next_video import (
+    PilFrames,
+    TakesPilVideos,
+    _processor_parts,
+    pooled_frames,
+    saved_video_processor,
+    select_videos,
+    sent_features,
+    video_offset,
+)
 from .registry import register_adapter
 
 # HF pools the high-resolution grid when its side ratio to N crops' worth exceeds this (pack_image_features).
@@ -127,63 +151,47 @@ def patched_images(count: int, batch_num_images: Any) -> list[bool]:
     return patched
 
 
-class ImageOnlyOnevisionProcessor(LlavaOnevisionProcessor):
-    """LLaVA-OneVision's processor without a video processor (transformers' needs torchvision).
+class OnevisionPilVideoProcessor(PilFrames, LlavaOnevisionVideoProcessor):
+    """LLaVA-OneVision's video processor computed with PIL (transformers' needs torchvision): each frame resized to
+    the tower's square input, rescaled and normalised."""
 
-    The same placeholder expansion (``<image>`` -> the processor's count per image, from ``image_sizes`` and
-    ``batch_num_images``) and the same outputs (input_ids, attention_mask, pixel_values, image_sizes,
-    batch_num_images); used where ``AutoProcessor`` cannot build the full processor.
-    """
 
-    def __init__(self, image_processor: Any = None, tokenizer: Any = None, num_image_tokens: int | None = None,
-                 vision_feature_select_strategy: str | None = None, chat_template: str | None = None,
-                 image_token: str = "<image>", video_token: str = "<video>",
-                 vision_aspect_ratio: str = "anyres_max_9", **kwargs: Any) -> None:
-        self.num_image_tokens = num_image_tokens
-        self.vision_feature_select_strategy = vision_feature_select_strategy
-        self.image_token, self.video_token = image_token, video_token
-        self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
-        self.video_token_id = tokenizer.convert_tokens_to_ids(video_token)
-        self.vision_aspect_ratio = vision_aspect_ratio
-        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+class PilOnevisionProcessor(TakesPilVideos, LlavaOnevisionProcessor):
+    """``LlavaOnevisionProcessor`` with the torchvision-free video processor: the same placeholder expansion
+    (``<image>`` -> the processor's count per image, from ``image_sizes`` and ``batch_num_images``; ``<video>`` ->
+    frames x ceil(side / 2)^2 + 1 newline) and the same outputs (input_ids, attention_mask, pixel_values,
+    image_sizes, batch_num_images, pixel_values_videos (videos, frames, 3, H, W))."""
 
 
 def load_processor(folder: str | Path) -> Any:
-    """``AutoProcessor.from_pretrained(folder)`` where transformers can build LLaVA-OneVision's processor (its video
-    processor needs torchvision); otherwise the same processor without video support, built from the saved image
-    processor, tokenizer, processor settings and the checkpoint's own chat template."""
-    try:
+    """``AutoProcessor.from_pretrained(folder)`` where torchvision is installed (transformers' video processor
+    needs it); otherwise ``LlavaOnevisionProcessor`` with the torchvision-free video processor, built from the saved
+    image processor, tokenizer, processor settings and the checkpoint's own chat template."""
+    if is_torchvision_available():
         return AutoProcessor.from_pretrained(folder)
-    except (ImportError, AttributeError, ValueError, TypeError, OSError) as err:
-        reason = err
-    settings, _ = ProcessorMixin.get_processor_dict(str(folder))
-    template = settings.get("chat_template")
-    if isinstance(template, dict):
-        template = template.get("default")
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    template = template or getattr(tokenizer, "chat_template", None)
-    if not template:
-        raise ValueError(
-            f"cannot build the processor of {folder} ({type(reason).__name__}: {reason}), and the checkpoint has no "
-            "chat template of its own for the image-only processor vlmzip builds instead; install torchvision so "
-            "transformers can build LLaVA-OneVision's processor, or add the model's chat template to the folder"
-        )
-    return ImageOnlyOnevisionProcessor(image_processor=AutoImageProcessor.from_pretrained(folder), tokenizer=tokenizer,
-                                       chat_template=template, **{k: settings[k] for k in PROCESSOR_KEYS
-                                                                  if k in settings})
+    settings, tokenizer, template, images = _processor_parts(folder, ImportError("torchvision is not installed"))
+    if settings.get("video_processor"):
+        videos = saved_video_processor(OnevisionPilVideoProcessor, settings)
+    else:  # a checkpoint saved without a video processor: frames as the image processor sizes a crop
+        videos = OnevisionPilVideoProcessor(size=dict(images.size), image_mean=images.image_mean,
+                                            image_std=images.image_std)
+    return PilOnevisionProcessor(image_processor=images, tokenizer=tokenizer, video_processor=videos,
+                                 chat_template=template, **{k: settings[k] for k in PROCESSOR_KEYS if k in settings})
 
 
 class LlavaOnevisionAdapter(LlavaNextAdapter):
-    """vlmzip's view of one ``LlavaOnevisionForConditionalGeneration`` instance (images compressed, videos not)."""
+    """vlmzip's view of one ``LlavaOnevisionForConditionalGeneration`` instance (images and videos compressed)."""
 
     family = "llava-onevision"
     model_classes = (LlavaOnevisionForConditionalGeneration,)
+    takes_videos = True
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
         self.aspect_ratio = self.config.vision_aspect_ratio
         self.max_crops = max_crops(self.aspect_ratio)
         self.video_token_id = int(self.config.video_token_id)
+        self.pooled_side = math.ceil(self.side / 2)  # apply_pooling's bilinear 2 x 2 shrink of a video frame
 
     # -- counts ---------------------------------------------------------------------------------------
 
@@ -206,20 +214,52 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         """Crops the tower encodes for one image: the base crop and the high-resolution grid, or one."""
         return self.num_crops(image_size) if patched else 1
 
+    def frame_tokens(self) -> int:
+        """Tokens the vanilla model sends per video frame: the pooled grid, ceil(side / 2)^2 (14 x 14 = 196 at
+        384 px); a video sends its frames' tokens and one newline token."""
+        return self.pooled_side**2
+
+    def has_images(self, call: dict[str, Any]) -> bool:
+        """True when the call carries images or videos to encode."""
+        return call.get("pixel_values") is not None or call.get("pixel_values_videos") is not None
+
     def items(self, call: dict[str, Any]) -> list[Item]:
         """Each image's single run of placeholders, counted from ``image_sizes`` and ``batch_num_images`` as the
-        processor counts them."""
-        sizes = call.get("image_sizes")
-        if sizes is None:
-            raise ValueError("LLaVA-OneVision needs image_sizes with pixel_values; pass the processor's image_sizes")
-        sizes = host_sizes(sizes)
-        patched = patched_images(len(sizes), call.get("batch_num_images"))
-        return [Item(self.image_token_id, (self.vanilla_count(size, p),))
-                for size, p in zip(sizes, patched, strict=True)]
+        processor counts them; then each video's run: frames x pooled tokens + 1 newline."""
+        items = []
+        if call.get("pixel_values") is not None:
+            sizes = call.get("image_sizes")
+            if sizes is None:
+                raise ValueError("LLaVA-OneVision needs image_sizes with pixel_values; pass the processor's "
+                                 "image_sizes")
+            sizes = host_sizes(sizes)
+            patched = patched_images(len(sizes), call.get("batch_num_images"))
+            items = [Item(self.image_token_id, (self.vanilla_count(size, p),))
+                     for size, p in zip(sizes, patched, strict=True)]
+        videos = call.get("pixel_values_videos")
+        if videos is None:
+            return items
+        if videos.dim() != 5:
+            raise ValueError(f"pixel_values_videos of shape {tuple(videos.shape)}; expected (videos, frames, 3, H, W)")
+        frames = int(videos.shape[1])
+        return items + [Item(self.video_token_id, (frames * self.frame_tokens() + 1,), frames=frames)] * len(videos)
+
+    def split(self, item: Item, keep: int, number: int, method: str) -> tuple[int, ...]:
+        """A video keeps its budget's tokens for its frames plus its newline token (the budget counts frame
+        tokens); an image keeps its budget."""
+        if item.token_id == self.video_token_id:
+            return (min(keep, item.vanilla - 1) + 1,)
+        return super().split(item, keep, number, method)
 
     def install(self, state: Any) -> list[Any]:
-        """Shadow ``model.model.get_image_features`` on this instance with the compressing version."""
-        return [set_instance_attr(self.inner, "get_image_features", OnevisionImageFeatures(self, state))]
+        """Shadow ``get_image_features`` and ``get_video_features`` of ``model.model`` on this instance."""
+        return [set_instance_attr(self.inner, "get_image_features", OnevisionImageFeatures(self, state)),
+                set_instance_attr(self.inner, "get_video_features", OnevisionVideoFeatures(self, state))]
+
+    def pool_signal(self, grid: torch.Tensor) -> torch.Tensor:
+        """A per-patch signal map (B, C, side, side) -> per pooled token: the same bilinear shrink
+        ``apply_pooling`` applies to the frame's tokens."""
+        return F.interpolate(grid, size=[self.pooled_side, self.pooled_side], mode="bilinear")
 
     def load_processor(self, folder: Any) -> Any:
         return load_processor(folder)
@@ -334,6 +374,39 @@ class OnevisionImageFeatures(LlavaNextImageFeatures):
             selection, row, features = parts[0]
             return features[row]
         return super().assemble(parts, grid)
+
+
+class OnevisionVideoFeatures(LlavaImageFeatures):
+    """``get_video_features`` of a compressed LLaVA-OneVision: pooler_output is (V, K + 1, D_lm), each video's kept
+    tokens then its newline token (every video of a call keeps the same count: one budget, one frame count)."""
+
+    def __call__(self, pixel_values_videos: torch.Tensor, vision_feature_layer: int | None = None,
+                 vision_feature_select_strategy: str | None = None, **kwargs: Any) -> BaseModelOutputWithPooling:
+        self.check(vision_feature_layer, vision_feature_select_strategy)
+        adapter, state = self.adapter, self.state
+        inner = adapter.inner
+        videos, frames = int(pixel_values_videos.shape[0]), int(pixel_values_videos.shape[1])
+        frame_tokens = frames * adapter.frame_tokens()
+        keeps = [state.pre_keep(frame_tokens + 1, v, frames) for v in range(videos)]
+        keeps = [None if keep >= frame_tokens else keep for keep in keeps]
+        if all(keep is None for keep in keeps):
+            return type(inner).get_video_features(inner, pixel_values_videos, vision_feature_layer=vision_feature_layer,
+                                                  vision_feature_select_strategy=vision_feature_select_strategy,
+                                                  **kwargs)
+        tokens = adapter.tower.run(pixel_values_videos.flatten(0, 1), adapter.layout, state.needs(),
+                                   **feature_kwargs(kwargs))
+        # HF projects each frame's patches, then shrinks the grid: the pooled tokens exist in the LLM's space only
+        hidden = inner.apply_pooling(inner.multi_modal_projector(tokens.hidden))
+        pooled = pooled_frames(tokens, adapter.side, hidden, adapter.pool_signal, adapter.pooled_side)
+        chosen = select_videos(state, pooled, frames, keeps, video_offset(state, adapter.image_token_id))
+        newline = inner.image_newline.to(hidden.dtype)[None]
+        cache: dict[int, torch.Tensor] = {}
+        features = []
+        for v, picked in enumerate(chosen):
+            sent = (hidden[v * frames : (v + 1) * frames].flatten(0, 1) if picked is None
+                    else sent_features(picked[0], None, cache))
+            features.append(torch.cat([sent, newline], dim=0))
+        return BaseModelOutputWithPooling(last_hidden_state=tokens.hidden, pooler_output=torch.stack(features))
 
 
 register_adapter(LlavaOnevisionAdapter)

@@ -3,12 +3,13 @@
 ``build_llava_onevision(out_dir, LlavaOnevisionSpec(...))`` returns (model, processor) and, with ``out_dir``,
 writes a folder that loads like a Hugging Face LLaVA-OneVision checkpoint, offline
 (``AutoModelForImageTextToText.from_pretrained(dir)``; the processor with
-``vlmzip.adapters.llava_onevision.load_processor``, which is ``AutoProcessor`` where transformers can build the
-model's video processor). The architecture is the real one (SigLIP tower without CLS -> 2-layer GELU MLP
-projector -> Qwen2 decoder, plus the learned ``image_newline``); each single image is cut into a base crop and a
-grid of high-resolution crops chosen among the pinpoints, and a high-resolution grid larger than
-``vision_aspect_ratio`` allows (``anyres_max_N``) is pooled, so images of different sizes get different crop and
-token counts. ``arch:llava-onevision-7b`` is LLaVA-OneVision-Qwen2-7B's shapes.
+``vlmzip.adapters.llava_onevision.load_processor``, which is ``AutoProcessor`` where torchvision is installed).
+The architecture is the real one (SigLIP tower without CLS -> 2-layer GELU MLP projector -> Qwen2 decoder, plus
+the learned ``image_newline``); each single image is cut into a base crop and a grid of high-resolution crops
+chosen among the pinpoints, and a high-resolution grid larger than ``vision_aspect_ratio`` allows (``anyres_max_N``)
+is pooled, so images of different sizes get different crop and token counts; a video's frames are one crop each,
+their projected patches shrunk 2 x 2 (bilinear), one newline token after the video. ``arch:llava-onevision-7b``
+is LLaVA-OneVision-Qwen2-7B's shapes.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from transformers.models.llava_onevision.image_processing_pil_llava_onevision im
     LlavaOnevisionImageProcessorPil,
 )
 
-from ..adapters.llava_onevision import ImageOnlyOnevisionProcessor
+from ..adapters.llava_onevision import OnevisionPilVideoProcessor, PilOnevisionProcessor
 from .llava import finish, instantiate
 from .registry import Arch, register_arch
 from .words import BASE_WORDS, word_tokenizer
@@ -105,14 +106,18 @@ def build_tokenizer(words: list[str] | tuple[str, ...]) -> PreTrainedTokenizerFa
                           padding_side="left", chat_template=CHAT_TEMPLATE)
 
 
-def build_processor(spec: LlavaOnevisionSpec, tokenizer: PreTrainedTokenizerFast) -> ImageOnlyOnevisionProcessor:
+def build_processor(spec: LlavaOnevisionSpec, tokenizer: PreTrainedTokenizerFast) -> PilOnevisionProcessor:
     """LLaVA-OneVision's processor (PIL image processor: base crop + high-resolution crops per single image, one
-    padded square crop per image of a multi-image prompt; no video processor) for these sizes."""
+    padded square crop per image of a multi-image prompt; video frames resized to one square crop by the
+    torchvision-free video processor) for these sizes."""
     image_processor = LlavaOnevisionImageProcessorPil(
         size={"height": spec.image_size, "width": spec.image_size}, image_grid_pinpoints=spec.pinpoints(),
     )
-    return ImageOnlyOnevisionProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, num_image_tokens=spec.patches_per_crop,
+    videos = OnevisionPilVideoProcessor(size={"height": spec.image_size, "width": spec.image_size},
+                                        image_mean=image_processor.image_mean, image_std=image_processor.image_std)
+    return PilOnevisionProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, video_processor=videos,
+        num_image_tokens=spec.patches_per_crop,
         vision_feature_select_strategy=spec.select_strategy, chat_template=CHAT_TEMPLATE,
         vision_aspect_ratio=spec.vision_aspect_ratio,
     )
@@ -163,7 +168,7 @@ def build_llava_onevision(
     spec: LlavaOnevisionSpec | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
-) -> tuple[LlavaOnevisionForConditionalGeneration, ImageOnlyOnevisionProcessor]:
+) -> tuple[LlavaOnevisionForConditionalGeneration, PilOnevisionProcessor]:
     """Build a randomly initialised LLaVA-OneVision + processor (weights created directly on ``device`` in
     ``dtype``; ``"meta"``: shapes only); save both to ``out_dir`` when given."""
     spec = spec or LlavaOnevisionSpec()
