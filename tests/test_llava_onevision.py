@@ -1,6 +1,7 @@
 """LLaVA-OneVision (tiny random weights, saved and reloaded): the processor's counts, exact keep-all for every
 method, every method under generate and batching, budgets per image, VisionZip's layout and signals, multi-image
-rows, videos left alone, later turns, bad inputs, the 7B shapes and the command line."""
+rows, videos (every method, per frame and across frames, batches with images), later turns, bad inputs, the 7B shapes
+and the command line."""
 
 from __future__ import annotations
 
@@ -13,16 +14,24 @@ from pathlib import Path
 
 import pytest
 import torch
+import video_cases
 from conftest import random_image
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from transformers import AutoModelForImageTextToText, LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor
+from transformers.image_utils import SizeDict
+from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 
 import vlmzip
 from vlmzip.adapters import adapter_for
 from vlmzip.adapters.llava_next import unpadded_grid
-from vlmzip.adapters.llava_onevision import ImageOnlyOnevisionProcessor, LlavaOnevisionAdapter, load_processor
+from vlmzip.adapters.llava_onevision import (
+    LlavaOnevisionAdapter,
+    OnevisionPilVideoProcessor,
+    PilOnevisionProcessor,
+    load_processor,
+)
 from vlmzip.budgets import split_evenly
 from vlmzip.builders import get_arch
 from vlmzip.builders.llava_onevision import LlavaOnevisionSpec, build_llava_onevision
@@ -431,36 +440,130 @@ def test_multi_image_rows(model, processor, mixed):
         assert torch.equal(greedy(model, single)[0, single["input_ids"].shape[1]:], new[i])
 
 
-def video_inputs(model, processor, with_image: bool) -> dict:
-    """A prompt with a 2-frame video before the question (random frames and placeholders put in by hand: the
-    processor has no video processor without torchvision), with or without an image; the video's placeholders
-    are as many as the processor writes (frames x ceil(side / 2)^2 + 1)."""
-    text = prompt(processor, "what happens ?", images=int(with_image))
-    images = [random_image(3, SIZES[1])] if with_image else None
-    inputs = dict(processor(images=images, text=[text], return_tensors="pt"))
-    ids = inputs["input_ids"][0]
-    at = int((ids == processor.tokenizer.convert_tokens_to_ids("what")).nonzero()[0])
-    count = 2 * ((adapter_for(model).side + 1) // 2) ** 2 + 1
-    ids = torch.cat([ids[:at], torch.full((count,), model.config.video_token_id), ids[at:]]).unsqueeze(0)
-    inputs["input_ids"], inputs["attention_mask"] = ids, torch.ones_like(ids)
-    side = SPEC.image_size
-    inputs["pixel_values_videos"] = torch.randn(1, 2, 3, side, side, generator=torch.Generator().manual_seed(0))
-    return inputs
+# -- videos ---------------------------------------------------------------------------------------------------
+
+VIDEO_FRAMES = 4
+PER_FRAME = 16  # 7 x 7 patches shrunk to ceil(7 / 2)^2
 
 
-def test_videos_are_not_compressed(model, processor):
-    only_video = video_inputs(model, processor, with_image=False)
-    mixed = video_inputs(model, processor, with_image=True)
-    before_video, before_mixed = logits(model, only_video), logits(model, mixed)
-    answer = greedy(model, only_video)
+@pytest.fixture(scope="module")
+def videos(processor):
+    """Row 0: a video; row 1: an image; row 2: two videos; and each row alone."""
+    return video_cases.mixed_batch(processor, VIDEO_FRAMES)
+
+
+def video_features(model, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return model.model.get_video_features(inputs["pixel_values_videos"]).pooler_output
+
+
+def test_video_processor_and_counts(model, processor, videos):
+    inputs, singles = videos
+    assert isinstance(processor.video_processor, OnevisionPilVideoProcessor) and adapter_for(model).takes_videos
+    assert inputs["pixel_values_videos"].shape == (3, VIDEO_FRAMES, 3, 98, 98)
+    count = VIDEO_FRAMES * PER_FRAME + 1  # the frames' pooled tokens and one newline
+    video_id = model.config.video_token_id
+    assert (inputs["input_ids"] == video_id).sum(dim=1).tolist() == [count, 0, 2 * count]
+    items = adapter_for(model).items(dict(inputs))
+    assert [(i.token_id, i.vanilla, i.frames) for i in items[1:]] == [(video_id, count, VIDEO_FRAMES)] * 3
+    reference = LlavaOnevisionImageProcessorPil(size={"height": 98, "width": 98})
+    expected = torch.stack([torch.as_tensor(reference.resize(reference.process_image(f, do_convert_rgb=True),
+                                                             SizeDict(height=98, width=98), resample=3))
+                            for f in video_cases.frames(1, VIDEO_FRAMES)])
+    expected = (expected.float() / 255 - torch.tensor(reference.image_mean).view(3, 1, 1)) / torch.tensor(
+        reference.image_std).view(3, 1, 1)
+    torch.testing.assert_close(inputs["pixel_values_videos"][0], expected)
+    assert video_features(model, inputs).shape[:2] == (3, count)
+    assert video_cases.greedy(model, inputs).shape[0] == 3  # HF's own counts check passes
+
+
+def test_videos_keep_all_reproduces_vanilla_logits_for_every_method(model, videos):
+    inputs, _ = videos
+    vanilla = video_features(model, inputs)
     with vlmzip.compressed(model, "visionzip", ratio=1.0):
-        torch.testing.assert_close(logits(model, mixed), before_mixed, atol=1e-5, rtol=0)
-    vlmzip.compress(model, "visionzip", tokens=20)
-    assert torch.equal(logits(model, only_video), before_video)
-    (n,) = placeholders(mixed, model.config)
-    assert logits(model, mixed).shape[1] == mixed["input_ids"].shape[1] - n + 20
-    assert greedy(model, mixed).shape[1] == mixed["input_ids"].shape[1] + NEW
-    assert torch.equal(greedy(model, only_video), answer)
+        assert torch.equal(video_features(model, inputs), vanilla)
+    video_cases.check_keep_all(model, [inputs], sorted(METHODS))
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_videos_padded_batch_equals_single_runs(model, videos, method):
+    inputs, singles = videos
+    video_cases.check_batch_equals_singles(model, inputs, singles, method, tokens=24)
+
+
+@pytest.mark.parametrize("method", PRE_LLM)
+def test_videos_cached_generate_equals_recomputation(model, videos, method):
+    video_cases.check_cached_equals_recomputed(model, videos[0], method, tokens=24)
+
+
+@pytest.mark.parametrize("method", IN_LLM)
+def test_in_llm_methods_prune_videos(model, videos, method):
+    video_cases.check_in_llm_on_videos(model, videos[0], method, tokens=20)
+
+
+@pytest.mark.parametrize(("method", "knobs", "shares"), [
+    ("visionzip", {"tokens": 26}, [7, 7, 6, 6]),
+    ("random", {"tokens_per_frame": 5}, [5] * VIDEO_FRAMES),
+    ("tome", {"ratio": 0.5}, [8] * VIDEO_FRAMES),  # round(0.5 * 65) = 32 frame tokens (65: the newline included)
+])
+def test_video_per_frame_budgets_hold_and_the_newline_stays(model, videos, method, knobs, shares):
+    inputs, _ = videos
+    vlmzip.compress(model, method, **knobs)
+    seen = video_cases.LLMPlaceholders(model)
+    with vlmzip.recorded(model) as selections:
+        video_cases.greedy(model, inputs)
+    seen.handle.remove()
+    keep = sum(shares) + 1
+    assert [videos for _, videos in seen.calls[0]] == [keep, 0, 2 * keep]
+    for video in (1, 2, 3):
+        assert video_cases.frame_shares(selections, video) == shares
+    sent = video_features(model, inputs)
+    assert sent.shape[:2] == (3, keep)
+    assert torch.equal(sent[:, -1], model.model.image_newline.expand(3, -1))
+
+
+def test_video_tokens_fewer_than_frames_is_a_clear_error_unless_scope_video(model, videos):
+    inputs, singles = videos
+    with vlmzip.compressed(model, "visionzip", tokens=3), \
+            pytest.raises(ValueError, match="3 tokens cannot be split over the 4 frames of video 0 of this batch"):
+        video_cases.greedy(model, singles[2])
+    vlmzip.compress(model, "visionzip", tokens=10, scope="video")
+    with vlmzip.recorded(model) as selections:
+        video_cases.greedy(model, inputs)
+    assert {u: s.features.shape[1] for s in selections for u in s.units if u[0] >= 1} == {
+        (1, 0): 10, (2, 0): 10, (3, 0): 10}
+    assert video_features(model, inputs).shape[:2] == (3, 11)
+
+
+@pytest.mark.parametrize(("knobs", "per_frame"), [({"tokens_per_frame": 5}, True),
+                                                  ({"tokens": 12, "scope": "video"}, False)])
+def test_kept_video_tokens_are_the_pooled_tokens_the_vanilla_model_sends(model, videos, knobs, per_frame):
+    inputs, _ = videos
+    vanilla = video_features(model, inputs)
+    with vlmzip.compressed(model, "random", **knobs):
+        sent = video_features(model, inputs)
+    for v in range(3):
+        for k, token in enumerate(sent[v, :-1]):
+            pool = vanilla[v, (k // 5) * PER_FRAME : (k // 5 + 1) * PER_FRAME] if per_frame else vanilla[v, :-1]
+            assert float((pool - token).abs().max(dim=1).values.min()) < 1e-5, (v, k)
+
+
+def test_video_signals_are_shrunk_like_the_tokens(model, videos):
+    """VisionZip's dominant tokens of a frame: the pooled tokens with the most received attention, the frame's
+    received-attention map shrunk by the same bilinear interpolation as its tokens."""
+    inputs, _ = videos
+    adapter = adapter_for(model)
+    with torch.no_grad():
+        tokens = adapter.tower.run(inputs["pixel_values_videos"].flatten(0, 1), adapter.layout,
+                                   frozenset({"received_attention"}))
+    grid = tokens.received_attention.reshape(-1, 1, 7, 7)
+    pooled = torch.nn.functional.interpolate(grid, size=[4, 4], mode="bilinear").flatten(1)
+    vlmzip.compress(model, "visionzip", tokens_per_frame=7)  # 6 dominant + 1 contextual per frame
+    with vlmzip.recorded(model) as selections:
+        video_features(model, inputs)
+    (selection,) = selections
+    assert selection.dominant == 6
+    assert torch.equal(selection.indices[:, :6], pooled.topk(6, dim=1).indices.sort(dim=1).values)
 
 
 FOLLOW_UP = "<|im_end|>\n<|im_start|>user\nand the shape ?<|im_end|>\n<|im_start|>assistant\n"
@@ -662,8 +765,8 @@ def test_eval_runs_vanilla_and_visionzip(ov_dir, tmp_path):
     assert (out / "table.md").exists()
 
 
-def test_image_only_processor_counts_like_the_real_one(ov_dir, processor, batch):
+def test_torchvision_free_processor_counts_like_the_real_one(ov_dir, processor, batch):
     inputs, images, texts = batch
-    assert isinstance(processor, ImageOnlyOnevisionProcessor)
+    assert isinstance(processor, PilOnevisionProcessor)
     counts = processor._get_num_multimodal_tokens(image_sizes=[(h, w) for w, h in SIZES])["num_image_tokens"]
     assert counts == placeholders(inputs, load(ov_dir).config)

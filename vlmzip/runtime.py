@@ -75,7 +75,7 @@ class Call:
     """One user call of a compressed model: a ``forward``, or a whole ``generate`` and its forward steps.
 
     - ``items``: the images of the caller's prompt in the processor's order (None: a call without images);
-      ``rows``: how many of them each row of the caller's batch holds.
+      ``rows``: how many of them each row of the caller's batch holds; ``item_rows``: each one's row.
     - ``shrunk``: how the caller's ids were shrunk (None when nothing was).
     - ``note``: what the adapter noted for this call (Qwen-VL: the unshrunk layout its positions come from).
     - ``step``: the in-LLM pruner's state of the forward in flight (None between forward steps).
@@ -90,12 +90,16 @@ class Call:
     note: Any = None
     step: llm_hooks.StepState | None = None
     in_forward: bool = False
+    item_rows: list[int] | None = None
 
     def items_for(self, batch: int) -> list[Item]:
         """The call's images for a batch of ``batch`` rows: generate repeats each of the caller's rows for beams
         and ``num_return_sequences`` (rows ``b * r .. b * r + r - 1`` are copies of row ``b``)."""
         assert self.items is not None and self.rows is not None
         repeat = batch // max(len(self.rows), 1)
+        if self.item_rows is not None:  # items numbered per placeholder token (images, then videos): group by row
+            return [item for b in range(len(self.rows))
+                    for item in [it for it, row in zip(self.items, self.item_rows, strict=True) if row == b] * repeat]
         out: list[Item] = []
         at = 0
         for count in self.rows:
@@ -237,6 +241,7 @@ class CompressionState:
             kwargs["position_ids"] = sequence.shrink_positions(kwargs["position_ids"], shrunk.columns)
         call.shrunk = shrunk
         call.rows = [sum(1 for s in spans if s.row == b and s.segment == 0) for b in range(ids.shape[0])]
+        call.item_rows = [s.row for s in sorted(spans, key=lambda s: s.image) if s.segment == 0]
         return shrunk
 
     def prefill_plan(self, ids: torch.Tensor, items: list[Item], mask: torch.Tensor | None = None
@@ -302,10 +307,12 @@ class CompressionState:
 
     def forward_items(self, kwargs: dict[str, Any], call: Call) -> list[Item] | None:
         """The images of one forward (one per image of its rows, in order), or None for a call without any."""
-        encoded = kwargs.get("mm_encoder_outputs")
-        encoded = encoded.get("image") if isinstance(encoded, dict) else None
-        if call.generating and call.items is not None and (self.adapter.has_images(kwargs) or encoded is not None):
-            return call.items_for(kwargs["input_ids"].shape[0])  # generate encodes the images up front
+        outputs = kwargs.get("mm_encoder_outputs")
+        outputs = outputs if isinstance(outputs, dict) else {}
+        encoded = outputs.get("image")
+        media = self.adapter.has_images(kwargs) or any(v is not None for v in outputs.values())
+        if call.generating and call.items is not None and media:
+            return call.items_for(kwargs["input_ids"].shape[0])  # generate encodes the images (and videos) up front
         if self.adapter.has_images(kwargs):
             return self.adapter.items(kwargs)
         if encoded is not None:  # the caller's own uncompressed features (allowed only without a pre-LLM stage)
