@@ -4,7 +4,9 @@ the pooled tokens with pooled signals, scope=video, in-LLM methods on videos, cl
 
 from __future__ import annotations
 
+import copy
 import json
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -243,6 +245,19 @@ def test_visionzip_ranks_pooled_blocks_by_the_frames_cls_attention(model, batch)
     top = pooled.topk(6, dim=1).indices + 1
     expected = torch.cat([torch.zeros(len(top), 1, dtype=torch.long), top], dim=1).sort(dim=1).values
     assert torch.equal(selection.indices[:, :7], expected)
+
+
+def test_deepcopy_and_pickle_keep_the_video_compression(model, batch):
+    _, singles = batch
+    vlmzip.compress(model, "visionzip", tokens_per_frame=5)
+    # before any forward: transformers' own lazily installed output-capturing hook is a closure
+    twins = (copy.deepcopy(model), pickle.loads(pickle.dumps(model)))
+    with torch.no_grad():
+        expected = model(**singles[2]).logits
+    for twin in twins:
+        assert vlmzip.is_compressed(twin)
+        with torch.no_grad():
+            torch.testing.assert_close(twin(**singles[2]).logits, expected, atol=1e-6, rtol=0)
 
 
 # -- the released shapes --------------------------------------------------------------------------------------
