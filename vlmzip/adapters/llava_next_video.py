@@ -172,7 +172,7 @@ class PilLlavaNextVideoProcessor(TakesPilVideos, LlavaNextVideoProcessor):
     H, W) beside the image outputs)."""
 
 
-def _processor_parts(folder: str | Path, reason: Exception) -> tuple[dict[str, Any], Any, str, Any]:
+def processor_parts(folder: str | Path, reason: Exception) -> tuple[dict[str, Any], Any, str, Any]:
     """(saved processor settings, tokenizer, chat template, image processor) of a checkpoint folder."""
     settings, _ = ProcessorMixin.get_processor_dict(str(folder))
     template = settings.get("chat_template")
@@ -201,7 +201,7 @@ def load_processor(folder: str | Path) -> Any:
     ``LlavaNextVideoProcessor`` with the torchvision-free video processor, from the saved settings."""
     if is_torchvision_available():
         return AutoProcessor.from_pretrained(folder)
-    settings, tokenizer, template, images = _processor_parts(folder, ImportError("torchvision is not installed"))
+    settings, tokenizer, template, images = processor_parts(folder, ImportError("torchvision is not installed"))
     keys = ("patch_size", "vision_feature_select_strategy", "video_token", "image_token", "num_additional_image_tokens")
     return PilLlavaNextVideoProcessor(
         video_processor=saved_video_processor(LlavaNextVideoPilVideoProcessor, settings), image_processor=images,

@@ -97,8 +97,8 @@ from .llava_next import LlavaNextAdapter, LlavaNextImageFeatures, host_sizes, un
 from .llava_next_video import (
     PilFrames,
     TakesPilVideos,
-    _processor_parts,
     pooled_frames,
+    processor_parts,
     saved_video_processor,
     select_videos,
     sent_features,
@@ -169,7 +169,7 @@ def load_processor(folder: str | Path) -> Any:
     image processor, tokenizer, processor settings and the checkpoint's own chat template."""
     if is_torchvision_available():
         return AutoProcessor.from_pretrained(folder)
-    settings, tokenizer, template, images = _processor_parts(folder, ImportError("torchvision is not installed"))
+    settings, tokenizer, template, images = processor_parts(folder, ImportError("torchvision is not installed"))
     if settings.get("video_processor"):
         videos = saved_video_processor(OnevisionPilVideoProcessor, settings)
     else:  # a checkpoint saved without a video processor: frames as the image processor sizes a crop
