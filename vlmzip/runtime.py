@@ -302,10 +302,11 @@ class CompressionState:
 
     def forward_items(self, kwargs: dict[str, Any], call: Call) -> list[Item] | None:
         """The images of one forward (one per image of its rows, in order), or None for a call without any."""
-        encoded = kwargs.get("mm_encoder_outputs")
-        encoded = encoded.get("image") if isinstance(encoded, dict) else None
-        if call.generating and call.items is not None and (self.adapter.has_images(kwargs) or encoded is not None):
-            return call.items_for(kwargs["input_ids"].shape[0])  # generate encodes the images up front
+        given = kwargs.get("mm_encoder_outputs")
+        given = {k: v for k, v in given.items() if v is not None} if isinstance(given, dict) else {}
+        encoded = given.get("image")
+        if call.generating and call.items is not None and (self.adapter.has_images(kwargs) or given):
+            return call.items_for(kwargs["input_ids"].shape[0])  # generate encodes the images (videos) up front
         if self.adapter.has_images(kwargs):
             return self.adapter.items(kwargs)
         if encoded is not None:  # the caller's own uncompressed features (allowed only without a pre-LLM stage)
