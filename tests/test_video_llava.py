@@ -287,3 +287,37 @@ def test_video_llava_7b_shapes():
     inputs = processor(text=[prompt(processor, ["video"])], videos=[frames], return_tensors="pt")
     assert tuple(inputs["pixel_values_videos"].shape) == (1, 8, 3, 224, 224)
     assert int((inputs["input_ids"] == model.config.video_token_id).sum()) == 2056
+
+
+# -- bench with a video input ------------------------------------------------------------------------------------
+
+
+def test_bench_times_a_video_by_default(vl_dir, tmp_path, capsys):
+    from vlmzip.cli import main
+
+    # a video model is timed on its own clip length (8 frames: 808 tokens here, 2,056 on Video-LLaVA-7B) -> 136
+    argv = ["bench", "--model", str(vl_dir), "--methods", "visionzip,fastv", "--tokens", "136", "--batch-sizes", "1",
+            "--repeats", "1", "--out", str(tmp_path / "b")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "video of 8 frames" in out and "808 -> 136" in out
+    data = json.loads((tmp_path / "b" / "bench.json").read_text())
+    assert data["frames"] == 8
+    vz, fv = data["rows"]
+    assert (vz["vanilla_tokens"], vz["tokens"]) == (fv["vanilla_tokens"], fv["tokens"]) == (8 * FRAME, 136)
+    assert vz["ideal_kind"] == "flops" and vz["ideal_speedup"] > 1 and fv["ideal_speedup"] > 1
+
+
+def test_bench_frames_follow_the_adapter(vl_model, llava_dir):
+    from transformers import LlavaForConditionalGeneration
+
+    from vlmzip.bench.video import bench_frames, synthetic_clip
+
+    adapter = adapter_for(vl_model)
+    assert bench_frames(adapter, None) == 8 and bench_frames(adapter, 32) == 32
+    llava = adapter_for(LlavaForConditionalGeneration.from_pretrained(llava_dir))
+    assert bench_frames(llava, None) is None
+    with pytest.raises(ValueError, match="does not compress videos of this model"):
+        bench_frames(llava, 8)
+    frames = synthetic_clip(random_image(1), 4)
+    assert len(frames) == 4 and len({f.tobytes() for f in frames}) == 4

@@ -146,6 +146,7 @@ class VideoLlavaAdapter(LlavaAdapter):
     family = "video-llava"
     model_classes = (VideoLlavaForConditionalGeneration,)
     takes_videos = True
+    default_frames = 8  # the papers' setting: 8 frames x 256 patches
 
     def __init__(self, model: nn.Module) -> None:
         Adapter.__init__(self, model)
