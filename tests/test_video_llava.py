@@ -306,6 +306,16 @@ def test_bench_times_a_video_by_default(vl_dir, tmp_path, capsys):
     vz, fv = data["rows"]
     assert (vz["vanilla_tokens"], vz["tokens"]) == (fv["vanilla_tokens"], fv["tokens"]) == (8 * FRAME, 136)
     assert vz["ideal_kind"] == "flops" and vz["ideal_speedup"] > 1 and fv["ideal_speedup"] > 1
+    assert vz["overhead_of"] == "vision_tower" and vz["overhead_share"] > 0, "timed against the video tower"
+
+
+def test_legacy_image_key_is_compressed_alike(vl_model, vl_processor):
+    inputs = vl_processor(text=[prompt(vl_processor, ["image"])], images=[random_image(9)], return_tensors="pt")
+    legacy = {**inputs, "pixel_values_images": inputs["pixel_values"]}
+    del legacy["pixel_values"]
+    with vlmzip.compressed(vl_model, "visionzip", tokens=20):
+        torch.testing.assert_close(logits(vl_model, legacy), logits(vl_model, inputs))
+        assert logits(vl_model, legacy).shape[1] == inputs["input_ids"].shape[1] - PATCHES + 20
 
 
 def test_bench_frames_follow_the_adapter(vl_model, llava_dir):

@@ -133,7 +133,8 @@ def compression_overhead(model: nn.Module, inputs: dict[str, torch.Tensor]) -> t
 
     Pre-LLM methods: the method's ``state.select`` (selection / merging) + the adapter's signal capture
     (its ``tower.run`` minus the tower module's own forward, ``adapter.vision_module()``: hooks' q/k turned
-    into attention, keys, seeds), over the vision tower module's forward. In-LLM methods (no pre-LLM stage):
+    into attention, keys, seeds), over the vision tower module's forward (a model with a video tower of its
+    own: both towers'). In-LLM methods (no pre-LLM stage):
     the pruner's work before each decoder layer (``Pruner.before_layer``: scoring, pruning, the pruned
     segments' masks) over the language model's forward (which includes it).
     """
@@ -144,7 +145,9 @@ def compression_overhead(model: nn.Module, inputs: dict[str, torch.Tensor]) -> t
     adapter = state.adapter
     work, extra, base = _Clock(device), _Clock(device), _Clock(device)
     if state.pre is not None:
-        patches = [(state, "select", work), (adapter.tower, "run", extra), (adapter.vision_module(), "forward", base)]
+        patches = [(state, "select", work)]
+        for tower, module in _towers(adapter):
+            patches += [(tower, "run", extra), (module, "forward", base)]
         of = "vision_tower"
     else:
         patches = [(state.pruner, "before_layer", work), (adapter.language_model(), "forward", base)]
@@ -164,6 +167,18 @@ def compression_overhead(model: nn.Module, inputs: dict[str, torch.Tensor]) -> t
         return None
     capture = max(extra.seconds - base.seconds, 0.0) if of == "vision_tower" else 0.0
     return (work.seconds + capture) / base.seconds, of
+
+
+def _towers(adapter: Any) -> list[tuple[Any, nn.Module]]:
+    """(the adapter's tower wrapper, whose ``run`` captures the signals; the tower module) of every vision tower it
+    runs: ``adapter.tower``, and a separate ``adapter.video_tower`` where the model encodes videos with its own
+    (Video-LLaVA)."""
+    pairs = [(adapter.tower, adapter.vision_module())]
+    video = getattr(adapter, "video_tower", None)
+    module = getattr(video, "tower", None)
+    if video is not None and video is not adapter.tower and isinstance(module, nn.Module):
+        pairs.append((video, module))
+    return pairs
 
 
 @dataclass
