@@ -223,6 +223,15 @@ def test_tokens_per_frame_and_uneven_splits(vl_model, eight_frames):
         ((2, 18), ((0, 0), (0, 1))), ((6, 17), tuple((0, f) for f in range(2, 8)))]
 
 
+def test_more_frames_for_the_same_tokens(vl_model, vl_processor):
+    # VisionZip's other use: at the LLM's same 136 tokens, encode twice the frames (16: 8 frames of 9, 8 of 8)
+    inputs = vl_processor(text=[prompt(vl_processor, ["video"])], videos=[clip(6, 16)], return_tensors="pt")
+    with vlmzip.compressed(vl_model, "visionzip", tokens=136), vlmzip.recorded(vl_model) as selections:
+        out = logits(vl_model, inputs)
+    assert out.shape[1] == inputs["input_ids"].shape[1] - 16 * FRAME + 136
+    assert [tuple(s.features.shape[:2]) for s in selections] == [(8, 9), (8, 8)]
+
+
 def test_scope_video_chooses_across_the_frames(vl_model, eight_frames):
     with vlmzip.compressed(vl_model, "visionzip", tokens=136, scope="video"), \
             vlmzip.recorded(vl_model) as selections:
