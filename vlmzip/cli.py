@@ -394,10 +394,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
 
+    from .adapters import adapter_for
     from .api import PAPER_BUDGETS, paper_budget, plan
     from .bench import bench_prefill, format_rows, write_json
     from .bench.memory import ChildSpec
     from .bench.plots import plot_pareto, plot_speedups
+    from .bench.video import bench_frames, synthetic_clip, video_inputs
     from .io import batch_inputs, load_model
 
     if args.eval and not args.out:
@@ -418,13 +420,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
         budgets = [{"tokens": t} for t in args.tokens or [paper_budget(model, t) for t in PAPER_BUDGETS]]
     runs = [(name, {**knobs, **b}) for name, knobs in map(split_knobs, args.methods) for b in budgets]
 
+    frames = bench_frames(adapter_for(model), args.frames)
+
     def make_inputs(batch_size: int) -> dict:
+        if frames is not None:
+            return video_inputs(processor, [synthetic_clip(image, frames)] * batch_size, [args.prompt] * batch_size,
+                                model)
         return batch_inputs(processor, [image] * batch_size, [args.prompt] * batch_size, model)
 
     results = _eval_of_same_model(args.eval, model) if args.eval else None
     child = None
     if args.peak_memory == "child":
-        child = ChildSpec(args.model, args.device, args.dtype, args.layers, args.image_size, args.prompt, 1)
+        child = ChildSpec(args.model, args.device, args.dtype, args.layers, args.image_size, args.prompt, 1,
+                          frames=frames)
     total = len(args.batch_sizes) * len(runs) * (args.repeats + 1)
     quiet = args.quiet or not sys.stderr.isatty()
     with tqdm(total=total, unit="round", desc="vlmzip bench", disable=quiet, dynamic_ncols=True) as bar:
@@ -439,7 +447,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"--compile: language model torch.compile'd ({args.compile}), static KV cache"
               + (f"; in-LLM methods run eager on both sides: {', '.join(eager)}" if eager else ""))
     depth = "" if args.layers is None else f", LLM reduced to {args.layers} decoder layers (cost per layer is uniform)"
-    print(f"model: {model_name(args)} ({args.dtype}{depth}); image {image.width}x{image.height}")
+    size = f"{image.width}x{image.height}"
+    print(f"model: {model_name(args)} ({args.dtype}{depth}); " + (f"video of {frames} frames of {size}" if frames
+                                                                   else f"image {size}"))
     print(format_rows(rows, plan(model, "vanilla").tokens, args.repeats, device))
     if args.out:
         out = Path(args.out)
@@ -447,7 +457,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         command = shlex.join(["vlmzip", *getattr(args, "argv", sys.argv[1:])])
         write_json(rows, out / "bench.json", device=device, command=command,
                    model=model_name(args), dtype=args.dtype, layers=args.layers, repeats=args.repeats,
-                   image_size=[image.width, image.height], vanilla_tokens=plan(model, "vanilla").tokens)
+                   image_size=[image.width, image.height], vanilla_tokens=plan(model, "vanilla").tokens,
+                   frames=frames)
         plot_speedups(rows, out / "speedup.png", title=model_name(args))
         print(f"wrote {out / 'bench.json'} and {out / 'speedup.png'}")
         if results is not None:
@@ -624,6 +635,9 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                    help="arch:NAME only: build the LLM with N decoder layers (default: all of them)")
     p.add_argument("--image-size", type=positive_int, default=None,
                    help="resize the timed image to N x N pixels (default: the lab scene's 336)")
+    p.add_argument("--frames", type=positive_int, default=None,
+                   help="time a video: a synthetic clip of F frames (the image moving) on a model whose adapter "
+                   "compresses videos (default: a video model's own clip length, e.g. Video-LLaVA's 8; else an image)")
     p.add_argument("--prompt", default="What color is the small object?", help="the question sent with each image")
     p.add_argument("--out", default=None,
                    help="also write DIR/bench.json (one object per row) and DIR/speedup.png "

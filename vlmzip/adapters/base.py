@@ -38,6 +38,7 @@ class Adapter:
     model_classes: tuple[type, ...] = ()
     rope_axes: int = 1  # axes of the LLM's rotary positions: 1 (1-D), 3 (Qwen's M-RoPE (t, h, w))
     takes_videos: bool = False  # the processor takes videos= and the adapter compresses them
+    default_frames: int | None = None  # a video model's clip length (what `vlmzip bench` times); None: images
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

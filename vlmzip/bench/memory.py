@@ -27,7 +27,8 @@ from torch import nn
 @dataclass
 class ChildSpec:
     """What a child loads and runs: ``vlmzip.io.load_model(model, device, dtype, layers)``, the bench's
-    image (``image_size`` px square, or its own size) and ``prompt``, ``batch_size`` copies."""
+    image (``image_size`` px square, or its own size; a clip of ``frames`` of it when set) and ``prompt``,
+    ``batch_size`` copies."""
 
     model: str | None
     device: str
@@ -38,6 +39,7 @@ class ChildSpec:
     batch_size: int
     method: str | None = None  # None: vanilla
     knobs: dict[str, Any] = field(default_factory=dict)
+    frames: int | None = None  # a synthetic clip of this many frames of the image instead of the image
 
 
 def child_peak_memory(spec: ChildSpec, timeout_s: float = 3600) -> int | None:
@@ -100,7 +102,13 @@ def _run(spec: ChildSpec) -> int | None:
     image = default_image()
     if spec.image_size:
         image = image.resize((spec.image_size, spec.image_size))
-    inputs = batch_inputs(processor, [image] * spec.batch_size, [spec.prompt] * spec.batch_size, model)
+    if spec.frames is not None:
+        from .video import synthetic_clip, video_inputs
+
+        clips = [synthetic_clip(image, spec.frames)] * spec.batch_size
+        inputs = video_inputs(processor, clips, [spec.prompt] * spec.batch_size, model)
+    else:
+        inputs = batch_inputs(processor, [image] * spec.batch_size, [spec.prompt] * spec.batch_size, model)
     context = compressed(model, spec.method, **spec.knobs) if spec.method is not None else nullcontext()
     with context:
         _release_heap()

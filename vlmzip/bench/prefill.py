@@ -133,7 +133,8 @@ def compression_overhead(model: nn.Module, inputs: dict[str, torch.Tensor]) -> t
 
     Pre-LLM methods: the method's ``state.select`` (selection / merging) + the adapter's signal capture
     (its ``tower.run`` minus the tower module's own forward, ``adapter.vision_module()``: hooks' q/k turned
-    into attention, keys, seeds), over the vision tower module's forward. In-LLM methods (no pre-LLM stage):
+    into attention, keys, seeds), over the vision tower module's forward (a model with a video tower of its
+    own: both towers'). In-LLM methods (no pre-LLM stage):
     the pruner's work before each decoder layer (``Pruner.before_layer``: scoring, pruning, the pruned
     segments' masks) over the language model's forward (which includes it).
     """
@@ -144,7 +145,9 @@ def compression_overhead(model: nn.Module, inputs: dict[str, torch.Tensor]) -> t
     adapter = state.adapter
     work, extra, base = _Clock(device), _Clock(device), _Clock(device)
     if state.pre is not None:
-        patches = [(state, "select", work), (adapter.tower, "run", extra), (adapter.vision_module(), "forward", base)]
+        patches = [(state, "select", work)]
+        for tower, module in _towers(adapter):
+            patches += [(tower, "run", extra), (module, "forward", base)]
         of = "vision_tower"
     else:
         patches = [(state.pruner, "before_layer", work), (adapter.language_model(), "forward", base)]
@@ -166,6 +169,18 @@ def compression_overhead(model: nn.Module, inputs: dict[str, torch.Tensor]) -> t
     return (work.seconds + capture) / base.seconds, of
 
 
+def _towers(adapter: Any) -> list[tuple[Any, nn.Module]]:
+    """(the adapter's tower wrapper, whose ``run`` captures the signals; the tower module) of every vision tower it
+    runs: ``adapter.tower``, and a separate ``adapter.video_tower`` where the model encodes videos with its own
+    (Video-LLaVA)."""
+    pairs = [(adapter.tower, adapter.vision_module())]
+    video = getattr(adapter, "video_tower", None)
+    module = getattr(video, "tower", None)
+    if video is not None and video is not adapter.tower and isinstance(module, nn.Module):
+        pairs.append((video, module))
+    return pairs
+
+
 @dataclass
 class BenchRow:
     """Medians for one (method, budget, batch size) against vanilla timed in the same rounds.
@@ -178,7 +193,7 @@ class BenchRow:
     """
 
     method: str
-    tokens: int | None  # visual tokens per image the LLM ends with (counted on the bench's image)
+    tokens: int | None  # visual tokens per image (video) the LLM ends with (counted on the bench's input)
     batch_size: int
     forward_speedup: float  # model(...) (vision + compression + prefill)
     ttft_speedup: float  # generate(max_new_tokens=1)
@@ -204,7 +219,7 @@ class BenchRow:
     ideal_kind: str = "llm_macs"  # what ideal_speedup divides: "flops" (counted, end to end) or "llm_macs"
     compiled: bool = False  # timed with the language model compiled and a static KV cache (bench.compiled)
     peak_memory_kind: str = "process"  # "process": this process's peak; "child": a fresh process per config
-    vanilla_tokens: int | None = None  # visual tokens per image of the vanilla model (the bench's image)
+    vanilla_tokens: int | None = None  # visual tokens per image (video) of the vanilla model (the bench's input)
     budget: str = ""  # the budget asked for: "tokens=N" or "ratio=r"
 
 
@@ -306,9 +321,10 @@ def _row(calls: _Calls, method: str, knobs: dict[str, Any], batch_size: int, van
          peak_kind: str) -> BenchRow:
     """One row: medians of the interleaved rounds, ratios to vanilla, and the once-measured numbers."""
     planned = plan(calls.model, method, **knobs)
-    # visual tokens per image on the bench's image (every row holds it once): its placeholders, less the tokens the
-    # method removed by the LLM's last layer whose cache holds the whole sequence (a sliding layer's may not)
-    vanilla_tokens = int((calls.inputs["input_ids"][0] == planned.adapter.image_token_id).sum())
+    # visual tokens per image (or video) on the bench's input (every row holds it once): its placeholders, less the
+    # tokens the method removed by the LLM's last layer whose cache holds the whole sequence (a sliding layer's may not)
+    vanilla_tokens = int(torch.isin(calls.inputs["input_ids"][0].cpu(), torch.tensor(placeholder_ids(planned.adapter)))
+                         .sum())
     last = max(i for i, n in enumerate(reference.lengths) if n == max(reference.lengths))
     final_tokens = vanilla_tokens - (reference.lengths[last] - measured.lengths[last])
     budget = f"tokens={knobs['tokens']}" if "tokens" in knobs else f"ratio={knobs['ratio']:.3g}" if "ratio" in knobs \
@@ -335,6 +351,12 @@ def _row(calls: _Calls, method: str, knobs: dict[str, Any], batch_size: int, van
         vanilla_forward_flops=reference.forward_flops, overhead_of=measured.overhead_of, compiled=compiled_,
         peak_memory_kind=peak_kind,
     )
+
+
+def placeholder_ids(adapter: Any) -> list[int]:
+    """The placeholder tokens of a model's visual inputs: its image token, and its video token where it has one."""
+    video = getattr(adapter.config, "video_token_id", None)
+    return [adapter.image_token_id] + ([int(video)] if video is not None and adapter.takes_videos else [])
 
 
 def _child_peak(child: ChildSpec, batch_size: int, method: str | None, knobs: dict[str, Any]) -> int | None:
