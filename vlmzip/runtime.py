@@ -302,10 +302,11 @@ class CompressionState:
 
     def forward_items(self, kwargs: dict[str, Any], call: Call) -> list[Item] | None:
         """The images of one forward (one per image of its rows, in order), or None for a call without any."""
-        encoded = kwargs.get("mm_encoder_outputs")
-        encoded = encoded.get("image") if isinstance(encoded, dict) else None
-        if call.generating and call.items is not None and (self.adapter.has_images(kwargs) or encoded is not None):
-            return call.items_for(kwargs["input_ids"].shape[0])  # generate encodes the images up front
+        outputs = kwargs.get("mm_encoder_outputs")
+        encoded = outputs.get("image") if isinstance(outputs, dict) else None
+        encoded_any = isinstance(outputs, dict) and any(v is not None for v in outputs.values())
+        if call.generating and call.items is not None and (self.adapter.has_images(kwargs) or encoded_any):
+            return call.items_for(kwargs["input_ids"].shape[0])  # generate encodes the images (videos) up front
         if self.adapter.has_images(kwargs):
             return self.adapter.items(kwargs)
         if encoded is not None:  # the caller's own uncompressed features (allowed only without a pre-LLM stage)
