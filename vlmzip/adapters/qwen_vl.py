@@ -18,8 +18,12 @@ Model quirks this file owns:
 - What is compressed: the merged tokens (the PatchMerger's output, what the LLM sees), image by image,
   each as one unit with layout ``TokenLayout(0, (t*h/merge, w/merge), send_prefix=True)``. Both "vision"
   and "projector" stage methods receive these tokens (the merger is Qwen's projector). Images with the
-  same grid and budget go to the method in one batched call. Videos are not compressed: their tokens,
-  positions and placeholders stay as in the vanilla model.
+  same grid and budget go to the method in one batched call.
+- Videos (``video_grid_thw`` (t, h, w), t temporal patches of ``temporal_patch_size`` frames): each temporal patch
+  is one unit (a "frame" of the video budgets, ``Item.frames = t``) with its own grid and signals (the tower
+  attends within a temporal patch); ``scope=video`` joins a video's patches into one unit. Qwen2-VL / Qwen2.5-VL
+  write a video as one run of t*h*w / merge^2 placeholders; Qwen3-VL / Qwen3.5 as one run per patch after its
+  timestamp text, so each patch keeps its own even share (``split``) and ``scope=video`` is refused there.
 - Signals (no CLS): ``received_attention`` of a merged token = the attention its ``merge^2`` patches
   receive in the tower's signal block (summed over the group), each patch's share being the mean over
   heads and over the queries of its image's attention segment; ``keys`` = that block's keys (the fused
@@ -48,11 +52,12 @@ Model quirks this file owns:
      prefill and every decode step go through step 3 / HF's rope_deltas branch (generate encodes the
      images up front and drops pixel_values and image_grid_thw from the prefill, so step 3 takes the
      grids from the note of step 1; rows expanded for beams repeat their row's positions). Calls without
-     images (text, videos, a later turn on a cache) use HF's own code unchanged.
+     images or videos (text, a later turn on a cache) use HF's own code unchanged.
   Passing ``position_ids`` together with images, or new images on a filled cache, is an error.
 - Processor: transformers' Qwen processor needs torchvision for its video processor. Where it cannot be
-  built, ``load_processor`` builds the same processor without video support, with the checkpoint's own
-  chat template (never another one: a checkpoint without a template is a clear error).
+  built, ``load_processor`` builds transformers' own processor class of the model type with
+  :class:`QwenVideoProcessorPil` (PIL resize, transformers' patch layout) as its video processor, with the
+  checkpoint's own chat template (never another one: a checkpoint without a template is a clear error).
 """
 
 from __future__ import annotations
