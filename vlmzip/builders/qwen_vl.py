@@ -9,7 +9,8 @@ full-attention blocks at ``fullatt_block_indexes``; Qwen3: learned position embe
 blocks at ``deepstack_layers`` added to the first decoder layers, a Qwen3 decoder); only the sizes are the
 spec's. The processor is transformers' Qwen processor of the version with the PIL image processor (the spec's
 ``min_pixels`` / ``max_pixels``, so images of different sizes get different grids) and vlmzip's torchvision-free
-video processor; the saved ``processor_config.json`` holds the video settings transformers' own video processor reads. ``arch:qwen2-vl-7b``, ``arch:qwen2.5-vl-7b``
+video processor; the saved ``processor_config.json`` holds the video settings transformers' own video processor
+reads. ``arch:qwen2-vl-7b``, ``arch:qwen2.5-vl-7b``
 and ``arch:qwen3-vl-8b`` are the released shapes.
 """
 
