@@ -96,6 +96,11 @@ class Call:
         and ``num_return_sequences`` (rows ``b * r .. b * r + r - 1`` are copies of row ``b``)."""
         assert self.items is not None and self.rows is not None
         repeat = batch // max(len(self.rows), 1)
+        if repeat == 1:
+            return self.items
+        if self.shrunk is not None:  # each row's own items (their numbers need not be row-major: images, videos)
+            return [self.items[s.image] for b in range(len(self.rows))
+                    for _ in range(repeat) for s in self.shrunk.spans if s.row == b and s.segment == 0]
         out: list[Item] = []
         at = 0
         for count in self.rows:
