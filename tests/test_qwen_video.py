@@ -190,6 +190,33 @@ def test_cached_generate_equals_recomputation(qwen, method, knobs):
     assert torch.equal(cached, ids)
 
 
+def test_each_temporal_patch_is_ranked_by_its_own_signals(qwen, monkeypatch):
+    """What a method sees of temporal patch f of a video (its merged tokens, the attention they receive, their keys)
+    is what it sees of that patch given alone as a one-patch video: the tower attends within a temporal patch
+    (Qwen2.5-VL: its windows too), so a patch's signals are its own."""
+    _, folder, processor = qwen
+    model = load(folder)
+    video = processor.video_processor([clip(6, 6, (64, 48))], return_tensors="pt")
+    pixels, grid = video["pixel_values_videos"], video["video_grid_thw"]
+    t, h, w = grid[0].tolist()
+    vlmzip.compress(model, "visionzip", tokens=2 * t)
+    state = vlmzip.api.state_of(model)
+    handed: list = []
+    select = state.select
+    monkeypatch.setattr(state, "select", lambda tokens, keep, units=None: handed.append(tokens)
+                        or select(tokens, keep, units))
+    with torch.no_grad():
+        model.model.get_video_features(pixels, grid)
+        whole = handed.pop()
+        assert whole.hidden.shape[0] == t and whole.layout.grid == (h // 2, w // 2)
+        assert whole.received_attention is not None and whole.keys is not None
+        for f in range(t):
+            model.model.get_video_features(pixels[f * h * w : (f + 1) * h * w], torch.tensor([[1, h, w]]))
+            alone = handed.pop()
+            for name in ("hidden", "received_attention", "keys"):
+                torch.testing.assert_close(getattr(whole, name)[f], getattr(alone, name)[0], atol=1e-5, rtol=1e-4)
+
+
 # -- budgets -----------------------------------------------------------------------------------------------------------
 
 
@@ -380,3 +407,22 @@ def test_beams_on_a_mixed_batch_with_an_in_llm_method(qwen):
     assert torch.equal(vanilla.sequences, same.sequences)
     for a, b in zip(vanilla.scores, same.scores, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(("version", "layers"), [("3-moe", 3), ("3.5", 4)], ids=["qwen3-vl-moe", "qwen3.5"])
+def test_qwen3_moe_and_qwen3_5_videos(tmp_path, version, layers):
+    """Qwen3-VL-MoE and Qwen3.5 write videos as Qwen3-VL does (a run per temporal patch): keep-all is exact and a
+    compressed padded batch of a video row and an image + video row equals its rows alone."""
+    build_qwen_vl(tmp_path, QwenVLSpec(version=version, text_layers=layers))
+    processor = load_processor(tmp_path)
+    model = load(tmp_path)
+    inputs = inputs_of(processor, [0, 1])
+    before = logits(model, inputs)
+    with vlmzip.compressed(model, "visionzip", ratio=1.0):
+        torch.testing.assert_close(logits(model, inputs), before, atol=1e-5, rtol=0)
+    with vlmzip.compressed(model, "visionzip", tokens=8):
+        together = model.generate(**inputs, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
+        for r in range(2):
+            alone = model.generate(**inputs_of(processor, [r]), max_new_tokens=NEW, min_new_tokens=NEW,
+                                   do_sample=False)
+            assert torch.equal(alone[0, -NEW:], together[r, -NEW:])
