@@ -500,10 +500,16 @@ class QwenVLAdapter(Adapter):
         """A Qwen3-VL video (one run per temporal patch): each patch's even share of ``keep`` (scope=frame)."""
         if len(item.segments) == 1:
             return (keep,)
-        shares = split_frames(keep, item.frames, f"video {number} of this batch")
-        if self.state is not None and self.state.frame_keeps(keep, item.frames, number) is None:
+        pre = None if self.state is None else self.state.pre
+        if pre is not None and pre.budget is not None and pre.budget.scope == "video":
             raise ValueError(self.scope_video_error())
-        return tuple(shares)
+        if keep < item.frames:
+            raise ValueError(
+                f"{keep} tokens cannot be split over the {item.frames} frames of video {number} of this batch (each "
+                f"temporal patch is its own run of placeholders and keeps at least one token); pass tokens >= "
+                f"{item.frames}"
+            )
+        return tuple(split_frames(keep, item.frames, f"video {number} of this batch"))
 
     def scope_video_error(self) -> str:
         return (f"scope=video cannot be used on {type(self.model).__name__} videos: its processor writes a timestamp "
