@@ -48,20 +48,22 @@ def text(processor, parts: list[str], question: str) -> str:
     return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
 
-# rows: (parts in order, images, videos): a video alone; an image then a video; two videos
+# rows: (parts in order, images, videos): a video alone; an image then a video; two videos; an image alone
 ROWS = [
     (["video"], [], [clip(0, 4, (80, 64))]),
     (["image", "video"], [random_image(5, (64, 64))], [clip(1, 3, (48, 48))]),
     (["video", "video"], [], [clip(2, 4, (64, 48)), clip(3, 2, (48, 64))]),
+    (["image"], [random_image(8, (48, 64))], []),
 ]
-QUESTIONS = ["what moved ?", "what color is the shape ?", "how many ?"]
+QUESTIONS = ["what moved ?", "what color is the shape ?", "how many ?", "is there a red circle ?"]
 
 
 def inputs_of(processor, rows: list[int], **kwargs):
     texts = [text(processor, ROWS[r][0], QUESTIONS[r]) for r in rows]
     images = [im for r in rows for im in ROWS[r][1]]
     videos = [v for r in rows for v in ROWS[r][2]]
-    return processor(text=texts, images=images or None, videos=videos, return_tensors="pt", padding=True, **kwargs)
+    return processor(text=texts, images=images or None, videos=videos or None, return_tensors="pt", padding=True,
+                     **kwargs)
 
 
 def load(folder, **kwargs):
@@ -154,13 +156,15 @@ def test_keep_all_reproduces_vanilla_logits(qwen, method):
 @pytest.mark.parametrize(("method", "knobs"), [("visionzip", {"tokens": 8}), ("random", {"tokens_per_frame": 3}),
                                                ("fastv", {"layer": 2, "tokens": 8}), ("sparsevlm", {"tokens": 8})])
 def test_padded_batch_equals_single_rows(qwen, method, knobs):
+    """A video row, an image + video row, a two-video row and an image row: each row's answer and first logits are
+    the ones it gets alone."""
     _, folder, processor = qwen
     model = load(folder)
-    batch = inputs_of(processor, [0, 1, 2])
+    batch = inputs_of(processor, [0, 1, 2, 3])
     with vlmzip.compressed(model, method, **knobs):
         together = model.generate(**batch, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
                                   return_dict_in_generate=True, output_logits=True)
-        for r in range(3):
+        for r in range(4):
             alone = model.generate(**inputs_of(processor, [r]), max_new_tokens=NEW, min_new_tokens=NEW,
                                    do_sample=False, return_dict_in_generate=True, output_logits=True)
             assert torch.equal(alone.sequences[0, -NEW:], together.sequences[r, -NEW:]), (method, r)
