@@ -7,13 +7,16 @@ which is ``AutoProcessor`` where transformers can build Qwen's video processor).
 one (ViT with 2-D RoPE -> 2x2 PatchMerger -> Qwen2 decoder with M-RoPE; Qwen2.5: window attention with
 full-attention blocks at ``fullatt_block_indexes``; Qwen3: learned position embeddings, DeepStack mergers of the
 blocks at ``deepstack_layers`` added to the first decoder layers, a Qwen3 decoder); only the sizes are the
-spec's. The processor is the Qwen2-VL one with the PIL image processor and the spec's ``min_pixels`` /
-``max_pixels``, so images of different sizes get different grids. ``arch:qwen2-vl-7b``, ``arch:qwen2.5-vl-7b``
+spec's. The processor is transformers' Qwen processor of the version with the PIL image processor (the spec's
+``min_pixels`` / ``max_pixels``, so images of different sizes get different grids) and vlmzip's torchvision-free
+video processor; the saved ``processor_config.json`` holds the video settings transformers' own video processor
+reads. ``arch:qwen2-vl-7b``, ``arch:qwen2.5-vl-7b``
 and ``arch:qwen3-vl-8b`` are the released shapes.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +36,7 @@ from transformers import (
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from ..adapters.qwen_vl import ImageOnlyQwenProcessor
+from ..adapters.qwen_vl import VIDEO_KEYS, ImageOnlyQwenProcessor, torchvision_free_processor
 from .llava import finish, instantiate
 from .registry import Arch, register_arch
 from .words import BASE_WORDS, word_tokenizer
@@ -85,6 +88,8 @@ class QwenVLSpec:
     vocab_size: int | None = None  # pad the LM vocabulary to this size (real models: 152064)
     min_pixels: int = 32 * 32
     max_pixels: int = 128 * 128
+    video_min_pixels: int | None = None  # a video frame's pixel bounds (default: the images'; Qwen3-VL: the clip's)
+    video_max_pixels: int | None = None
     words: tuple[str, ...] = tuple(BASE_WORDS)
     seed: int = 0
 
@@ -172,12 +177,30 @@ def qwen_config(spec: QwenVLSpec, tokenizer: PreTrainedTokenizerFast, version: s
 
 
 def build_processor(spec: QwenVLSpec, tokenizer: PreTrainedTokenizerFast) -> ImageOnlyQwenProcessor:
-    """The Qwen2-VL processor (PIL image processor, no video processor) for these sizes."""
+    """The Qwen2-VL processor (PIL image processor, no video processor) for these sizes: what is saved."""
     image_processor = Qwen2VLImageProcessorPil(
         min_pixels=spec.min_pixels, max_pixels=spec.max_pixels, patch_size=spec.patch_size,
         temporal_patch_size=spec.temporal_patch_size, merge_size=spec.merge_size,
     )
     return ImageOnlyQwenProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
+
+
+def video_settings(spec: QwenVLSpec, version: str) -> dict:
+    """The video processor config saved with the model (``processor_config.json``'s ``video_processor``), as
+    transformers saves Qwen's: the image processor's normalisation, ``size`` from the spec's video pixel bounds
+    (Qwen3-VL: bounds on the whole clip's pixels), no frame sampling (the frames passed are the frames used)."""
+    image = build_processor(spec, build_tokenizer(spec.words)).image_processor
+    kind = "Qwen3VLVideoProcessor" if version.startswith("3") else "Qwen2VLVideoProcessor"
+    low = spec.video_min_pixels or spec.min_pixels
+    high = spec.video_max_pixels or spec.max_pixels
+    return {
+        "video_processor_type": kind, "size": {"shortest_edge": low, "longest_edge": high},
+        "patch_size": spec.patch_size, "temporal_patch_size": spec.temporal_patch_size, "merge_size": spec.merge_size,
+        "image_mean": list(image.image_mean), "image_std": list(image.image_std),
+        "rescale_factor": image.rescale_factor, "resample": int(image.resample), "do_resize": True,
+        "do_rescale": True, "do_normalize": True, "do_convert_rgb": True, "do_sample_frames": False,
+        "cap_pixels_per_frame": False,
+    }
 
 
 def build_qwen_vl(
@@ -189,7 +212,8 @@ def build_qwen_vl(
 ):
     """Build a randomly initialised Qwen2-VL (``version="2"``) or Qwen2.5-VL (``"2.5"``; default: the
     spec's ``version``) + processor (weights created directly on ``device`` in ``dtype``); save both to
-    ``out_dir`` when given."""
+    ``out_dir`` when given. The processor returned takes images and videos (transformers' Qwen processor of the
+    version with vlmzip's torchvision-free video processor)."""
     spec = spec or QwenVLSpec()
     version = check_version(version or spec.version)
     tokenizer = build_tokenizer(spec.words)
@@ -198,7 +222,15 @@ def build_qwen_vl(
     model = instantiate(VERSIONS[version], config, spec.seed, device, dtype)
     model.generation_config.bos_token_id = None
     finish(model, processor, tokenizer, out_dir, processor_class=PROCESSORS[version])
-    return model, processor
+    video = video_settings(spec, version)
+    if out_dir is not None:
+        path = Path(out_dir) / "processor_config.json"
+        saved = json.loads(path.read_text())
+        saved["video_processor"] = video
+        path.write_text(json.dumps(saved, indent=2) + "\n")
+    full = torchvision_free_processor(processor.image_processor, tokenizer, CHAT_TEMPLATE, config.model_type,
+                                      {k: v for k, v in video.items() if k in VIDEO_KEYS})
+    return model, full
 
 
 _QWEN_7B_TEXT = dict(text_hidden=3584, text_layers=28, text_heads=28, text_kv_heads=4, text_intermediate=18944,
