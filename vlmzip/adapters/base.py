@@ -37,6 +37,7 @@ class Adapter:
     family: str = ""
     model_classes: tuple[type, ...] = ()
     rope_axes: int = 1  # axes of the LLM's rotary positions: 1 (1-D), 3 (Qwen's M-RoPE (t, h, w))
+    takes_videos: bool = False  # the processor takes videos= and the adapter compresses them
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
