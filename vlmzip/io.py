@@ -72,6 +72,10 @@ def load_model(
     return model, adapter.load_processor(folder)
 
 
+class ContextError(ValueError):
+    """A prompt (or prompt + answer) longer than the model's context (``max_position_embeddings``)."""
+
+
 Visual = Image.Image | Video  # one image, or the sampled frames of one video
 Row = Image.Image | Video | Sequence[Image.Image | Video]  # what one question is asked about, in order
 
@@ -129,7 +133,7 @@ def batch_inputs(
 
 
 def batch_visual_inputs(
-    processor: object, rows: Sequence[Row], questions: list[str], model: nn.Module
+    processor: object, rows: Sequence[Row], questions: list[str], model: nn.Module, check_context: bool = True
 ) -> dict[str, torch.Tensor]:
     """Processor outputs for a batch of (visuals, question), left padded, on the model's device and dtype.
 
@@ -141,7 +145,7 @@ def batch_visual_inputs(
 
     A clear ``ValueError`` when the longest prompt (visual tokens and chat template included, as many as the LLM
     receives: after a compressed model's pre-LLM stage) leaves no room for an answer in the model's context
-    (``max_position_embeddings`` of its text config)."""
+    (``max_position_embeddings`` of its text config); ``check_context=False`` skips that check."""
     if len(rows) != len(questions):
         raise ValueError(f"got {len(rows)} rows of visuals for {len(questions)} questions; give one per question")
     videos = takes_videos(model)
@@ -159,7 +163,7 @@ def batch_visual_inputs(
     context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     lengths = llm_lengths(model, inputs)
     longest = max(lengths)
-    if context is not None and longest >= context:
+    if check_context and context is not None and longest >= context:
         row = lengths.index(longest)
         which = f"question {row + 1} of the batch" if len(questions) > 1 else "the prompt"
         frames = sum(len(v) for v in per_row[row] if isinstance(v, Video))
@@ -167,7 +171,7 @@ def batch_visual_inputs(
         if frames:
             fix = (f"sample fewer frames (--frames; this prompt has {frames}), or compress the visual tokens "
                    "(--tokens per video, --tokens-per-frame), or shorten the question")
-        raise ValueError(
+        raise ContextError(
             f"{which} takes {longest} tokens (visual tokens and chat template included), which leaves no room for "
             f"an answer in the model's context of {context} tokens (max_position_embeddings); {fix}"
         )
@@ -227,7 +231,7 @@ def generate_answers(
     longest = max(llm_lengths(model, inputs))
     if context is not None and longest + max_new_tokens > context:
         room = context - longest
-        raise ValueError(
+        raise ContextError(
             f"the prompt takes {longest} tokens and the answer up to {max_new_tokens} more, over "
             f"the model's context of {context} tokens (max_position_embeddings); allow at most {room} new tokens "
             "(--max-new-tokens) or shorten the question"
@@ -238,6 +242,7 @@ def generate_answers(
 
 
 __all__ = [
-    "ARCH_PREFIX", "Row", "Visual", "batch_inputs", "batch_visual_inputs", "chat_prompt", "content_kinds",
-    "default_model_dir", "generate_answers", "llm_lengths", "load_model", "read_image", "row_visuals", "takes_videos",
+    "ARCH_PREFIX", "ContextError", "Row", "Visual", "batch_inputs", "batch_visual_inputs", "chat_prompt",
+    "content_kinds", "default_model_dir", "generate_answers", "llm_lengths", "load_model", "read_image",
+    "row_visuals", "takes_videos",
 ]  # fmt: skip

@@ -228,7 +228,7 @@ def frame_knobs(knobs: dict[str, Any], frames: int) -> dict[str, Any]:
         tokens = out["tokens"]
         if isinstance(tokens, int) and not isinstance(tokens, bool) and tokens < frames:
             raise ValueError(f"tokens={tokens} is a budget per video, split evenly over its {frames} frames: fewer "
-                             f"tokens than frames leaves a frame without any; pass tokens >= {frames}, fewer "
+                             f"tokens than frames leaves a frame without any; pass tokens={frames} or more, fewer "
                              "frames, or tokens_per_frame=M")
         if isinstance(tokens, int) and not isinstance(tokens, bool):
             out["tokens"] = tokens // frames
