@@ -284,6 +284,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ValueError("--frames sets how many frames of a --video are sampled; add --video FILE_OR_FOLDER")
     if "tokens_per_frame" in knobs and not args.video:
         raise ValueError("--tokens-per-frame budgets the frames of a --video; for an image pass --tokens")
+    if "tokens_per_frame" in knobs and "tokens" in knobs:
+        raise ValueError("give --tokens (per video) or --tokens-per-frame, not both")
     if args.video:
         if args.prompt is None:
             raise ValueError("--prompt is required with --video (the question to ask about your video)")
@@ -550,7 +552,8 @@ def add_run_parser(sub: argparse._SubParsersAction) -> None:
                    help="checkpoint folder, or arch:llava-1.5-7b (random weights) (default: the lab mini-VLM)")
     p.add_argument("--image", help="image file (default: a procedural lab scene)")
     p.add_argument("--video", metavar="FILE_OR_FOLDER",
-                   help="a video file (decoded with PyAV) or a folder of frame images, instead of --image")
+                   help="a video file (decoded with PyAV) or a folder of frame images, instead of --image "
+                   "(default: none)")
     p.add_argument("--frames", type=positive_int,
                    help="frames sampled from --video, uniformly: the centres of equal segments (default: 8, the "
                    "papers' Video-LLaVA setting)")
