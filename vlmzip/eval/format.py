@@ -269,7 +269,11 @@ def content_hash(folder: str | os.PathLike[str]) -> str:
                         _image_digest_update(h, f"{rel}/{frame.name}", image)
             elif kind == "video":
                 h.update(rel.encode("utf-8") + b"\0")
-                h.update(hashlib.sha256(path.read_bytes()).digest())
+                whole = hashlib.sha256()
+                with path.open("rb") as f:
+                    for block in iter(lambda: f.read(1 << 20), b""):
+                        whole.update(block)
+                h.update(whole.digest())
             else:
                 with Image.open(path) as image:
                     _image_digest_update(h, rel, image)
