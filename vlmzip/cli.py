@@ -44,8 +44,12 @@ PAPER_BUDGETS_HELP = (
 )
 # run / demo without a budget: the papers' (VisionZip, SparseVLM, FastV) smallest budget, 64 of LLaVA-1.5's 576
 PAPER_TOKENS, PAPER_PATCHES = 64, 576
-BUDGET_KNOBS = frozenset({"tokens", "ratio", "dominant", "contextual"})
-FLAG_NAMES = ("tokens", "ratio", "dominant", "contextual", "layer")  # the knobs run / demo take as --NAME
+BUDGET_KNOBS = frozenset({"tokens", "ratio", "dominant", "contextual", "tokens_per_frame"})
+# the knobs run / demo take as --NAME (--tokens-per-frame for tokens_per_frame: run only)
+FLAG_NAMES = ("tokens", "ratio", "dominant", "contextual", "layer", "tokens_per_frame")
+# a video without a budget: the papers' Video-LLaVA setting, 17 of each frame's 256 tokens (2,048 -> 136 over 8
+# frames; VisionZip, arXiv 2412.04467), as that share of each frame
+PAPER_FRAME_TOKENS, PAPER_FRAME_PATCHES = 17, 256
 LAYER_RULE = (
     "a decoder layer of the LLM: >= 1 (an in-LLM method scores the tokens with the layer before) and below "
     "the LLM's number of decoder layers"
@@ -159,7 +163,7 @@ def check_out_file(out: str, flag: str = "--out") -> None:
 
 def _spelled(key: str, value: Any) -> str:
     """A knob as run / demo take it on the command line: ``--tokens 64``, or ``--knob key=value``."""
-    return f"--{key} {value}" if key in FLAG_NAMES else f"--knob {key}={value}"
+    return f"--{key.replace('_', '-')} {value}" if key in FLAG_NAMES else f"--knob {key}={value}"
 
 
 def parse_knobs(args: argparse.Namespace) -> dict[str, Any]:
@@ -214,6 +218,11 @@ def method_knobs(args: argparse.Namespace, model: nn.Module, knobs: dict[str, An
 
     if args.method == "vanilla" or BUDGET_KNOBS & set(knobs):
         return knobs
+    if getattr(args, "video", None):
+        ratio = PAPER_FRAME_TOKENS / PAPER_FRAME_PATCHES
+        print(f"budget:  ratio {ratio:.4f} of each frame = the papers' {PAPER_FRAME_TOKENS} of {PAPER_FRAME_PATCHES} "
+              "tokens per frame (Video-LLaVA: 2048 -> 136 over 8 frames)")
+        return {**knobs, "ratio": ratio}
     if plan(model, "vanilla").vanilla_tokens is not None:
         tokens = paper_budget(model, PAPER_TOKENS)
         if tokens != PAPER_TOKENS:
@@ -260,26 +269,42 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """``vlmzip run``: one question answered vanilla and compressed, with both times to first token."""
+    """``vlmzip run``: one question about an image or a video answered vanilla and compressed, with both times to
+    first token."""
     from .compare import compare_answers, describe
     from .io import load_model, read_image
     from .lab import scenes
+    from .video import DEFAULT_FRAMES, read_video
 
     knobs = given_knobs(args)
     check_utf8(args.prompt, "--prompt")
-    if args.image:
-        image = read_image(args.image)
+    if args.image and args.video:
+        raise ValueError("give --image or --video, not both")
+    if args.frames is not None and not args.video:
+        raise ValueError("--frames sets how many frames of a --video are sampled; add --video FILE_OR_FOLDER")
+    if "tokens_per_frame" in knobs and not args.video:
+        raise ValueError("--tokens-per-frame budgets the frames of a --video; for an image pass --tokens")
+    if "tokens_per_frame" in knobs and "tokens" in knobs:
+        raise ValueError("give --tokens (per video) or --tokens-per-frame, not both")
+    if args.video:
+        if args.prompt is None:
+            raise ValueError("--prompt is required with --video (the question to ask about your video)")
+        visual = read_video(args.video, args.frames or DEFAULT_FRAMES)
+        prompt = args.prompt
+        source = f"{args.video}: {len(visual)} of {visual.total} frames, numbers {list(visual.indices)}"
+    elif args.image:
+        visual = read_image(args.image)
         if args.prompt is None:
             raise ValueError("--prompt is required with --image (the question to ask about your image)")
         prompt, source = args.prompt, args.image
     else:  # a test scene of the lab benchmark, with its own first question unless --prompt is given
-        image, _, qas = scenes.sample(scenes.SPLITS["test"].seed, 0)
+        visual, _, qas = scenes.sample(scenes.SPLITS["test"].seed, 0)
         prompt, source = args.prompt or qas[0].question, "lab test scene 0"
     model, processor = load_model(args.model, device=resolve_device(args.device), dtype=args.dtype)
-    result = compare_answers(model, processor, image, prompt, args.method, method_knobs(args, model, knobs),
+    result = compare_answers(model, processor, visual, prompt, args.method, method_knobs(args, model, knobs),
                              repeats=args.repeats, max_new_tokens=args.max_new_tokens)
     print(f"model:   {model_name(args)}  [{type(model).__name__}]")
-    print(f"image:   {source}")
+    print(f"{'video' if args.video else 'image'}:   {source}")
     print(f"prompt:  {prompt}")
     print(describe(result, args.method, args.repeats))
     return 0
@@ -354,7 +379,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         data=args.data, out=args.out, model=args.model, methods=args.methods, tokens=args.tokens,
         limit=args.limit, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, match=args.match,
         device=resolve_device(args.device), dtype=args.dtype, multi_turn=args.multi_turn,
-        turn2_from_scratch=args.turn2_from_scratch,
+        turn2_from_scratch=args.turn2_from_scratch, frames=args.frames, tokens_per_frame=args.tokens_per_frame,
     )
     if args.turn2_from_scratch and not args.multi_turn:
         raise ValueError("--turn2-from-scratch is a --multi-turn option; add --multi-turn")
@@ -501,8 +526,9 @@ def add_method_args(parser: argparse.ArgumentParser) -> None:
                         help='a registered method (see "vlmzip list"), optionally with knobs in brackets: '
                         '"fastv[layer=3]"')
     parser.add_argument("--tokens", type=positive_int,
-                        help="visual tokens per image sent to the LLM (default: 64 of 576, scaled to the model; "
-                        "on models whose images differ in token count, that share of each image's)")
+                        help="visual tokens per image sent to the LLM, per video with --video (default: 64 of 576, "
+                        "scaled to the model; on models whose images differ in token count, that share of each "
+                        "image's; a video: 17 of each frame's 256 as a share, the papers' Video-LLaVA setting)")
     parser.add_argument("--ratio", type=share,
                         help="or: that share of each image's visual tokens, 0 < r <= 1 (default: none)")
     parser.add_argument("--dominant", type=positive_int,
@@ -536,8 +562,18 @@ def add_run_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model",
                    help="checkpoint folder, or arch:llava-1.5-7b (random weights) (default: the lab mini-VLM)")
     p.add_argument("--image", help="image file (default: a procedural lab scene)")
-    p.add_argument("--prompt", help="the question (default: the lab scene's own question; needed with --image)")
+    p.add_argument("--video", metavar="FILE_OR_FOLDER",
+                   help="a video file (decoded with PyAV) or a folder of frame images, instead of --image "
+                   "(default: none)")
+    p.add_argument("--frames", type=positive_int,
+                   help="frames sampled from --video, uniformly: the centres of equal segments (default: 8, the "
+                   "papers' Video-LLaVA setting)")
+    p.add_argument("--prompt",
+                   help="the question (default: the lab scene's own question; needed with --image and --video)")
     add_method_args(p)
+    p.add_argument("--tokens-per-frame", type=positive_int,
+                   help="with --video: visual tokens per frame sent to the LLM, instead of --tokens per video "
+                   "(default: none)")
     p.add_argument("--max-new-tokens", type=positive_int, default=16, help="length limit of each answer")
     p.add_argument("--repeats", type=positive_int, default=5, help="timed repeats per side (median reported)")
     add_device_args(p)
@@ -588,13 +624,22 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     """``vlmzip eval``."""
     p = _command(sub, "eval", "accuracy of methods x budgets vs vanilla on a dataset")
     p.add_argument("--model", help="checkpoint folder (default: the lab mini-VLM)")
-    p.add_argument("--data", default="lab-test", help="dataset folder, or lab-test / lab-val / lab-test-small")
+    p.add_argument("--data", default="lab-test",
+                   help="dataset folder, or lab-test / lab-val / lab-test-small (images), lab-video / lab-video-val "
+                   "(clips of moving shapes)")
     p.add_argument("--methods", type=_method_list, default="vanilla,visionzip",
                    help="comma-separated methods or compositions (visionzip@128+fastv: VisionZip to the "
                    "papers' 128 of 576, then fastv at each budget), each with optional knobs in brackets "
                    "(cluster_saliency[variant=2], sparsevlm[version=2.0,recycle=none]); vanilla is always "
                    "evaluated, once, as the reference")
-    p.add_argument("--tokens", type=_csv(int), help=PAPER_BUDGETS_HELP)
+    p.add_argument("--tokens", type=_csv(int),
+                   help=PAPER_BUDGETS_HELP.replace("budgets,", "budgets per image (per video for videos),", 1))
+    p.add_argument("--tokens-per-frame", type=_csv(positive_int),
+                   help="budgets per video frame, e.g. 28,17, swept after --tokens (default: none; on a dataset of "
+                   "videos without --tokens, the papers' budgets per frame)")
+    p.add_argument("--frames", type=positive_int,
+                   help="frames sampled per video, uniformly: the centres of equal segments (default: 6 for the lab "
+                   "video splits, which fits the lab model's context, else 8)")
     p.add_argument("--limit", type=int, help="evaluate only the first N questions (default: all)")
     p.add_argument("--batch-size", type=int, default=8, help="questions per generate call")
     p.add_argument("--max-new-tokens", type=int, default=8, help="length limit of each answer")
@@ -689,7 +734,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # -- errors and exit codes ---------------------------------------------------------------------------------------
 
-FLAG_KNOBS = ("tokens", "ratio", "dominant", "contextual", "layer")  # the knobs run / demo take as flags
+FLAG_KNOBS = FLAG_NAMES  # the knobs run / demo take as flags
 
 
 def as_flags(message: str, knobs: dict[str, Any] | None = None) -> str:
@@ -708,8 +753,9 @@ def as_flags(message: str, knobs: dict[str, Any] | None = None) -> str:
     message = re.sub(r"(?<![\w-])dominant \+ contextual ?= ?(\d+)", visionzip_pair, message)
     message = re.sub(r"(?<![\w-])dominant \+ contextual <=", "--dominant + --contextual <=", message)
     for knob in FLAG_KNOBS:
-        message = re.sub(rf"(?<![\w\-\[,])(?<!--knob ){knob}=(\S+)", rf"--{knob} \1", message)
-        message = re.sub(rf"(?<![\w-]){knob} <=", f"--{knob} <=", message)
+        flag = knob.replace("_", "-")
+        message = re.sub(rf"(?<![\w\-\[,])(?<!--knob ){knob}=(\S+)", rf"--{flag} \1", message)
+        message = re.sub(rf"(?<![\w-]){knob} <=", f"--{flag} <=", message)
     return message
 
 

@@ -1,17 +1,23 @@
-"""Loading models, processors and images from disk, with clear errors."""
+"""Loading models, processors and images from disk, with clear errors; the processor inputs of a batch of
+questions about images and videos, and greedy answers to them."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import nn
 from transformers import AutoModelForImageTextToText
 
 from .adapters import adapter_for
+from .api import is_compressed, state_of
+from .images import read_image
 from .paths import CHECKPOINT_DIR, checkpoint_dir
 from .text import check_utf8
+from .video import Video
 
 ARCH_PREFIX = "arch:"
 
@@ -66,99 +72,177 @@ def load_model(
     return model, adapter.load_processor(folder)
 
 
-def read_image(path: str | Path) -> Image.Image:
-    """Open an image file as 8-bit RGB; a clear ``ValueError`` if it is missing, cannot be decoded, or is too
-    large to decode safely (PIL's decompression-bomb guard: over twice ``Image.MAX_IMAGE_PIXELS``).
-
-    16-bit and 32-bit greyscale (modes ``I;16``, ``I``) are scaled to 8 bits by their bit depth (16 bits, or
-    32 for values beyond 65535) and float images (``F``) with values in [0, 1] by 255, where a plain
-    ``convert("RGB")`` would clip them to white or black. 16-bit colour PNGs PIL already reads as 8-bit.
-    """
-    import re
-
-    import numpy as np
-
-    p = Path(path)
-    if p.is_dir():
-        raise ValueError(f"image path {p} is a directory; pass an image file (PNG or JPEG)")
-    if not p.is_file():
-        raise ValueError(f"image file {p} does not exist")
-    try:
-        with Image.open(p) as img:
-            if not (img.mode.startswith("I") or img.mode == "F"):
-                return img.convert("RGB")
-            values = np.nan_to_num(np.asarray(img, dtype=np.float64))
-            if img.mode == "F":
-                top = 1.0 if values.max(initial=0) <= 1.0 else 255.0
-            else:
-                top = 65535.0 if img.mode.startswith("I;16") or values.max(initial=0) <= 65535 else 2.0**31 - 1
-            grey = np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8)
-            return Image.fromarray(grey).convert("RGB")
-    except Image.DecompressionBombError as err:
-        found = re.search(r"\((\d+) pixels\)", str(err))
-        size = f"{int(found[1]):,} pixels" if found else str(err)
-        raise ValueError(f"image {p} is too large to decode safely ({size}, over PIL's limit of "
-                         f"{2 * Image.MAX_IMAGE_PIXELS:,} against decompression bombs); pass a smaller image") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise ValueError(f"cannot read image {p}: {err}; pass a valid PNG or JPEG file") from None
+class ContextError(ValueError):
+    """A prompt (or prompt + answer) longer than the model's context (``max_position_embeddings``)."""
 
 
-def chat_prompt(processor: object, question: str) -> str:
-    """The model's own chat format for one image + question (LLaVA-1.5 format if it has no template).
+Visual = Image.Image | Video  # one image, or the sampled frames of one video
+Row = Image.Image | Video | Sequence[Image.Image | Video]  # what one question is asked about, in order
 
+
+def takes_videos(model: nn.Module) -> bool:
+    """Whether the model's processor takes ``videos=`` and its adapter compresses them (``Adapter.takes_videos``);
+    otherwise a video reaches the model as its frames, one image each (:func:`batch_visual_inputs`)."""
+    return bool(getattr(adapter_for(model), "takes_videos", False))
+
+
+def row_visuals(row: Row) -> list[Visual]:
+    """A row's visuals as a list: one image or video, or a sequence of them (a clear error for anything else)."""
+    visuals = [row] if isinstance(row, (Image.Image, Video)) else list(row)
+    for visual in visuals:
+        if not isinstance(visual, (Image.Image, Video)):
+            raise ValueError(f"a question is asked about PIL images and vlmzip.video.Video objects, got "
+                             f"{type(visual).__name__}; read images with vlmzip.io.read_image and videos with "
+                             "vlmzip.video.read_video")
+    return visuals
+
+
+def content_kinds(visuals: Sequence[Visual], videos: bool) -> list[str]:
+    """The chat-template content items of a row's visuals: ``"video"`` per video when the model takes videos
+    (``videos``), else ``"image"`` per frame of it; ``"image"`` per image."""
+    kinds: list[str] = []
+    for visual in visuals:
+        if isinstance(visual, Video):
+            kinds += ["video"] if videos else ["image"] * len(visual)
+        else:
+            kinds.append("image")
+    return kinds
+
+
+def chat_prompt(processor: object, question: str, kinds: Sequence[str] = ("image",)) -> str:
+    """The model's own chat format for visuals + question (LLaVA-1.5 format if it has no template).
+
+    ``kinds``: the content items before the question, in order, ``"image"`` or ``"video"`` (default: one image);
+    a video sent as images is one ``"image"`` per frame, with no text between them (:func:`content_kinds`).
     A clear ``ValueError`` for a question that is not valid UTF-8 text (bytes a shell passed on undecoded,
     which Python keeps as lone surrogates and no tokenizer accepts)."""
     check_utf8(question, "the prompt")
     if getattr(processor, "chat_template", None):
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        content = [{"type": kind} for kind in kinds]
+        messages = [{"role": "user", "content": [*content, {"type": "text", "text": question}]}]
         return processor.apply_chat_template(messages, add_generation_prompt=True)
-    return f"USER: <image>\n{question} ASSISTANT:"
+    return "USER: " + "".join(f"<{kind}>\n" for kind in kinds) + f"{question} ASSISTANT:"
 
 
 def batch_inputs(
     processor: object, images: list[Image.Image], questions: list[str], model: nn.Module
 ) -> dict[str, torch.Tensor]:
-    """Processor outputs for a batch of (image, question), left padded, on the model's device and dtype.
+    """Processor outputs for a batch of (image, question), left padded, on the model's device and dtype
+    (:func:`batch_visual_inputs` with one image per question)."""
+    return batch_visual_inputs(processor, [[image] for image in images], questions, model)
 
-    A clear ``ValueError`` when the longest prompt (image tokens and chat template included) leaves no room
-    for an answer in the model's context (``max_position_embeddings`` of its text config)."""
-    texts = [chat_prompt(processor, q) for q in questions]
-    # one list of images per prompt: some processors (SmolVLM's) read a flat list as one prompt's images
-    inputs = processor(images=[[image] for image in images], text=texts, return_tensors="pt", padding=True)
+
+def batch_visual_inputs(
+    processor: object, rows: Sequence[Row], questions: list[str], model: nn.Module, check_context: bool = True
+) -> dict[str, torch.Tensor]:
+    """Processor outputs for a batch of (visuals, question), left padded, on the model's device and dtype.
+
+    Each row is an image, a :class:`~vlmzip.video.Video`, or a sequence of them (several images, several videos,
+    both), placed before the question in order. A model that takes videos (:func:`takes_videos`) gets
+    ``processor(text=..., videos=[[frames of video 1], ...], images=..., return_tensors="pt", padding=True)``
+    and a ``{"type": "video"}`` content item per video; any other model gets each video as its frames, one
+    image each (a multi-image prompt, frames in time order, no text between them).
+
+    A clear ``ValueError`` when the longest prompt (visual tokens and chat template included, as many as the LLM
+    receives: after a compressed model's pre-LLM stage) leaves no room for an answer in the model's context
+    (``max_position_embeddings`` of its text config); ``check_context=False`` skips that check."""
+    if len(rows) != len(questions):
+        raise ValueError(f"got {len(rows)} rows of visuals for {len(questions)} questions; give one per question")
+    videos = takes_videos(model)
+    per_row = [row_visuals(row) for row in rows]
+    texts = [chat_prompt(processor, q, content_kinds(v, videos)) for q, v in zip(questions, per_row, strict=True)]
+    images = [[frame for visual in row for frame in _as_images(visual, videos)] for row in per_row]
+    clips = [list(visual.frames) for row in per_row for visual in row if isinstance(visual, Video)] if videos else []
+    call: dict[str, Any] = {"text": texts, "return_tensors": "pt", "padding": True}
+    if any(images):
+        # one list of images per prompt: some processors (SmolVLM's) read a flat list as one prompt's images
+        call["images"] = images
+    if clips:
+        call["videos"] = clips
+    inputs = processor(**call)
     context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-    longest = inputs["input_ids"].shape[1]
-    if context is not None and longest >= context:
-        mask = inputs.get("attention_mask")
-        row = int(mask.sum(dim=1).argmax()) if mask is not None else 0
+    lengths = llm_lengths(model, inputs)
+    longest = max(lengths)
+    if check_context and context is not None and longest >= context:
+        row = lengths.index(longest)
         which = f"question {row + 1} of the batch" if len(questions) > 1 else "the prompt"
-        raise ValueError(
-            f"{which} takes {longest} tokens (image tokens and chat template included), which leaves no room for "
-            f"an answer in the model's context of {context} tokens (max_position_embeddings); shorten the question"
+        frames = sum(len(v) for v in per_row[row] if isinstance(v, Video))
+        fix = "shorten the question"
+        if frames:
+            fix = (f"sample fewer frames (--frames; this prompt has {frames}), or compress the visual tokens "
+                   "(--tokens per video, --tokens-per-frame), or shorten the question")
+        raise ContextError(
+            f"{which} takes {longest} tokens (visual tokens and chat template included), which leaves no room for "
+            f"an answer in the model's context of {context} tokens (max_position_embeddings); {fix}"
         )
     param = next(model.parameters())
     inputs = inputs.to(param.device)
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(param.dtype)
+    for key in ("pixel_values", "pixel_values_videos"):
+        if key in inputs and inputs[key].is_floating_point():
+            inputs[key] = inputs[key].to(param.dtype)
     return inputs
+
+
+def _as_images(visual: Visual, videos: bool) -> list[Image.Image]:
+    """The images a visual adds to the processor's ``images``: itself, its frames (a model that does not take
+    videos), or none (a video, for a model that does)."""
+    if isinstance(visual, Video):
+        return [] if videos else list(visual.frames)
+    return [visual]
+
+
+def llm_lengths(model: nn.Module, inputs: dict[str, torch.Tensor]) -> list[int]:
+    """Per row of a processor batch: the tokens the LLM receives, padding excluded. On a compressed model, each
+    image's (video's) placeholders count as many as its pre-LLM stage keeps, so that a prompt too long for the
+    context before compression (many frames) is measured as the LLM will see it."""
+    ids = inputs["input_ids"]
+    mask = inputs.get("attention_mask")
+    lengths = (mask.sum(dim=1) if mask is not None else torch.full((ids.shape[0],), ids.shape[1])).tolist()
+    if not is_compressed(model):
+        return [int(n) for n in lengths]
+    state = state_of(model)
+    items = state.adapter.items(inputs)
+    left = [{} for _ in range(ids.shape[0])]  # per row: placeholders of each token id not yet matched to an item
+    for item in {item.token_id for item in items}:
+        for row in range(ids.shape[0]):
+            left[row][item] = int((ids[row] == item).sum())
+    row = 0
+    for number, item in enumerate(items):
+        while row < ids.shape[0] and left[row].get(item.token_id, 0) < item.vanilla:
+            row += 1
+        if row == ids.shape[0]:
+            break  # placeholders not where this walk expects them: fall back to the counts so far
+        left[row][item.token_id] -= item.vanilla
+        lengths[row] -= item.vanilla - sum(state.item_keep(item, number))
+    return [int(n) for n in lengths]
 
 
 @torch.no_grad()
 def generate_answers(
-    model: nn.Module, processor: object, images: list[Image.Image], questions: list[str], max_new_tokens: int
+    model: nn.Module, processor: object, rows: Sequence[Row], questions: list[str], max_new_tokens: int
 ) -> list[str]:
-    """Greedy answers to a batch of (image, question), decoded without special tokens and stripped.
+    """Greedy answers to a batch of (visuals, question), decoded without special tokens and stripped. Each row
+    is an image, a :class:`~vlmzip.video.Video`, or a sequence of them (:func:`batch_visual_inputs`).
 
     A clear ``ValueError`` when prompt + ``max_new_tokens`` exceed the model's context (positions past
     ``max_position_embeddings`` give no reliable answer)."""
-    inputs = batch_inputs(processor, images, questions, model)
+    inputs = batch_visual_inputs(processor, rows, questions, model)
     context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-    if context is not None and inputs["input_ids"].shape[1] + max_new_tokens > context:
-        room = context - inputs["input_ids"].shape[1]
-        raise ValueError(
-            f"the prompt takes {inputs['input_ids'].shape[1]} tokens and the answer up to {max_new_tokens} more, over "
+    longest = max(llm_lengths(model, inputs))
+    if context is not None and longest + max_new_tokens > context:
+        room = context - longest
+        raise ContextError(
+            f"the prompt takes {longest} tokens and the answer up to {max_new_tokens} more, over "
             f"the model's context of {context} tokens (max_position_embeddings); allow at most {room} new tokens "
             "(--max-new-tokens) or shorten the question"
         )
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     new = out[:, inputs["input_ids"].shape[1] :]
     return [t.strip() for t in processor.batch_decode(new, skip_special_tokens=True)]
+
+
+__all__ = [
+    "ARCH_PREFIX", "ContextError", "Row", "Visual", "batch_inputs", "batch_visual_inputs", "chat_prompt",
+    "content_kinds", "default_model_dir", "generate_answers", "llm_lengths", "load_model", "read_image",
+    "row_visuals", "takes_videos",
+]  # fmt: skip

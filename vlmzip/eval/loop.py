@@ -82,6 +82,16 @@ class Task(ABC, Generic[T]):
         """What this task adds to the folder's identity (``vlmzip.eval.outdir.identity``)."""
         return {}
 
+    def video_frames(self, items: Sequence[T]) -> int | None:
+        """The frames sampled per video when every item asks about a video (the runs' token counts are then per
+        video), else None."""
+        return None
+
+    def knobs(self, model: nn.Module, item: T, knobs: dict[str, Any]) -> dict[str, Any]:
+        """The knobs a run's method is given for ``item`` (a run's ``knobs`` as they are, unless the task says
+        otherwise: a video's budget split over its frames)."""
+        return knobs
+
     def flags(self) -> dict[str, Any]:
         """What this task adds to results.json after "config" and "identity"."""
         return {}
@@ -107,8 +117,9 @@ def evaluate_task(cfg: EvalConfig, task: Task[Any], procs: Processes) -> dict[st
     with ExitStack() as held:
         procs.on_main(lambda: held.enter_context(locked(out)))  # before the first write, to the end
         model, processor = load_model(cfg.model, device=procs.device(cfg.device), dtype=cfg.dtype)
-        tokens = budgets(model, cfg.tokens)
-        runs = plan_runs(model, cfg.methods, tokens)
+        frames = task.video_frames(items)
+        tokens, per_frame = budgets(model, cfg.tokens, cfg.tokens_per_frame, videos=frames is not None)
+        runs = plan_runs(model, cfg.methods, tokens, per_frame, video_frames=frames)
         ident = {**identity(cfg, folder, weights_sha256(model)), **task.identity()}
         if any(other != ident for other in procs.gather(ident)):
             raise ValueError("the processes of this launch load different models or data (their identities differ)")
@@ -119,7 +130,8 @@ def evaluate_task(cfg: EvalConfig, task: Task[Any], procs: Processes) -> dict[st
                              "across nodes, --out must be on a filesystem every node shares")
         _answer_share(model, processor, task, runs, items, predictions, cfg, procs)
         procs.barrier()  # every process has answered its share
-        header = {"config": {**asdict(cfg), "tokens": tokens}, "identity": ident, **task.flags()}
+        header = {"config": {**asdict(cfg), "tokens": tokens, "tokens_per_frame": per_frame},
+                  "identity": ident, **task.flags()}
         return procs.on_main(lambda: _report(task, runs, items, out, header, cfg.match, vocabulary))
 
 
@@ -158,24 +170,31 @@ def answer_run(
     bar: tqdm, procs: Processes | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Answer this process's share of ``items`` not yet in any of the run's files in ``folder``, appending to
-    this process's own file as it goes; return the run's predictions by item id."""
+    this process's own file as it goes; return the run's predictions by item id. Items whose method knobs
+    differ (``task.knobs``: images and videos sent as frames) are answered in groups, one compression each."""
     procs = procs or Processes()
     own = own_file(folder, run.key, procs)
     done = read_run(folder, run.key, own)
     todo = [item for item in procs.share(items, cfg.batch_size) if item.id not in done]
     if not todo:
         return done
-    context = nullcontext() if run.method == VANILLA else compressed(model, run.method, **run.knobs)
+    groups: dict[str, tuple[dict[str, Any], list[Any]]] = {}
+    for item in todo:
+        knobs = {} if run.method == VANILLA else task.knobs(model, item, run.knobs)
+        groups.setdefault(json.dumps(knobs, sort_keys=True, default=str), (knobs, []))[1].append(item)
     bar.set_postfix_str(run.key)
-    with context, own.open("a") as sink:
-        for chunk in batches(todo, cfg.batch_size):
-            fields = task.answer(model, processor, chunk, cfg.max_new_tokens)
-            for item, answered in zip(chunk, fields, strict=True):
-                row = {"id": item.id, **answered, "run": run.key}
-                done[item.id] = row
-                sink.write(json.dumps(row) + "\n")
-            sink.flush()
-            bar.update(len(chunk))
+    with own.open("a") as sink:
+        for knobs, group in groups.values():
+            context = nullcontext() if run.method == VANILLA else compressed(model, run.method, **knobs)
+            with context:
+                for chunk in batches(group, cfg.batch_size):
+                    fields = task.answer(model, processor, chunk, cfg.max_new_tokens)
+                    for item, answered in zip(chunk, fields, strict=True):
+                        row = {"id": item.id, **answered, "run": run.key}
+                        done[item.id] = row
+                        sink.write(json.dumps(row) + "\n")
+                    sink.flush()
+                    bar.update(len(chunk))
     return done
 
 

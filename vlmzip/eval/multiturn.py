@@ -232,6 +232,9 @@ class ConversationTask(Task[Conversation]):
 
     def items(self, dataset: list[Record], data: str) -> list[Conversation]:
         """The dataset's conversations (``conversations``); ValueError when it has none."""
+        if any(r.is_video for r in dataset):
+            raise ValueError(f"--data {data}: --multi-turn evaluates conversations about images; this dataset has "
+                             "questions about videos (evaluate it without --multi-turn)")
         found = conversations(dataset)
         if not found:
             raise ValueError(f"--data {data}: no image has two questions about different objects (the lab "

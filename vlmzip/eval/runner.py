@@ -12,15 +12,18 @@ table.md (``retention_table``) and plot.png (``plot_accuracy``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from ..io import generate_answers
+from ..io import ContextError, generate_answers, takes_videos
+from ..video import DEFAULT_FRAMES, frame_knobs
+from .data import video_frames
 from .distributed import launched
-from .format import Record, load_image
+from .format import Record, load_visual
 from .loop import Task, evaluate_task
 from .multiturn import ConversationTask
 from .outdir import write_atomically
@@ -29,31 +32,83 @@ from .runs import EvalConfig, check_config
 from .scorers import score_records
 
 
-def answer_batch(model: nn.Module, processor: Any, records: list[Record], max_new_tokens: int) -> list[str]:
-    """Greedy answers to a batch of questions (one image each), decoded without special tokens."""
-    images = [load_image(r) for r in records]
-    return generate_answers(model, processor, images, [r.question for r in records], max_new_tokens)
+def answer_batch(model: nn.Module, processor: Any, records: list[Record], max_new_tokens: int,
+                 frames: int | None = None) -> list[str]:
+    """Greedy answers to a batch of questions (one image or video each; ``frames`` sampled per video),
+    decoded without special tokens."""
+    visuals = [load_visual(r, frames or DEFAULT_FRAMES) for r in records]
+    return generate_answers(model, processor, visuals, [r.question for r in records], max_new_tokens)
 
 
 class QuestionTask(Task[Record]):
-    """One question about one image per item, scored by ``score_records``; reports table.md and plot.png."""
+    """One question about one image or video per item, scored by ``score_records``; reports table.md and
+    plot.png. ``frames``: frames sampled per video (None: a dataset of images only)."""
 
     unit = "question"
     bar_unit = "q"
     label = "vlmzip eval"
     count_key = "n_questions"
 
+    def __init__(self, frames: int | None = None) -> None:
+        self.frames = frames
+        self.has_videos = False
+        self.warned = False
+
     def items(self, dataset: list[Record], data: str) -> list[Record]:
         """Every question of the dataset, in file order."""
+        self.has_videos = any(r.is_video for r in dataset)
         return dataset
+
+    def identity(self) -> dict[str, Any]:
+        """The frames sampled per video, for a dataset with videos."""
+        return {"frames": self.frames} if self.has_videos else {}
+
+    def video_frames(self, items: Sequence[Record]) -> int | None:
+        """The frames per video when every question is about a video."""
+        return self.frames if items and all(r.is_video for r in items) else None
+
+    def knobs(self, model: nn.Module, item: Record, knobs: dict[str, Any]) -> dict[str, Any]:
+        """A video sent to the model as images: its budget split over its frames (``frame_knobs``); an image
+        budgeted per frame (``tokens_per_frame``): as one frame."""
+        if item.is_video and not takes_videos(model):
+            return frame_knobs(knobs, self.frames or 1)
+        if not item.is_video and "tokens_per_frame" in knobs and not takes_videos(model):
+            return frame_knobs(knobs, 1)
+        return knobs
 
     def answer(
         self, model: nn.Module, processor: Any, batch: list[Record], max_new_tokens: int
     ) -> list[dict[str, Any]]:
-        """Per question: the prediction, the gold answers, the type and the subtype."""
-        answers = answer_batch(model, processor, batch, max_new_tokens)
-        return [{"prediction": prediction, "answers": r.answers, "type": r.type, "subtype": r.subtype}
-                for r, prediction in zip(batch, answers, strict=True)]
+        """Per question: the prediction, the gold answers, the type and the subtype. A question about a video whose
+        prompt does not fit the model's context (too many frames for a vanilla model) gets an empty prediction,
+        scored wrong, and says why under ``over_context``; an image's raises, as before any answer."""
+        try:
+            answers = self._answers(model, processor, batch, max_new_tokens)
+            return [{"prediction": prediction, "answers": r.answers, "type": r.type, "subtype": r.subtype}
+                    for r, prediction in zip(batch, answers, strict=True)]
+        except ContextError:
+            if not any(r.is_video for r in batch):
+                raise
+        rows = []
+        for r in batch:  # one at a time: which of them do not fit
+            row = {"answers": r.answers, "type": r.type, "subtype": r.subtype}
+            try:
+                row["prediction"] = self._answers(model, processor, [r], max_new_tokens)[0]
+            except ContextError as err:
+                if not r.is_video:
+                    raise
+                row.update(prediction="", over_context=str(err))
+                if not self.warned:
+                    warnings.warn(f"question {r.id}: {err}; such questions get an empty answer, scored wrong",
+                                  stacklevel=2)
+                    self.warned = True
+            rows.append({"prediction": row.pop("prediction"), **row})
+        return rows
+
+    def _answers(self, model: nn.Module, processor: Any, batch: list[Record], max_new_tokens: int) -> list[str]:
+        if any(r.is_video for r in batch):
+            return answer_batch(model, processor, batch, max_new_tokens, frames=self.frames)
+        return answer_batch(model, processor, batch, max_new_tokens)
 
     def score(self, rows: list[dict[str, Any]], match: str, vocabulary: Mapping[str, set[str]]) -> dict[str, Any]:
         """``{"scores": score_records(rows)}``."""
@@ -74,6 +129,9 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     them.
     """
     check_config(cfg)
-    task = ConversationTask(cfg.turn2_from_scratch) if cfg.multi_turn else QuestionTask()
+    if cfg.multi_turn:
+        task: Task[Any] = ConversationTask(cfg.turn2_from_scratch)
+    else:
+        task = QuestionTask(video_frames(cfg.data, cfg.frames))
     with launched() as procs:
         return evaluate_task(cfg, task, procs)

@@ -54,8 +54,11 @@ from vlmzip.lmms.task import doc_to_target, doc_to_text, doc_to_visual, process_
 '''
 
 
-def doc_to_visual(doc: dict[str, Any]) -> list[Image.Image]:
-    """The question's one image (RGB), from the absolute path the task file holds."""
+def doc_to_visual(doc: dict[str, Any]) -> list[Image.Image] | list[str]:
+    """The question's one image (RGB), from the absolute path the task file holds; for a question about a video,
+    its path (a file or a folder of frames), as lmms-eval's video tasks give it: the model reads and samples it."""
+    if doc.get("video"):
+        return [doc["video"]]
     with Image.open(doc["image"]) as image:
         return [image.convert("RGB")]
 
@@ -92,7 +95,7 @@ def write_task(
     jsonl = folder / f"{name}.jsonl"
     with jsonl.open("w") as f:
         for r in records:
-            row = {"id": r.id, "image": str(r.image_path), "question": r.question, "answers": r.answers,
+            row = {"id": r.id, r.kind: str(r.image_path), "question": r.question, "answers": r.answers,
                    "type": r.type, "subtype": r.subtype}
             f.write(json.dumps(row) + "\n")
     (folder / "utils.py").write_text(UTILS_PY)
