@@ -4,6 +4,7 @@ forward timing; one interleaved TTFT round after a warm-up), for a machine too s
 bench at this size. Prints one JSON line per measurement.
 
     OMP_NUM_THREADS=1 python tools/bench_targets_cpu.py --layers 1 --batch-size 1
+    OMP_NUM_THREADS=2 python tools/bench_targets_cpu.py --model arch:video-llava-7b --layers 4 --frames 8 --tokens 136
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ import vlmzip
 from vlmzip.bench import compare_ttft
 from vlmzip.bench.memory import ChildSpec, child_peak_memory
 from vlmzip.bench.prefill import compression_overhead, count_flops, kv_cache_bytes, prefill_cache
+from vlmzip.bench.video import synthetic_clip, video_inputs
 from vlmzip.io import batch_inputs, load_model
+from vlmzip.knobs import parse_value
 from vlmzip.lab import default_image
 
 PROMPT = "What color is the small object?"
@@ -31,6 +34,10 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--method", default="visionzip")
     ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--knob", action="append", default=[], help="another knob of the method, key=value (repeatable)")
+    ap.add_argument("--frames", type=int, default=None, help="time a synthetic clip of F frames instead of an image")
+    ap.add_argument("--image-size", type=int, default=None, help="resize the image (each frame) to N x N pixels")
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory children")
     ap.add_argument("--repeats", type=int, default=1, help="interleaved TTFT rounds after the warm-up")
     args = ap.parse_args()
     start = time.time()
@@ -39,8 +46,15 @@ def main() -> None:
         print(json.dumps({"t_s": round(time.time() - start), **fields}), flush=True)
 
     model, processor = load_model(args.model, dtype="float32", layers=args.layers)
-    inputs = batch_inputs(processor, [default_image()] * args.batch_size, [PROMPT] * args.batch_size, model)
-    knobs = {"tokens": args.tokens}
+    image = default_image()
+    if args.image_size:
+        image = image.resize((args.image_size, args.image_size))
+    if args.frames:
+        clips = [synthetic_clip(image, args.frames)] * args.batch_size
+        inputs = video_inputs(processor, clips, [PROMPT] * args.batch_size, model)
+    else:
+        inputs = batch_inputs(processor, [image] * args.batch_size, [PROMPT] * args.batch_size, model)
+    knobs = {"tokens": args.tokens, **{k: parse_value(v) for k, v in (kv.split("=", 1) for kv in args.knob)}}
     squeezed = vlmzip.compressed(model, args.method, **knobs)
     with torch.no_grad():
         cache = prefill_cache(model, inputs)
@@ -63,7 +77,10 @@ def main() -> None:
             flops = count_flops(model, first_token).total
         ideal = vanilla_flops / flops
         say(vanilla_flops=vanilla_flops, flops=flops, ideal=ideal, ttft_over_ideal=ttft.speedup / ideal)
-    spec = ChildSpec(args.model, "cpu", "float32", args.layers, None, PROMPT, args.batch_size)
+    if args.no_memory:
+        return
+    spec = ChildSpec(args.model, "cpu", "float32", args.layers, args.image_size, PROMPT, args.batch_size,
+                     frames=args.frames)
     vanilla_peak = child_peak_memory(spec)
     peak = child_peak_memory(ChildSpec(**{**spec.__dict__, "method": args.method, "knobs": knobs}))
     say(vanilla_peak_bytes=vanilla_peak, peak_bytes=peak)

@@ -159,6 +159,9 @@ def batch_visual_inputs(
         call["images"] = images
     if clips:
         call["videos"] = clips
+        # the frames' timing, as transformers' processors take it (Qwen-VL's time positions come from it)
+        call["video_metadata"] = [video_metadata(visual) for row in per_row for visual in row
+                                  if isinstance(visual, Video)]
     inputs = processor(**call)
     context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     lengths = llm_lengths(model, inputs)
@@ -183,6 +186,14 @@ def batch_visual_inputs(
     return inputs
 
 
+def video_metadata(video: Video) -> dict[str, Any]:
+    """A video's timing as transformers' processors take it (``video_metadata``): its frame count, rate and length
+    and which frames were sampled (fps None for a folder of frames: the processor's default rate applies)."""
+    duration = None if not video.fps else video.total / video.fps
+    return {"total_num_frames": video.total, "fps": video.fps, "duration": duration,
+            "frames_indices": list(video.indices)}
+
+
 def _as_images(visual: Visual, videos: bool) -> list[Image.Image]:
     """The images a visual adds to the processor's ``images``: itself, its frames (a model that does not take
     videos), or none (a video, for a model that does)."""
@@ -202,18 +213,19 @@ def llm_lengths(model: nn.Module, inputs: dict[str, torch.Tensor]) -> list[int]:
         return [int(n) for n in lengths]
     state = state_of(model)
     items = state.adapter.items(inputs)
-    left = [{} for _ in range(ids.shape[0])]  # per row: placeholders of each token id not yet matched to an item
-    for item in {item.token_id for item in items}:
-        for row in range(ids.shape[0]):
-            left[row][item] = int((ids[row] == item).sum())
-    row = 0
-    for number, item in enumerate(items):
-        while row < ids.shape[0] and left[row].get(item.token_id, 0) < item.vanilla:
-            row += 1
-        if row == ids.shape[0]:
-            break  # placeholders not where this walk expects them: fall back to the counts so far
-        left[row][item.token_id] -= item.vanilla
-        lengths[row] -= item.vanilla - sum(state.item_keep(item, number))
+    # items are numbered row by row per placeholder token (a family may number a call's images, then its videos)
+    for token in dict.fromkeys(item.token_id for item in items):
+        left = [int((ids[row] == token).sum()) for row in range(ids.shape[0])]  # placeholders not yet matched
+        row = 0
+        for number, item in enumerate(items):
+            if item.token_id != token:
+                continue
+            while row < ids.shape[0] and left[row] < item.vanilla:
+                row += 1
+            if row == ids.shape[0]:
+                break  # placeholders not where this walk expects them: fall back to the counts so far
+            left[row] -= item.vanilla
+            lengths[row] -= item.vanilla - sum(state.item_keep(item, number))
     return [int(n) for n in lengths]
 
 

@@ -73,8 +73,10 @@ from .registry import register_adapter
 # Settings of a transformers video processor that the PIL frame processor takes over.
 FRAME_SETTINGS = ("size", "crop_size", "resample", "do_resize", "do_center_crop", "do_rescale", "rescale_factor",
                   "do_normalize", "image_mean", "image_std", "do_convert_rgb")
-# Video-processor arguments that sample frames: the caller samples them (vlmzip.io), not this processor.
-SAMPLING = ("do_sample_frames", "num_frames", "fps", "video_metadata")
+# Video-processor arguments that sample frames: the caller samples them (vlmzip.io), not this processor. (The
+# frames' timing, ``video_metadata``, is taken and unused, as by transformers' processor when it does not sample:
+# these models have no time positions.)
+SAMPLING = ("do_sample_frames", "num_frames", "fps")
 
 
 # -- torchvision-free video processing ------------------------------------------------------------------------
