@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 from conftest import random_image
+from video_cases import write_mp4
 
 from vlmzip import compressed
 from vlmzip.cli import main
@@ -19,19 +19,6 @@ from vlmzip.lab import clips
 from vlmzip.video import frame_knobs, read_video, sample_indices
 
 FRAMES = 3
-
-
-def write_mp4(path: Path, n: int, seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=10)
-        stream.width, stream.height, stream.pix_fmt = 112, 112, "yuv420p"
-        for _ in range(n):
-            frame = av.VideoFrame.from_ndarray(rng.integers(0, 256, (112, 112, 3), dtype=np.uint8), format="rgb24")
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
 
 
 @pytest.fixture()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from conftest import random_image
-from test_video_eval import write_mp4
+from video_cases import write_mp4
 
 from vlmzip import compressed
 from vlmzip.builders.llava_next_video import build_llava_next_video

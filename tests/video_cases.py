@@ -1,8 +1,11 @@
 """Checks shared by the video families' tests (LLaVA-NeXT-Video, LLaVA-OneVision): a family's test module builds its
-tiny model and processor and calls these with them."""
+tiny model and processor and calls these with them; and small video files written with PyAV."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import av
 import numpy as np
 import torch
 from PIL import Image
@@ -11,6 +14,20 @@ import vlmzip
 from vlmzip.methods import get_method
 
 NEW = 4
+
+
+def write_mp4(path: Path, n: int, seed: int) -> None:
+    """An MPEG-4 file of ``n`` random 112 x 112 frames at 10 fps, drawn from ``seed``."""
+    rng = np.random.default_rng(seed)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 112, 112, "yuv420p"
+        for _ in range(n):
+            frame = av.VideoFrame.from_ndarray(rng.integers(0, 256, (112, 112, 3), dtype=np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
 
 
 def frames(seed: int, count: int, size: tuple[int, int] = (130, 100)) -> list[Image.Image]:

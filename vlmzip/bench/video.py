@@ -13,6 +13,9 @@ import torch
 from PIL import Image, ImageChops
 from torch import nn
 
+from ..io import batch_visual_inputs
+from ..video import Video
+
 
 def synthetic_clip(image: Image.Image, frames: int) -> list[Image.Image]:
     """``frames`` RGB frames of ``image`` shifted right by an equal step each (wrapping round): a clip whose frames
@@ -36,29 +39,11 @@ def bench_frames(adapter: Any, frames: int | None) -> int | None:
     return frames
 
 
-def video_prompt(processor: Any, question: str) -> str:
-    """The model's chat format for one video + question."""
-    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
-    return processor.apply_chat_template(messages, add_generation_prompt=True)
-
-
 def video_inputs(processor: Any, clips: list[list[Image.Image]], questions: list[str],
                  model: nn.Module) -> dict[str, torch.Tensor]:
-    """Processor outputs for a batch of (clip, question), left padded, on the model's device, pixels in its dtype.
-    A clear error when the longest prompt leaves no room for an answer in the model's context."""
-    texts = [video_prompt(processor, q) for q in questions]
-    inputs = processor(text=texts, videos=clips, return_tensors="pt", padding=True)
-    context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-    longest = inputs["input_ids"].shape[1]
-    if context is not None and longest >= context:
-        raise ValueError(
-            f"the prompt takes {longest} tokens ({len(clips[0])} frames' tokens and chat template included), which "
-            f"leaves no room for an answer in the model's context of {context} tokens (max_position_embeddings); "
-            "time fewer --frames"
-        )
-    param = next(model.parameters())
-    inputs = inputs.to(param.device)
-    for key in list(inputs.keys()):
-        if key.startswith("pixel_values") and inputs[key].is_floating_point():
-            inputs[key] = inputs[key].to(param.dtype)
-    return inputs
+    """Processor outputs for a batch of (clip, question), left padded, on the model's device, pixels in its dtype
+    (``vlmzip.io.batch_visual_inputs`` with each clip as a video of those frames). A clear error when the longest
+    prompt leaves no room for an answer in the model's context."""
+    videos = [Video(frames=tuple(clip), indices=tuple(range(len(clip))), total=len(clip), fps=None, timestamps=None,
+                    source="the bench's synthetic clip") for clip in clips]
+    return batch_visual_inputs(processor, videos, questions, model)
