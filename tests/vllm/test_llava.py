@@ -1,0 +1,198 @@
+"""vlmzip's vLLM plugin on a tiny random LLaVA-1.5: every pre-LLM method gives, in vLLM, the greedy tokens and
+first-step log-probabilities of vlmzip on transformers (fp32), with a prompt of budget + text tokens; the plugin off
+is vanilla vLLM; bad knobs are start-up errors."""
+
+from __future__ import annotations
+
+import gc
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoProcessor
+
+vllm = pytest.importorskip("vllm")
+
+import vlmzip  # noqa: E402
+from vlmzip.builders.llava import LlavaSpec, build_llava  # noqa: E402
+from vlmzip.vllm import settings as vz  # noqa: E402
+from vlmzip.vllm.checkpoints import vllm_names  # noqa: E402
+
+# CLIP 112 / 14 -> 8 x 8 = 64 patches + CLS; Llama head size 32 (vLLM's CPU attention takes 32, 64, 80, ...)
+SPEC = LlavaSpec(image_size=112, text_hidden=128, text_heads=4, text_kv_heads=2, vision_layers=3, seed=3)
+PROMPT = "USER: <image>\nwhat is in the picture ASSISTANT:"
+NEW_TOKENS = 6
+TOP = 5
+VANILLA = 64
+
+# Every pre-LLM method of `vlmzip list`, with a budget (and the knobs that exercise its variants).
+CASES: dict[str, dict[str, Any]] = {
+    "visionzip": {"tokens": 24},
+    "pool": {"ratio": 0.25},
+    "spatial": {"tokens": 16},
+    "random": {"tokens": 20, "seed": 5},
+    "tome": {"tokens": 24},
+    "divprune": {"tokens": 24},
+    "cluster_aggregate": {"tokens": 24},
+    "cluster_saliency": {"tokens": 24, "variant": 2, "k": 6},
+}
+
+
+def test_cases_cover_every_pre_llm_method() -> None:
+    assert sorted(CASES) == [m for m in vz.pre_llm_methods() if m != "vanilla"]
+
+
+def image() -> Image.Image:
+    return Image.fromarray((np.random.RandomState(0).rand(120, 150, 3) * 255).astype("uint8"))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any, Any]:
+    folder = tmp_path_factory.mktemp("llava")
+    model, _ = build_llava(folder, SPEC)
+    assert vllm_names(folder) > 0
+    # the processor vLLM loads from the folder (transformers' default image processor class), so that both sides
+    # encode the same pixels
+    return folder, model, AutoProcessor.from_pretrained(folder)
+
+
+def reference(model: Any, processor: Any, method: str | None, knobs: dict[str, Any]) -> tuple[list[int], torch.Tensor]:
+    """vlmzip on transformers: greedy tokens and the first step's log-probabilities (vocab,)."""
+    inputs = processor(text=PROMPT, images=image(), return_tensors="pt")
+    if method is not None:
+        vlmzip.compress(model, method, **knobs)
+    try:
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True,
+                                 return_dict_in_generate=True)
+    finally:
+        if method is not None:
+            vlmzip.decompress(model)
+    tokens = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
+    return tokens, torch.log_softmax(out.logits[0][0].float(), dim=-1)
+
+
+def serve(folder: Path, overrides: dict[str, Any] | None) -> vllm.LLM:
+    kwargs = {} if overrides is None else {"hf_overrides": overrides}
+    return vllm.LLM(model=str(folder), dtype="float32", enforce_eager=True, max_model_len=512, seed=0,
+                    limit_mm_per_prompt={"image": 1}, kv_cache_memory_bytes=64 << 20, **kwargs)
+
+
+def generate(llm: vllm.LLM) -> tuple[list[int], dict[int, float], int]:
+    params = vllm.SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, logprobs=TOP)
+    out = llm.generate([{"prompt": PROMPT, "multi_modal_data": {"image": image()}}], params, use_tqdm=False)[0]
+    first = {tok: lp.logprob for tok, lp in out.outputs[0].logprobs[0].items()}
+    return list(out.outputs[0].token_ids), first, len(out.prompt_token_ids)
+
+
+def close(llm: vllm.LLM) -> None:
+    del llm
+    gc.collect()
+
+
+def text_tokens(processor: Any) -> int:
+    return processor(text=PROMPT, images=image(), return_tensors="pt")["input_ids"].shape[1] - VANILLA
+
+
+def assert_same(got: tuple[list[int], dict[int, float], int], want: tuple[list[int], torch.Tensor]) -> None:
+    tokens, first, _ = got
+    assert tokens == want[0]
+    assert len(first) >= TOP
+    for tok, logprob in first.items():
+        assert logprob == pytest.approx(float(want[1][tok]), abs=1e-4), tok
+
+
+@pytest.mark.parametrize("method", sorted(CASES))
+def test_method_equals_transformers(checkpoint: tuple[Path, Any, Any], method: str) -> None:
+    folder, model, processor = checkpoint
+    knobs = CASES[method]
+    want = reference(model, processor, method, knobs)
+    llm = serve(folder, {"vlmzip": {"method": method, **knobs}})
+    try:
+        got = generate(llm)
+    finally:
+        close(llm)
+    keep = vz.parse({"method": method, **knobs}).keep(VANILLA)
+    assert keep < VANILLA
+    assert got[2] == keep + text_tokens(processor)  # the engine's prompt: budget + text
+    assert_same(got, want)
+    vanilla = reference(model, processor, None, {})
+    assert want[0] != vanilla[0] or not torch.allclose(want[1], vanilla[1])  # the method changed the answer
+
+
+def test_off_is_vanilla(checkpoint: tuple[Path, Any, Any]) -> None:
+    """The plugin loaded but not turned on == vLLM without the plugin (another process, VLLM_PLUGINS empty) ==
+    transformers."""
+    folder, model, processor = checkpoint
+    llm = serve(folder, None)
+    try:
+        got = generate(llm)
+    finally:
+        close(llm)
+    assert got[2] == VANILLA + text_tokens(processor)
+    assert_same(got, reference(model, processor, None, {}))
+    script = textwrap.dedent(f"""
+        import json, sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        import conftest, test_llava as t
+        import vllm.plugins
+        llm = t.serve(t.Path({str(folder)!r}), None)
+        tokens, first, length = t.generate(llm)
+        print("RESULT", json.dumps([tokens, first, length, sorted(vllm.plugins.load_plugins_by_group(
+            vllm.plugins.DEFAULT_PLUGINS_GROUP))]))
+    """)
+    env = {**os.environ, "VLLM_PLUGINS": ""}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    import json
+
+    tokens, first, length, plugins = json.loads(done.stdout.split("RESULT ", 1)[1])
+    assert plugins == []  # vLLM without the plugin
+    assert (tokens, length) == (got[0], got[2])
+    assert {int(k): v for k, v in first.items()} == got[1]
+
+
+@pytest.mark.parametrize(("entry", "message"), [
+    ({"method": "fastv", "tokens": 16}, "prunes tokens inside the LLM"),
+    ({"method": "sparsevlm", "tokens": 16}, "paged KV cache"),
+    ({"method": "visionzipp", "tokens": 16}, "unknown method 'visionzipp'"),
+    ({"method": "visionzip", "tokens": 100}, "tokens=100 is larger than the 64 visual tokens"),
+    ({"method": "visionzip", "tokens": 16, "ratio": 0.5}, "not both"),
+    ({"method": "pool", "tokenz": 16}, "has no knob 'tokenz'"),
+    ({"method": "pool"}, "needs a budget"),
+    ({"tokens": 16}, "name the method"),
+    ("visionzip", "must be a mapping"),
+])
+def test_bad_knob_is_a_startup_error(checkpoint: tuple[Path, Any, Any], entry: Any, message: str) -> None:
+    folder = checkpoint[0]
+    with pytest.raises(Exception, match=message) as err:
+        close(serve(folder, {"vlmzip": entry}))
+    assert "vlmzip in vLLM" in str(err.value)
+
+
+def test_method_and_budget_are_in_every_cache_key() -> None:
+    """The multimodal item identity (processor cache, encoder cache, prefix-caching block hashes) changes with the
+    method and with the budget, and stays vLLM's own when the plugin is off."""
+    base = "0" * 64
+    a = vz.parse({"method": "visionzip", "tokens": 24})
+    b = vz.parse({"method": "visionzip", "tokens": 32})
+    c = vz.parse({"method": "pool", "tokens": 24})
+    keys = {vz.salted(base, s) for s in (a, b, c)}
+    assert len(keys) == 3 and base not in keys
+    assert vz.salted(base, None) == base
+    assert vz.salted(base, vz.parse({"tokens": 24, "method": "visionzip"})) == vz.salted(base, a)
+
+
+def test_plugin_imports_no_transformers_runtime() -> None:
+    code = ("import sys, vlmzip.vllm.settings, vlmzip.vllm.tower, vlmzip.vllm.checkpoints, vlmzip.vllm; "
+            "bad = [m for m in sys.modules if m.split('.')[0] == 'transformers' or m in ('vlmzip.api', "
+            "'vlmzip.runtime', 'vlmzip.adapters', 'vlmzip.builders', 'vlmzip.llm_hooks')]; print(bad)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
