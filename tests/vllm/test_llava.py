@@ -4,21 +4,20 @@ is vanilla vLLM; bad knobs are start-up errors."""
 
 from __future__ import annotations
 
-import gc
+import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from transformers import AutoProcessor
 
 vllm = pytest.importorskip("vllm")
+
+from vllm_engine import NEW_TOKENS, PROMPT, TOP, close, generate, image, serve  # noqa: E402
 
 import vlmzip  # noqa: E402
 from vlmzip.builders.llava import LlavaSpec, build_llava  # noqa: E402
@@ -27,9 +26,6 @@ from vlmzip.vllm.checkpoints import vllm_names  # noqa: E402
 
 # CLIP 112 / 14 -> 8 x 8 = 64 patches + CLS; Llama head size 32 (vLLM's CPU attention takes 32, 64, 80, ...)
 SPEC = LlavaSpec(image_size=112, text_hidden=128, text_heads=4, text_kv_heads=2, vision_layers=3, seed=3)
-PROMPT = "USER: <image>\nwhat is in the picture ASSISTANT:"
-NEW_TOKENS = 6
-TOP = 5
 VANILLA = 64
 
 # Every pre-LLM method of `vlmzip list`, with a budget (and the knobs that exercise its variants).
@@ -47,10 +43,6 @@ CASES: dict[str, dict[str, Any]] = {
 
 def test_cases_cover_every_pre_llm_method() -> None:
     assert sorted(CASES) == [m for m in vz.pre_llm_methods() if m != "vanilla"]
-
-
-def image() -> Image.Image:
-    return Image.fromarray((np.random.RandomState(0).rand(120, 150, 3) * 255).astype("uint8"))
 
 
 @pytest.fixture(scope="module")
@@ -77,24 +69,6 @@ def reference(model: Any, processor: Any, method: str | None, knobs: dict[str, A
             vlmzip.decompress(model)
     tokens = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
     return tokens, torch.log_softmax(out.logits[0][0].float(), dim=-1)
-
-
-def serve(folder: Path, overrides: dict[str, Any] | None) -> vllm.LLM:
-    kwargs = {} if overrides is None else {"hf_overrides": overrides}
-    return vllm.LLM(model=str(folder), dtype="float32", enforce_eager=True, max_model_len=512, seed=0,
-                    limit_mm_per_prompt={"image": 1}, kv_cache_memory_bytes=64 << 20, **kwargs)
-
-
-def generate(llm: vllm.LLM) -> tuple[list[int], dict[int, float], int]:
-    params = vllm.SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, logprobs=TOP)
-    out = llm.generate([{"prompt": PROMPT, "multi_modal_data": {"image": image()}}], params, use_tqdm=False)[0]
-    first = {tok: lp.logprob for tok, lp in out.outputs[0].logprobs[0].items()}
-    return list(out.outputs[0].token_ids), first, len(out.prompt_token_ids)
-
-
-def close(llm: vllm.LLM) -> None:
-    del llm
-    gc.collect()
 
 
 def text_tokens(processor: Any) -> int:
@@ -138,21 +112,10 @@ def test_off_is_vanilla(checkpoint: tuple[Path, Any, Any]) -> None:
         close(llm)
     assert got[2] == VANILLA + text_tokens(processor)
     assert_same(got, reference(model, processor, None, {}))
-    script = textwrap.dedent(f"""
-        import json, sys
-        sys.path.insert(0, {str(Path(__file__).parent)!r})
-        import conftest, test_llava as t
-        import vllm.plugins
-        llm = t.serve(t.Path({str(folder)!r}), None)
-        tokens, first, length = t.generate(llm)
-        print("RESULT", json.dumps([tokens, first, length, sorted(vllm.plugins.load_plugins_by_group(
-            vllm.plugins.DEFAULT_PLUGINS_GROUP))]))
-    """)
     env = {**os.environ, "VLLM_PLUGINS": ""}
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, str(Path(__file__).with_name("vllm_engine.py")), str(folder)], env=env,
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    import json
-
     tokens, first, length, plugins = json.loads(done.stdout.split("RESULT ", 1)[1])
     assert plugins == []  # vLLM without the plugin
     assert (tokens, length) == (got[0], got[2])
