@@ -17,9 +17,8 @@ from transformers import AutoProcessor
 
 vllm = pytest.importorskip("vllm")
 
-from vllm_engine import NEW_TOKENS, PROMPT, TOP, close, generate, image, serve  # noqa: E402
+from vllm_engine import CASES, PROMPT, assert_same, close, generate, image, reference, serve  # noqa: E402
 
-import vlmzip  # noqa: E402
 from vlmzip.builders.llava import LlavaSpec, build_llava  # noqa: E402
 from vlmzip.vllm import settings as vz  # noqa: E402
 from vlmzip.vllm.checkpoints import vllm_names  # noqa: E402
@@ -27,19 +26,6 @@ from vlmzip.vllm.checkpoints import vllm_names  # noqa: E402
 # CLIP 112 / 14 -> 8 x 8 = 64 patches + CLS; Llama head size 32 (vLLM's CPU attention takes 32, 64, 80, ...)
 SPEC = LlavaSpec(image_size=112, text_hidden=128, text_heads=4, text_kv_heads=2, vision_layers=3, seed=3)
 VANILLA = 64
-
-# Every pre-LLM method of `vlmzip list`, with a budget (and the knobs that exercise its variants).
-CASES: dict[str, dict[str, Any]] = {
-    "visionzip": {"tokens": 24},
-    "pool": {"ratio": 0.25},
-    "spatial": {"tokens": 16},
-    "random": {"tokens": 20, "seed": 5},
-    "tome": {"tokens": 24},
-    "divprune": {"tokens": 24},
-    "cluster_aggregate": {"tokens": 24},
-    "cluster_saliency": {"tokens": 24, "variant": 2, "k": 6},
-}
-
 
 def test_cases_cover_every_pre_llm_method() -> None:
     assert sorted(CASES) == [m for m in vz.pre_llm_methods() if m != "vanilla"]
@@ -55,32 +41,8 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any, Any
     return folder, model, AutoProcessor.from_pretrained(folder)
 
 
-def reference(model: Any, processor: Any, method: str | None, knobs: dict[str, Any]) -> tuple[list[int], torch.Tensor]:
-    """vlmzip on transformers: greedy tokens and the first step's log-probabilities (vocab,)."""
-    inputs = processor(text=PROMPT, images=image(), return_tensors="pt")
-    if method is not None:
-        vlmzip.compress(model, method, **knobs)
-    try:
-        with torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True,
-                                 return_dict_in_generate=True)
-    finally:
-        if method is not None:
-            vlmzip.decompress(model)
-    tokens = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
-    return tokens, torch.log_softmax(out.logits[0][0].float(), dim=-1)
-
-
 def text_tokens(processor: Any) -> int:
     return processor(text=PROMPT, images=image(), return_tensors="pt")["input_ids"].shape[1] - VANILLA
-
-
-def assert_same(got: tuple[list[int], dict[int, float], int], want: tuple[list[int], torch.Tensor]) -> None:
-    tokens, first, _ = got
-    assert tokens == want[0]
-    assert len(first) >= TOP
-    for tok, logprob in first.items():
-        assert logprob == pytest.approx(float(want[1][tok]), abs=1e-4), tok
 
 
 @pytest.mark.parametrize("method", sorted(CASES))

@@ -1,4 +1,5 @@
-"""What the vLLM tests share: the tiny LLaVA's prompt and image, an in-process engine, one greedy request."""
+"""What the vLLM tests share: the prompt and image, the methods' cases, an in-process engine, one greedy request,
+and the reference (vlmzip on transformers) they are compared with."""
 
 from __future__ import annotations
 
@@ -7,12 +8,29 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
+import torch
 import vllm
 from PIL import Image
+
+import vlmzip
 
 PROMPT = "USER: <image>\nwhat is in the picture ASSISTANT:"
 NEW_TOKENS = 6
 TOP = 5
+
+
+# Every pre-LLM method of `vlmzip list`, with a budget (and the knobs that exercise its variants).
+CASES: dict[str, dict[str, Any]] = {
+    "visionzip": {"tokens": 24},
+    "pool": {"ratio": 0.25},
+    "spatial": {"tokens": 16},
+    "random": {"tokens": 20, "seed": 5},
+    "tome": {"tokens": 24},
+    "divprune": {"tokens": 24},
+    "cluster_aggregate": {"tokens": 24},
+    "cluster_saliency": {"tokens": 24, "variant": 2, "k": 6},
+}
 
 
 def image() -> Image.Image:
@@ -37,6 +55,30 @@ def generate(llm: vllm.LLM) -> tuple[list[int], dict[int, float], int]:
 def close(llm: vllm.LLM) -> None:
     del llm
     gc.collect()
+
+
+def reference(model: Any, processor: Any, method: str | None, knobs: dict[str, Any]) -> tuple[list[int], torch.Tensor]:
+    """vlmzip on transformers: greedy tokens and the first step's log-probabilities (vocab,)."""
+    inputs = processor(text=PROMPT, images=image(), return_tensors="pt")
+    if method is not None:
+        vlmzip.compress(model, method, **knobs)
+    try:
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True,
+                                 return_dict_in_generate=True)
+    finally:
+        if method is not None:
+            vlmzip.decompress(model)
+    tokens = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
+    return tokens, torch.log_softmax(out.logits[0][0].float(), dim=-1)
+
+
+def assert_same(got: tuple[list[int], dict[int, float], int], want: tuple[list[int], torch.Tensor]) -> None:
+    tokens, first, _ = got
+    assert tokens == want[0]
+    assert len(first) >= TOP
+    for tok, logprob in first.items():
+        assert logprob == pytest.approx(float(want[1][tok]), abs=1e-4), tok
 
 
 if __name__ == "__main__":  # one request on FOLDER, printed as JSON (the plugin-off test runs it without plugins)

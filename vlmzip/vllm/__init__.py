@@ -1,4 +1,4 @@
-"""vlmzip inside vLLM: a general plugin that runs vlmzip's pre-LLM methods in vLLM's LLaVA models.
+"""vlmzip inside vLLM: a general plugin that runs vlmzip's pre-LLM methods in vLLM's LLaVA-1.5 and LLaVA-NeXT.
 
 Installed with ``pip install "vlmzip[vllm]"``, vLLM loads it by itself (entry point group ``vllm.general_plugins``;
 ``VLLM_PLUGINS`` without ``vlmzip`` switches it off). It is on for a server whose model config has a ``vlmzip``
@@ -15,6 +15,7 @@ from __future__ import annotations
 # architecture name in a Hugging Face config -> the plugin's class, imported by vLLM when a model needs it
 MODELS = {
     "LlavaForConditionalGeneration": "vlmzip.vllm.llava:VlmzipLlava",
+    "LlavaNextForConditionalGeneration": "vlmzip.vllm.llava_next:VlmzipLlavaNext",
 }
 
 

@@ -57,7 +57,7 @@ def measure(folder: str, entry: dict[str, Any] | None, image: Any, prompt: str, 
     import vllm
 
     kwargs = {} if entry is None else {"hf_overrides": {"vlmzip": entry}}
-    llm = vllm.LLM(model=folder, dtype=dtype, enforce_eager=True, max_model_len=4096, seed=0,
+    llm = vllm.LLM(model=folder, dtype=dtype, enforce_eager=True, seed=0, kv_cache_memory_bytes=256 << 20,
                    limit_mm_per_prompt={"image": 1}, disable_log_stats=False,
                    max_num_seqs=max(concurrency), **kwargs)
     try:
@@ -106,7 +106,8 @@ def run(args: Any) -> int:
         for budget in budgets:
             entry = {"method": name, **knobs, **budget}
             vz.parse(entry)  # a bad method or knob stops here, before any engine starts
-            configs.append((f"{name}[{','.join(f'{k}={v}' for k, v in {**knobs, **budget}.items())}]", entry))
+            spelled = ",".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in {**knobs, **budget}.items())
+            configs.append((f"{name}[{spelled}]", entry))
     table = []
     for label, entry in configs:
         for row in measure(folder, entry, image, "USER: <image>\n" + args.prompt + " ASSISTANT:", args.concurrency,
