@@ -106,7 +106,8 @@ def run(args: Any) -> int:
         for budget in budgets:
             entry = {"method": name, **knobs, **budget}
             vz.parse(entry)  # a bad method or knob stops here, before any engine starts
-            spelled = ",".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in {**knobs, **budget}.items())
+            spelled = ",".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                               for k, v in {**knobs, **budget}.items())
             configs.append((f"{name}[{spelled}]", entry))
     table = []
     for label, entry in configs:
