@@ -102,6 +102,22 @@ def test_bad_knob_is_a_startup_error(checkpoint: tuple[Path, Any, Any], entry: A
     assert "vlmzip in vLLM" in str(err.value)
 
 
+def test_bad_knob_stops_the_front_end_before_any_engine_process(checkpoint: tuple[Path, Any, Any]) -> None:
+    """With vLLM's engine in its own process (its default), the error is raised in the front end, before the engine
+    process starts: a clear ValueError for the caller, no crashed worker."""
+    code = ("import sys, vllm\n"
+            "try:\n"
+            "    vllm.LLM(model=sys.argv[1], dtype='float32', enforce_eager=True, max_model_len=512,\n"
+            "             kv_cache_memory_bytes=64 << 20, hf_overrides={'vlmzip': {'method': 'fastv', 'tokens': 8}})\n"
+            "except ValueError as err:\n"
+            "    print('CAUGHT', err)\n")
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+    done = subprocess.run([sys.executable, "-c", code, str(checkpoint[0])], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert "CAUGHT vlmzip in vLLM: 'fastv' prunes tokens inside the LLM" in done.stdout, done.stderr[-3000:]
+    assert "EngineCore" not in done.stderr
+
+
 def test_method_and_budget_are_in_every_cache_key() -> None:
     """The multimodal item identity (processor cache, encoder cache, prefix-caching block hashes) changes with the
     method and with the budget, and stays vLLM's own when the plugin is off."""
