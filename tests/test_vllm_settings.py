@@ -1,5 +1,5 @@
 """The vLLM plugin's pure side, tested without vLLM: its modules import only vlmzip's pure parts, and its config
-entry is validated as vlmzip.compress validates knobs (the engine tests are in tests/vllm, run by
+entry is validated as vlmzip.compress validates knobs (the engine tests are in tests/vllm_plugin, run by
 tools/test-vllm.sh)."""
 
 from __future__ import annotations
