@@ -416,6 +416,10 @@ def _eval_of_same_model(run_dir: str, model: Any) -> dict:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.engine == "vllm":  # vLLM's own venv (tools/install-vllm.sh): requests/s, TTFT, KV blocks under load
+        from .vllm.bench import run
+
+        return run(args)
     import torch
     from tqdm.auto import tqdm
 
@@ -699,6 +703,14 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                    "fresh child process (slower: loads the model once per configuration; default: process)")
     p.add_argument("--quiet", action="store_true",
                    help="no progress bar (default: a bar on stderr when it is a terminal)")
+    p.add_argument("--engine", choices=["transformers", "vllm"], default="transformers",
+                   help="vllm: serve the model in vLLM with the vlmzip plugin and measure requests/s, time to first "
+                   "token and KV-cache blocks at --concurrency (vanilla and each method in one run; needs vLLM "
+                   "installed; default: transformers prefill timing)")
+    p.add_argument("--concurrency", type=_csv(positive_int), default="1,8,32",
+                   help="--engine vllm: requests submitted together (default: 1,8,32)")
+    p.add_argument("--new-tokens", type=positive_int, default=16,
+                   help="--engine vllm: tokens generated per request (default: 16)")
     add_device_args(p)
     p.set_defaults(func=cmd_bench)
 
