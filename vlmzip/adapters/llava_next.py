@@ -45,6 +45,7 @@ from transformers.models.llava_next.modeling_llava_next import (
 
 from ..budgets import split_evenly
 from ..methods.base import Selection
+from ..methods.visionzip import crop_layout
 from ..sequence import Item
 from ..views import ImageView, pixels_to_image
 from .base import set_instance_attr
@@ -200,27 +201,8 @@ class LlavaNextImageFeatures(LlavaImageFeatures):
 
     def visionzip_layout(self, crops: list[tuple[torch.Tensor, torch.Tensor, int]],
                          grid: tuple[int, int]) -> torch.Tensor:
-        """The released VisionZip order: base crop as emitted; high-res dominant patches in raster order over
-        the whole high-resolution grid; each high-res crop's CLS; all high-res contextual tokens.
-
-        One sort does the middle part without a host sync: a dominant patch's key is its raster position in
-        the whole grid, a prefix (CLS) token's key comes after every patch, in crop order.
-        """
-        layout, side = self.adapter.layout, self.adapter.side
-        prefix, cols = layout.num_prefix, grid[1]
-        grid_total = grid[0] * side * cols * side
-        dominant_parts, keys, contextual = [], [], []
-        for crop, (features, indices, dominant) in enumerate(crops[1:]):
-            idx = indices[:dominant]
-            patch = (idx - prefix).clamp(min=0)
-            y, x = patch.div(side, rounding_mode="floor"), patch % side
-            row, col = divmod(crop, cols)
-            raster = (row * side + y) * (cols * side) + col * side + x
-            keys.append(torch.where(idx < prefix, grid_total + crop * max(prefix, 1) + idx, raster))
-            dominant_parts.append(features[:dominant])
-            contextual.append(features[dominant:])
-        order = torch.cat(keys).argsort(stable=True)
-        return torch.cat([crops[0][0], torch.cat(dominant_parts)[order], *contextual], dim=0)
+        """The released VisionZip order of one image's crops (``visionzip.crop_layout``)."""
+        return crop_layout(crops, grid, self.adapter.layout.num_prefix, self.adapter.side)
 
 
 register_adapter(LlavaNextAdapter)

@@ -23,7 +23,7 @@ from transformers import (
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from ..adapters.llava_next_video import LlavaNextVideoPilVideoProcessor, PilLlavaNextVideoProcessor
-from .llava import clip_vision_config, finish, instantiate, llama_text_config
+from .llava import VIDEO_CHAT_TEMPLATE, clip_vision_config, finish, instantiate, llama_text_config
 from .llava_next import LlavaNextSpec
 from .llava_next import build_processor as build_image_processor_of
 from .registry import Arch, register_arch
@@ -31,19 +31,7 @@ from .words import word_tokenizer
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<image>", "<video>"]
 
-# LLaVA-NeXT-Video's Vicuna conversation format: "USER: <video>\n{question} ASSISTANT:" (images likewise).
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}USER: {% else %}ASSISTANT: {% endif %}"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}<image>\n{% elif part['type'] == 'video' %}<video>\n"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}"
-    "{% if message['role'] == 'assistant' %}</s>{% endif %} "
-    "{% endfor %}"
-    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-)
+CHAT_TEMPLATE = VIDEO_CHAT_TEMPLATE  # Vicuna's format with videos
 
 
 @dataclass

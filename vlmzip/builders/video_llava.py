@@ -18,25 +18,13 @@ from transformers import PreTrainedTokenizerFast, VideoLlavaConfig, VideoLlavaFo
 from transformers.models.video_llava.image_processing_video_llava import VideoLlavaImageProcessor
 
 from ..adapters.video_llava import FrameVideoLlavaProcessor
-from .llava import LlavaSpec, clip_vision_config, finish, instantiate, llama_text_config
+from .llava import VIDEO_CHAT_TEMPLATE, LlavaSpec, clip_vision_config, finish, instantiate, llama_text_config
 from .registry import Arch, register_arch
 from .words import word_tokenizer
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<image>", "<video>"]
 
-# Video-LLaVA's conversation format: "USER: <video>\n{question} ASSISTANT: {answer}</s>".
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}USER: {% else %}ASSISTANT: {% endif %}"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}<image>\n{% elif part['type'] == 'video' %}<video>\n"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}"
-    "{% if message['role'] == 'assistant' %}</s>{% endif %} "
-    "{% endfor %}"
-    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-)
+CHAT_TEMPLATE = VIDEO_CHAT_TEMPLATE  # Vicuna's format with videos
 
 
 @dataclass

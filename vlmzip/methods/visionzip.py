@@ -140,6 +140,33 @@ def visionzip_select(tokens: VisionTokens, dominant: int, contextual: int) -> Se
     return Selection(features=features, indices=indices, merged_from=merged_from, dominant=dominant, weights=weights)
 
 
+def crop_layout(crops: list[tuple[torch.Tensor, torch.Tensor, int]], grid: tuple[int, int], prefix: int,
+                side: int) -> torch.Tensor:
+    """One multi-crop image's tokens in the released VisionZip order (LLaVA-NeXT): the base crop as emitted; the
+    high-resolution crops' dominant patches in raster order over the whole high-resolution grid; each of those
+    crops' prefix (CLS) tokens; then all their contextual tokens.
+
+    ``crops``: per crop, base first, (features (K_c, D) as sent, indices (K_c,) into the crop's tokens, dominant
+    count); ``grid``: (rows, cols) of high-resolution crops; ``prefix``: prefix tokens per crop; ``side``: patches
+    per crop side. Returns (sum K_c, D). One sort does the middle part without a host sync: a dominant patch's key
+    is its raster position in the whole grid, a prefix token's key comes after every patch, in crop order.
+    """
+    cols = grid[1]
+    grid_total = grid[0] * side * cols * side
+    dominant_parts, keys, contextual = [], [], []
+    for crop, (features, indices, dominant) in enumerate(crops[1:]):
+        idx = indices[:dominant]
+        patch = (idx - prefix).clamp(min=0)
+        y, x = patch.div(side, rounding_mode="floor"), patch % side
+        row, col = divmod(crop, cols)
+        raster = (row * side + y) * (cols * side) + col * side + x
+        keys.append(torch.where(idx < prefix, grid_total + crop * max(prefix, 1) + idx, raster))
+        dominant_parts.append(features[:dominant])
+        contextual.append(features[dominant:])
+    order = torch.cat(keys).argsort(stable=True)
+    return torch.cat([crops[0][0], torch.cat(dominant_parts)[order], *contextual], dim=0)
+
+
 def resolve(knobs: dict[str, Any]) -> dict[str, Any]:
     """Validate VisionZip's own knobs: ``dominant`` and ``contextual`` fix the budget and its split.
 

@@ -31,6 +31,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from ..budgets import split_evenly
 from ..methods import Selection
+from ..methods.visionzip import crop_layout
 from . import settings as vz
 from .llava import llava_layout
 from .tower import Tower
@@ -167,18 +168,4 @@ class VlmzipLlavaNext(LlavaNextForConditionalGeneration):
         crops = [(sent[row], sel.indices[row], sel.dominant) for sel, row, sent in parts]
         if any(dominant is None for _, _, dominant in crops):
             return torch.cat([features for features, _, _ in crops], dim=0)
-        layout, side = self.vlmzip_layout, self.vlmzip_side
-        prefix, cols = layout.num_prefix, grid[1]
-        grid_total = grid[0] * side * cols * side
-        dominant_parts, keys, contextual = [], [], []
-        for crop, (features, indices, dominant) in enumerate(crops[1:]):
-            idx = indices[:dominant]
-            patch = (idx - prefix).clamp(min=0)
-            y, x = patch.div(side, rounding_mode="floor"), patch % side
-            row, col = divmod(crop, cols)
-            raster = (row * side + y) * (cols * side) + col * side + x
-            keys.append(torch.where(idx < prefix, grid_total + crop * max(prefix, 1) + idx, raster))
-            dominant_parts.append(features[:dominant])
-            contextual.append(features[dominant:])
-        order = torch.cat(keys).argsort(stable=True)
-        return torch.cat([crops[0][0], torch.cat(dominant_parts)[order], *contextual], dim=0)
+        return crop_layout(crops, grid, self.vlmzip_layout.num_prefix, self.vlmzip_side)
