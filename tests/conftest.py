@@ -14,6 +14,10 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 from vlmzip.builders.llava import LlavaSpec, build_llava
 from vlmzip.lab.train_config import TrainConfig
 
+# The vLLM plugin's tests run in their own venv (tools/test-vllm.sh, which stops conftest lookup there); here their
+# conftest would replace this one as the module "conftest" that tests import helpers from.
+collect_ignore = ["vllm_plugin"]
+
 # 112 px / patch 14 -> an 8 x 8 grid: 64 patches + CLS, LLaVA-1.5's layout at a smaller scale.
 TEST_CFG = LlavaSpec(image_size=112, patch_size=14, vision_layers=4, text_layers=2)
 
