@@ -17,6 +17,7 @@ vllm = pytest.importorskip("vllm")
 
 from vllm_engine import CASES, assert_same, close, generate, reference, serve  # noqa: E402
 
+import vlmzip  # noqa: E402
 from vlmzip.adapters.qwen_vl import load_processor  # noqa: E402
 from vlmzip.builders.qwen_vl import QwenVLSpec, build_qwen_vl  # noqa: E402
 from vlmzip.vllm import settings as vz  # noqa: E402
@@ -84,6 +85,85 @@ def test_tall_image_keeps_vanilla_positions(checkpoint: tuple[Path, Any, Any]) -
     finally:
         close(llm)
     assert got[2] == 20 + counts(processor, tall())[1]
+    assert_same(got, want)
+
+
+def hf_positions(model: Any, processor: Any, method: str, knobs: dict[str, Any]) -> torch.Tensor:
+    """(3, L) M-RoPE positions of the prefill vlmzip gives transformers' language model (L: the shrunk prompt)."""
+    seen: list[torch.Tensor] = []
+
+    def keep(module: Any, args: Any, kwargs: dict[str, Any]) -> None:
+        seen.append(kwargs["position_ids"][-3:, 0].clone())
+
+    from vllm_engine import image
+
+    inputs = processor(text=PROMPT, images=image(), return_tensors="pt")
+    handle = model.model.language_model.register_forward_pre_hook(keep, with_kwargs=True)
+    try:
+        with vlmzip.compressed(model, method, **knobs), torch.no_grad():
+            model.generate(**inputs, max_new_tokens=1, do_sample=False)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+SEEN: list[torch.Tensor] = []
+
+
+def watch_positions(model: Any) -> None:
+    """In each vLLM worker (here: this process): record the positions of every forward of the language model (its
+    instance's forward: vLLM's compile decorator calls it without module hooks)."""
+    lm = model.language_model.model
+    original = lm.forward
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        SEEN.append(kwargs["positions"].clone())
+        return original(*args, **kwargs)
+
+    lm.forward = forward
+
+
+@pytest.mark.parametrize(("method", "chunk"), [("visionzip", None), ("tome", None), ("random", 16)])
+def test_kept_tokens_get_their_vanilla_positions(checkpoint: tuple[Path, Any, Any], method: str,
+                                                 chunk: int | None) -> None:
+    """The positions vLLM's language model gets for the prompt are those vlmzip gives transformers' (each kept token
+    its own (t, h, w), the text after the image at its vanilla position), also when chunked prefill splits the
+    image over engine steps (16 tokens a step)."""
+    folder, model, processor = checkpoint
+    knobs = CASES[method]
+    want = hf_positions(model, processor, method, knobs)
+    extra = {} if chunk is None else {"enable_chunked_prefill": True, "max_num_batched_tokens": chunk}
+    llm = vllm.LLM(model=str(folder), dtype="float32", enforce_eager=True, max_model_len=512, seed=0,
+                   limit_mm_per_prompt={"image": 1}, kv_cache_memory_bytes=64 << 20,
+                   hf_overrides={"vlmzip": {"method": method, **knobs}}, **extra)
+    try:
+        SEEN.clear()
+        llm.apply_model(watch_positions)
+        generate(llm, PROMPT)
+    finally:
+        close(llm)
+    length = want.shape[1]
+    got = torch.cat(SEEN, dim=1)[:, :length]  # the prefill's steps, then the decode steps
+    assert got.shape[1] == length and (chunk is None or SEEN[0].shape[1] <= chunk < length)
+    assert torch.equal(got, want)
+    vanilla_next = int(want.max()) + 1  # the first generated token continues at the vanilla position
+    assert int(torch.cat(SEEN, dim=1)[0, length]) == vanilla_next
+
+
+def test_chunked_prefill_splits_an_image(checkpoint: tuple[Path, Any, Any]) -> None:
+    """16 prompt tokens per engine step: the 24 kept tokens of the image reach the LLM over two steps, each at its
+    own position, and the answer is still vlmzip's on transformers."""
+    folder, model, processor = checkpoint
+    entry = {"method": "visionzip", "tokens": 24}
+    want = reference(model, processor, "visionzip", {"tokens": 24}, PROMPT)
+    llm = vllm.LLM(model=str(folder), dtype="float32", enforce_eager=True, max_model_len=512, seed=0,
+                   limit_mm_per_prompt={"image": 1}, kv_cache_memory_bytes=64 << 20, hf_overrides={"vlmzip": entry},
+                   enable_chunked_prefill=True, max_num_batched_tokens=16)
+    try:
+        got = generate(llm, PROMPT)
+    finally:
+        close(llm)
+    assert got[2] == 24 + counts(processor)[1] > 16
     assert_same(got, want)
 
 
