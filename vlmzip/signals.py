@@ -50,3 +50,19 @@ def content_seeds(pixels: torch.Tensor) -> torch.Tensor:
     q = torch.round(flat.float() * 1024).to(torch.int64)
     weights = torch.arange(1, flat.shape[1] + 1, device=pixels.device, dtype=torch.int64) * 2654435761 + 97531
     return (q * weights).sum(dim=1)
+
+
+# Query rows per chunk when rebuilding a segment's attention (bounds memory at H x chunk x n floats).
+QUERY_CHUNK = 1024
+
+
+def segment_received_attention(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """(H, n, Dh) queries and keys of one attention segment -> (n,) attention each key receives,
+    mean over heads and queries (float32; queries processed in chunks, never a full H x n x n tensor
+    beyond ``QUERY_CHUNK`` rows; vlmzip's Qwen-VL adapter and its vLLM plugin)."""
+    heads, n, _ = q.shape
+    total = torch.zeros(n, dtype=torch.float32, device=q.device)
+    for start in range(0, n, QUERY_CHUNK):
+        probs = torch.softmax((q[:, start : start + QUERY_CHUNK] @ k.transpose(-1, -2)) * scale, dim=-1)
+        total += probs.sum(dim=(0, 1))
+    return total / (heads * n)

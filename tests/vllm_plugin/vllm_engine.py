@@ -44,10 +44,12 @@ def serve(folder: Path, overrides: dict[str, Any] | None) -> vllm.LLM:
                     limit_mm_per_prompt={"image": 1}, kv_cache_memory_bytes=64 << 20, **kwargs)
 
 
-def generate(llm: vllm.LLM) -> tuple[list[int], dict[int, float], int]:
+def generate(llm: vllm.LLM, prompt: str = PROMPT,
+             picture: Image.Image | None = None) -> tuple[list[int], dict[int, float], int]:
     """Greedy tokens, the first step's top log-probabilities {token: logprob}, the engine's prompt length."""
     params = vllm.SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, logprobs=TOP)
-    out = llm.generate([{"prompt": PROMPT, "multi_modal_data": {"image": image()}}], params, use_tqdm=False)[0]
+    request = {"prompt": prompt, "multi_modal_data": {"image": picture or image()}}
+    out = llm.generate([request], params, use_tqdm=False)[0]
     first = {tok: lp.logprob for tok, lp in out.outputs[0].logprobs[0].items()}
     return list(out.outputs[0].token_ids), first, len(out.prompt_token_ids)
 
@@ -57,9 +59,10 @@ def close(llm: vllm.LLM) -> None:
     gc.collect()
 
 
-def reference(model: Any, processor: Any, method: str | None, knobs: dict[str, Any]) -> tuple[list[int], torch.Tensor]:
+def reference(model: Any, processor: Any, method: str | None, knobs: dict[str, Any], prompt: str = PROMPT,
+              picture: Image.Image | None = None) -> tuple[list[int], torch.Tensor]:
     """vlmzip on transformers: greedy tokens and the first step's log-probabilities (vocab,)."""
-    inputs = processor(text=PROMPT, images=image(), return_tensors="pt")
+    inputs = processor(text=prompt, images=picture or image(), return_tensors="pt")
     if method is not None:
         vlmzip.compress(model, method, **knobs)
     try:

@@ -108,8 +108,8 @@ from .registry import register_adapter
 
 # The representative image of ``unit_layout``: a 448 x 448 image (each image has its own grid).
 REPRESENTATIVE_SIDE = 448
-# Query rows per chunk when rebuilding a segment's attention (bounds memory at H x chunk x n floats).
-QUERY_CHUNK = 1024
+# Query rows per chunk when rebuilding a segment's attention: ``signals.segment_received_attention``.
+QUERY_CHUNK = signals.QUERY_CHUNK
 
 
 @dataclass
@@ -130,18 +130,6 @@ class PendingCall:
         """Every image and video of the call has its selection recorded."""
         return (self.image_grid_thw is None or "image" in self.indices) and \
             (self.video_grid_thw is None or "video" in self.indices)
-
-
-def segment_received_attention(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """(H, n, Dh) queries and keys of one attention segment -> (n,) attention each key receives,
-    mean over heads and queries (float32; queries processed in chunks, never a full H x n x n tensor
-    beyond ``QUERY_CHUNK`` rows)."""
-    heads, n, _ = q.shape
-    total = torch.zeros(n, dtype=torch.float32, device=q.device)
-    for start in range(0, n, QUERY_CHUNK):
-        probs = torch.softmax((q[:, start : start + QUERY_CHUNK] @ k.transpose(-1, -2)) * scale, dim=-1)
-        total += probs.sum(dim=(0, 1))
-    return total / (heads * n)
 
 
 class QwenTower:
@@ -192,7 +180,7 @@ class QwenTower:
             k_rot = (k * cos + rotate_half(k) * sin).transpose(0, 1)
             bounds = cu_seqlens.tolist()
             per_patch = torch.cat([
-                segment_received_attention(q_rot[:, a:b], k_rot[:, a:b], float(attn.scaling))
+                signals.segment_received_attention(q_rot[:, a:b], k_rot[:, a:b], float(attn.scaling))
                 for a, b in zip(bounds[:-1], bounds[1:], strict=True)
             ])
             received = per_patch.view(length // unit, unit).sum(dim=1)
@@ -830,6 +818,9 @@ class QwenPositions:
         adapter = self.adapter
         inner = adapter.inner
         call = current_call(self.state)
+        # transformers before 5.20 (the one vLLM 0.32 pins) names the cache past_key_values here
+        cache_name = "past_key_values" if "past_key_values" in extra else "cache"
+        cache = extra.pop("past_key_values", cache)
         pending = None
         if call is not None and isinstance(call.note, PendingCall):
             pending, call.note = call.note, None  # used by the prefill only
@@ -851,7 +842,8 @@ class QwenPositions:
                                         inputs_embeds.device)
             original = type(inner).compute_3d_position_ids.__get__(inner)
             return original(input_ids=input_ids, inputs_embeds=inputs_embeds, image_grid_thw=image_grid_thw,
-                            video_grid_thw=video_grid_thw, attention_mask=attention_mask, cache=cache, **extra)
+                            video_grid_thw=video_grid_thw, attention_mask=attention_mask,
+                            **{cache_name: cache}, **extra)
         positions, deltas = adapter.positions(pending, input_ids.shape[0], input_ids.device)
         inner.rope_deltas = deltas
         return positions

@@ -1,4 +1,5 @@
-"""vlmzip inside vLLM: a general plugin that runs vlmzip's pre-LLM methods in vLLM's LLaVA-1.5 and LLaVA-NeXT.
+"""vlmzip inside vLLM: a general plugin that runs vlmzip's pre-LLM methods in vLLM's LLaVA-1.5, LLaVA-NeXT,
+Qwen2-VL and Qwen2.5-VL.
 
 Installed with ``pip install "vlmzip[vllm]"``, vLLM loads it by itself (entry point group ``vllm.general_plugins``;
 ``VLLM_PLUGINS`` without ``vlmzip`` switches it off). It is on for a server whose model config has a ``vlmzip``
@@ -16,6 +17,8 @@ from __future__ import annotations
 MODELS = {
     "LlavaForConditionalGeneration": "vlmzip.vllm.llava:VlmzipLlava",
     "LlavaNextForConditionalGeneration": "vlmzip.vllm.llava_next:VlmzipLlavaNext",
+    "Qwen2_5_VLForConditionalGeneration": "vlmzip.vllm.qwen_vl:VlmzipQwen2_5_VL",
+    "Qwen2VLForConditionalGeneration": "vlmzip.vllm.qwen_vl:VlmzipQwen2VL",
 }
 
 

@@ -88,6 +88,17 @@ def measure(folder: str, entry: dict[str, Any] | None, image: Any, prompt: str, 
         gc.collect()
 
 
+# the single-image prompt of each family's chat format (the model type in config.json); LLaVA's otherwise
+QWEN_PROMPT = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{}<|im_end|>\n<|im_start|>assistant\n"
+PROMPTS = {"qwen2_vl": QWEN_PROMPT, "qwen2_5_vl": QWEN_PROMPT}
+
+
+def prompt_for(folder: str, question: str) -> str:
+    """``question`` about one image, in the chat format of the model in ``folder``."""
+    model_type = json.loads((Path(folder) / "config.json").read_text()).get("model_type", "")
+    return PROMPTS.get(model_type, "USER: <image>\n{} ASSISTANT:").format(question)
+
+
 def run(args: Any) -> int:
     """The ``vlmzip bench --engine vllm`` command (arguments of ``vlmzip bench``)."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -111,7 +122,7 @@ def run(args: Any) -> int:
             configs.append((f"{name}[{spelled}]", entry))
     table = []
     for label, entry in configs:
-        for row in measure(folder, entry, image, "USER: <image>\n" + args.prompt + " ASSISTANT:", args.concurrency,
+        for row in measure(folder, entry, image, prompt_for(folder, args.prompt), args.concurrency,
                            args.repeats, args.new_tokens, args.dtype or "float32"):
             table.append({"config": label, **row})
     print(f"vLLM {__import__('vllm').__version__}, {described}, {args.repeats} rounds per concurrency, "
