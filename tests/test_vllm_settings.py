@@ -43,6 +43,7 @@ def test_the_serving_path_imports_only_vlmzips_pure_parts(module: str) -> None:
     {"method": "pool", "ratio": 0.25},
     {"method": "cluster_saliency", "tokens": 32, "variant": 3, "k": 8},
     {"method": "random", "tokens": 10, "seed": 3},
+    {"method": "visionzip", "tokens_per_frame": 16},  # an image is one frame
 ])
 def test_settings_match_vlmzip_compress(entry: dict) -> None:
     knobs = {k: v for k, v in entry.items() if k != "method"}
@@ -64,3 +65,8 @@ def test_every_pre_llm_method_and_no_in_llm_one_is_served() -> None:
 def test_off_without_an_entry() -> None:
     assert vz.parse(None) is None
     assert vz.salted("abc", None) == "abc"
+
+
+def test_video_scope_is_refused_with_the_reason() -> None:
+    with pytest.raises(ValueError, match="'scope' says how a video's budget is spent.*compresses images only"):
+        vz.parse({"method": "random", "tokens": 10, "scope": "video"})

@@ -82,6 +82,9 @@ def parse(raw: Any) -> Settings | None:
             "text that scores them. Use a pre-LLM method, which sends fewer tokens to the LLM in the first place: "
             f"{', '.join(pre_llm_methods())}"
         )
+    if "scope" in knobs:
+        raise ValueError(f"vlmzip in vLLM: {name}: 'scope' says how a video's budget is spent over its frames, but "
+                         "the plugin compresses images only (videos pass uncompressed); drop it")
     try:
         check_knobs(spec, knobs)
         rest = dict(knobs)
