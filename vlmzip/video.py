@@ -177,22 +177,24 @@ def _decode(path: Path, wanted: list[int]) -> tuple[dict[int, Image.Image], dict
     return images, times, count, rate
 
 
+def _sampled(path: Path, total: int, frames: int, note: str) -> list[int]:
+    """:func:`sample_indices` of a file's ``total`` frames, its error naming the file (and ``note``)."""
+    try:
+        return sample_indices(total, frames)
+    except ValueError as err:
+        raise ValueError(f"video {path}: {err}{note}") from None
+
+
 def _read_file(path: Path, frames: int) -> Video:
     counted = _count_frames(path)
     if counted < 1:
         raise ValueError(f"video {path} has no frames (zero-length video); pass a video with at least {frames}")
-    try:
-        wanted = sample_indices(counted, frames)
-    except ValueError as err:
-        raise ValueError(f"video {path}: {err}") from None
+    wanted = _sampled(path, counted, frames, "")
     images, times, decoded, rate = _decode(path, wanted)
     if decoded != counted:  # the container's count was off: sample again from the frames that decode
         if decoded < 1:
             raise ValueError(f"video {path}: no frame decodes (a corrupt file?); re-encode it or pass a folder")
-        try:
-            wanted = sample_indices(decoded, frames)
-        except ValueError as err:
-            raise ValueError(f"video {path}: {err} (frames that decode)") from None
+        wanted = _sampled(path, decoded, frames, " (frames that decode)")
         images, times, decoded, rate = _decode(path, wanted)
     return Video(tuple(images[i] for i in wanted), tuple(wanted), decoded, rate,
                  tuple(times[i] for i in wanted) if rate else None, str(path))
