@@ -113,11 +113,13 @@ class LlavaAdapter(Adapter):
         """Shadow ``model.model.get_image_features`` on this instance with the compressing version."""
         return [set_instance_attr(self.inner, "get_image_features", LlavaImageFeatures(self, state))]
 
-    def encode(self, state: Any, pixel_values: torch.Tensor, needs: frozenset[str],
-               kwargs: dict[str, Any]) -> tuple[VisionTokens, nn.Module, bool]:
-        """Run the tower on (units, 3, H, W) pixels for ``state``'s method: (the units' tokens, the projector,
-        whether the tokens are already projected: a "projector"-stage method selects after it)."""
-        tokens = self.tower.run(pixel_values, self.layout, needs, **feature_kwargs(kwargs))
+    def encode(self, state: Any, pixel_values: torch.Tensor, needs: frozenset[str], kwargs: dict[str, Any],
+               tower: Any = None, layout: TokenLayout | None = None) -> tuple[VisionTokens, nn.Module, bool]:
+        """Run the tower (default: the image tower, with its ``layout``) on (units, 3, H, W) pixels for ``state``'s
+        method: (the units' tokens, the projector, whether the tokens are already projected: a "projector"-stage
+        method selects after it)."""
+        tower, layout = tower or self.tower, layout or self.layout
+        tokens = tower.run(pixel_values, layout, needs, **feature_kwargs(kwargs))
         projector = self.inner.multi_modal_projector
         projected = state.pre is not None and state.pre.spec.stage == "projector"
         if projected:

@@ -45,7 +45,7 @@ from transformers.processing_utils import ProcessorMixin
 from ..methods.base import TokenLayout, VisionTokens
 from ..runtime import current_call
 from ..sequence import Item
-from .base import Adapter, feature_kwargs, set_instance_attr
+from .base import Adapter, set_instance_attr
 from .llava import ClipLikeTower, LlavaAdapter, LlavaImageFeatures, check_strategy
 from .registry import register_adapter
 
@@ -222,12 +222,7 @@ class VideoLlavaAdapter(LlavaAdapter):
                       kwargs: dict[str, Any]) -> tuple[VisionTokens, nn.Module, bool]:
         """Run the video tower on (V * F, 3, H, W) frames for ``state``'s method: (the frames' tokens, the
         projector, whether they are already projected)."""
-        tokens = self.video_tower.run(pixels, self.frame_layout, needs, **feature_kwargs(kwargs))
-        projector = self.inner.multi_modal_projector
-        projected = state.pre is not None and state.pre.spec.stage == "projector"
-        if projected:
-            tokens.hidden = projector(tokens.hidden)
-        return tokens, projector, projected
+        return self.encode(state, pixels, needs, kwargs, tower=self.video_tower, layout=self.frame_layout)
 
 
 class VideoLlavaImageFeatures(LlavaImageFeatures):
