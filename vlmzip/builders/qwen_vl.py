@@ -155,7 +155,8 @@ def qwen_config(spec: QwenVLSpec, tokenizer: PreTrainedTokenizerFast, version: s
         vision = dict(common, hidden_size=spec.vision_hidden, out_hidden_size=spec.text_hidden,
                       intermediate_size=spec.vision_intermediate or 2 * spec.vision_hidden,
                       num_position_embeddings=spec.position_grid**2)
-        text = dict(text, head_dim=head_dim)
+        # real Qwen3-VL configs say so; transformers always interleaves the sections, vLLM reads the flag
+        text = dict(text, head_dim=head_dim, rope_parameters={**text["rope_parameters"], "mrope_interleaved": True})
         if version == "3.5":  # three linear-attention (Gated DeltaNet) layers to each full-attention one
             text.update(layer_types=["full_attention" if (i + 1) % 4 == 0 else "linear_attention"
                                      for i in range(spec.text_layers)], linear_num_key_heads=spec.text_kv_heads,
@@ -164,8 +165,9 @@ def qwen_config(spec: QwenVLSpec, tokenizer: PreTrainedTokenizerFast, version: s
             return Qwen3_5Config(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
         vision["deepstack_visual_indexes"] = list(spec.deepstack_layers)
         if version == "3-moe":  # every decoder layer a mixture of experts
+            # norm_topk_prob: as real configs say (transformers always renormalises the top-k weights; vLLM reads it)
             text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=text["intermediate_size"] // 2,
-                        decoder_sparse_step=1)
+                        decoder_sparse_step=1, norm_topk_prob=True)
             return Qwen3VLMoeConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
         return Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
     vision = dict(
