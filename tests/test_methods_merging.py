@@ -12,7 +12,7 @@ import vlmzip.methods
 from vlmzip.methods.base import TokenLayout, VisionTokens, get_method
 from vlmzip.methods.cluster import cluster_aggregate
 from vlmzip.methods.divprune import divprune
-from vlmzip.methods.kmeans import kmeans
+from vlmzip.methods.kmeans import kmeans, nearest_in_groups
 from vlmzip.methods.pool import output_grid, pool
 from vlmzip.methods.tome import tome
 
@@ -244,6 +244,34 @@ def test_kmeans_is_deterministic_per_unit_whatever_the_batch():
 def test_kmeans_rejects_impossible_k():
     with pytest.raises(ValueError, match="k-means needs"):
         kmeans(torch.zeros(1, 3, 2), 4)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 30), st.integers(1, 5), st.data())
+def test_nearest_in_groups_is_each_groups_argmin(batch, num, k, data):
+    """Without ties: each group's member of smallest distance; an empty group only gives an index in range."""
+    dist = torch.tensor(data.draw(st.lists(st.floats(0, 10), min_size=batch * num, max_size=batch * num))).view(
+        batch, num)
+    labels = torch.tensor(data.draw(st.lists(st.integers(0, k - 1), min_size=batch * num,
+                                             max_size=batch * num))).view(batch, num)
+    got = nearest_in_groups(dist, labels, k, rtol=0.0)
+    assert got.shape == (batch, k) and bool(((got >= 0) & (got < num)).all())
+    for b in range(batch):
+        for g in range(k):
+            members = (labels[b] == g).nonzero().flatten()
+            if members.numel():
+                best = dist[b, members].min()
+                assert int(got[b, g]) == int(members[dist[b, members] == best][0])  # the first of the nearest
+
+
+def test_nearest_in_groups_breaks_rounding_ties_by_position():
+    """The two members of a two-member cluster are equally far from its mean: whichever rounding makes one a hair
+    nearer, the first in position order represents it (the same on every runtime)."""
+    labels = torch.tensor([[0, 1, 1, 0, 1]])
+    for nudge in (1e-7, -1e-7, 0.0):
+        dist = torch.tensor([[4.0, 0.5 + nudge, 0.5, 3.0, 2.0]])
+        assert nearest_in_groups(dist, labels, 2).tolist() == [[3, 1]]
+    assert nearest_in_groups(torch.tensor([[4.0, 0.6, 0.5, 3.0, 2.0]]), labels, 2).tolist() == [[3, 2]]
 
 
 @settings(max_examples=60, deadline=None)

@@ -97,14 +97,21 @@ def cluster_means(x: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor
     return one_hot.transpose(1, 2) @ x.float() / counts
 
 
-def nearest_in_groups(dist: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
-    """(B, N) distances, (B, N) labels of k groups -> (B, k) position of each group's nearest member (the
-    first in position order on ties; meaningless for an empty group). No host sync."""
-    by_dist = dist.argsort(dim=1, stable=True)
-    perm = by_dist.gather(1, labels.gather(1, by_dist).argsort(dim=1, stable=True))  # grouped by label
-    counts = torch.zeros(labels.shape[0], k, dtype=torch.long, device=labels.device)
-    counts.scatter_add_(1, labels, torch.ones_like(labels))
-    return perm.gather(1, (counts.cumsum(1) - counts).clamp(max=labels.shape[1] - 1))  # empty groups: junk
+def nearest_in_groups(dist: torch.Tensor, labels: torch.Tensor, k: int, rtol: float = 1e-5) -> torch.Tensor:
+    """(B, N) distances, (B, N) labels of k groups -> (B, k) position of each group's nearest member (meaningless
+    for an empty group). No host sync.
+
+    Ties go to the first member in position order, and a tie is any distance within ``rtol`` times the row's largest
+    distance of its group's nearest: the two members of a two-member cluster are exactly as far from their mean, and
+    rounding alone (a different matmul order, another runtime's tower) must not decide which one represents it."""
+    batch, num = dist.shape
+    nearest = dist.new_full((batch, k), float("inf")).scatter_reduce(1, labels, dist, "amin")
+    slack = rtol * dist.abs().amax(dim=1, keepdim=True)
+    near = dist <= nearest.gather(1, labels) + slack
+    position = torch.arange(num, device=dist.device).expand(batch, -1)
+    first = torch.full((batch, k), num, dtype=torch.long, device=dist.device)
+    first.scatter_reduce_(1, labels, torch.where(near, position, num), "amin")
+    return first.clamp(max=num - 1)  # empty groups: junk
 
 
 def assign(x: torch.Tensor, centres: torch.Tensor, k: int) -> torch.Tensor:
