@@ -21,7 +21,7 @@ from vllm_engine import CASES, PROMPT, assert_same, close, generate, image, refe
 
 from vlmzip.builders.llava import LlavaSpec, build_llava  # noqa: E402
 from vlmzip.vllm import settings as vz  # noqa: E402
-from vlmzip.vllm.checkpoints import vllm_names  # noqa: E402
+from vlmzip.vllm.checkpoints import rewrite_for_vllm  # noqa: E402
 
 # CLIP 112 / 14 -> 8 x 8 = 64 patches + CLS; Llama head size 32 (vLLM's CPU attention takes 32, 64, 80, ...)
 SPEC = LlavaSpec(image_size=112, text_hidden=128, text_heads=4, text_kv_heads=2, vision_layers=3, seed=3)
@@ -35,7 +35,7 @@ def test_cases_cover_every_pre_llm_method() -> None:
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any, Any]:
     folder = tmp_path_factory.mktemp("llava")
     model, _ = build_llava(folder, SPEC)
-    assert vllm_names(folder) > 0
+    assert rewrite_for_vllm(folder) > 0
     # the processor vLLM loads from the folder (transformers' default image processor class), so that both sides
     # encode the same pixels
     return folder, model, AutoProcessor.from_pretrained(folder)

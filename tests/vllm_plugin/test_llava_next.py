@@ -16,7 +16,7 @@ vllm = pytest.importorskip("vllm")
 from vllm_engine import CASES, PROMPT, assert_same, close, generate, image, reference, serve  # noqa: E402
 
 from vlmzip.builders.llava_next import LlavaNextSpec, build_llava_next  # noqa: E402
-from vlmzip.vllm.checkpoints import vllm_names  # noqa: E402
+from vlmzip.vllm.checkpoints import rewrite_for_vllm  # noqa: E402
 
 # CLIP 84 / 14 -> 6 x 6 = 36 patches per crop; Llama head size 32
 SPEC = LlavaNextSpec(text_hidden=128, text_heads=4, text_kv_heads=2, vision_layers=3, seed=4)
@@ -27,7 +27,7 @@ RATIO = 0.3  # each image's own share: the budget splits over however many crops
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any, Any]:
     folder = tmp_path_factory.mktemp("llava_next")
     model, _ = build_llava_next(folder, SPEC)
-    assert vllm_names(folder) > 0
+    assert rewrite_for_vllm(folder) > 0
     return folder, model, AutoProcessor.from_pretrained(folder)
 
 

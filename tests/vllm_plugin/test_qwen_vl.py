@@ -1,7 +1,8 @@
-"""vlmzip's vLLM plugin on a tiny random Qwen2.5-VL (windowed ViT, 2x2 merger, M-RoPE) and Qwen2-VL (the same without
-windows): every pre-LLM method gives, in vLLM, the greedy tokens and first-step log-probabilities of vlmzip on
-transformers (fp32), with a prompt of budget + text tokens and every kept token at its vanilla (t, h, w) position;
-the plugin off is vLLM's own model."""
+"""vlmzip's vLLM plugin on a tiny random Qwen2.5-VL (windowed ViT, 2x2 merger, M-RoPE), Qwen2-VL (the same without
+windows) and Qwen3-VL (DeepStack levels, interleaved M-RoPE, a video as one run per temporal patch; and its MoE):
+every pre-LLM method gives, in vLLM, the greedy tokens and first-step log-probabilities of vlmzip on transformers
+(fp32), with a prompt of budget + text tokens and every kept token at its vanilla (t, h, w) position; the plugin
+off is vLLM's own model, and videos pass through whole at vLLM's own positions."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import vlmzip  # noqa: E402
 from vlmzip.adapters.qwen_vl import load_processor  # noqa: E402
 from vlmzip.builders.qwen_vl import QwenVLSpec, build_qwen_vl  # noqa: E402
 from vlmzip.vllm import settings as vz  # noqa: E402
+from vlmzip.vllm.checkpoints import rewrite_for_vllm  # noqa: E402
 from vlmzip.vllm.qwen_vl import read_positions, relative_positions, with_positions  # noqa: E402
 
 # patch 8, merge 2: the 120 x 150 test image is 14 x 16 patches -> 7 x 8 = 56 merged tokens; vision heads of 32,
@@ -31,7 +33,7 @@ PROMPT = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>what is i
          "<|im_start|>assistant\n"
 
 
-@pytest.fixture(scope="module", params=["2.5", "2"], ids=["qwen2.5-vl", "qwen2-vl"])
+@pytest.fixture(scope="module", params=["2.5", "2", "3"], ids=["qwen2.5-vl", "qwen2-vl", "qwen3-vl"])
 def checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any, Any]:
     folder = tmp_path_factory.mktemp(f"qwen{request.param}-vl")
     model, _ = build_qwen_vl(folder, QwenVLSpec(version=request.param, **SIZES))
@@ -123,7 +125,8 @@ def watch_positions(model: Any) -> None:
     lm.forward = forward
 
 
-@pytest.mark.parametrize(("method", "chunk"), [("visionzip", None), ("tome", None), ("random", 16)])
+@pytest.mark.parametrize(("method", "chunk"),
+                         [("visionzip", None), ("tome", None), ("random", 16), ("cluster_aggregate", None)])
 def test_kept_tokens_get_their_vanilla_positions(checkpoint: tuple[Path, Any, Any], method: str,
                                                  chunk: int | None) -> None:
     """The positions vLLM's language model gets for the prompt are those vlmzip gives transformers' (each kept token
@@ -145,7 +148,7 @@ def test_kept_tokens_get_their_vanilla_positions(checkpoint: tuple[Path, Any, An
     length = want.shape[1]
     got = torch.cat(SEEN, dim=1)[:, :length]  # the prefill's steps, then the decode steps
     assert got.shape[1] == length and (chunk is None or SEEN[0].shape[1] <= chunk < length)
-    assert torch.equal(got, want)
+    assert torch.equal(got, want), (got != want).nonzero().tolist()[:12]
     vanilla_next = int(want.max()) + 1  # the first generated token continues at the vanilla position
     assert int(torch.cat(SEEN, dim=1)[0, length]) == vanilla_next
 
@@ -193,6 +196,65 @@ def test_budget_larger_than_an_image_is_a_clear_error(checkpoint: tuple[Path, An
         assert generate(llm, PROMPT, Image.new("RGB", (128, 128)))[2] == 60 + counts(checkpoint[2])[1]
     finally:
         close(llm)
+
+
+def clip() -> tuple[np.ndarray, dict[str, Any]]:
+    """4 frames of 64 x 96 at 2 fps with their metadata (Qwen3-VL writes each temporal patch's time as text)."""
+    frames = (np.random.RandomState(2).rand(4, 64, 96, 3) * 255).astype("uint8")
+    return frames, {"fps": 2.0, "total_num_frames": 4, "frames_indices": [0, 1, 2, 3], "duration": 2.0,
+                    "video_backend": "opencv"}
+
+
+VIDEO_PROMPT = "<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>what happens<|im_end|>\n" \
+               "<|im_start|>assistant\n"
+
+
+def video_answer(folder: Path, overrides: dict[str, Any]) -> tuple[list[int], int, dict[int, float]]:
+    """Greedy tokens, the engine's prompt length and the first step's top log-probabilities for the clip, from an
+    engine that is gone when this returns (the next one starts clean)."""
+    llm = vllm.LLM(model=str(folder), dtype="float32", enforce_eager=True, max_model_len=512, seed=0,
+                   limit_mm_per_prompt={"image": 1, "video": 1}, kv_cache_memory_bytes=64 << 20, **overrides)
+    try:
+        params = vllm.SamplingParams(max_tokens=6, temperature=0.0, logprobs=5)
+        request = {"prompt": VIDEO_PROMPT, "multi_modal_data": {"video": clip()}}
+        out = llm.generate([request], params, use_tqdm=False)[0]
+    finally:
+        close(llm)
+    first = {tok: lp.logprob for tok, lp in out.outputs[0].logprobs[0].items()}
+    return list(out.outputs[0].token_ids), len(out.prompt_token_ids), first
+
+
+def test_videos_pass_whole_at_vllms_positions(checkpoint: tuple[Path, Any, Any]) -> None:
+    """With the plugin on, a video is sent whole (the plugin compresses images): the same prompt length, greedy tokens
+    and log-probabilities as vLLM without the plugin, so each temporal patch's tokens (Qwen3-VL: each run after its
+    timestamp) sit at vLLM's own positions."""
+    tokens, length, first = video_answer(checkpoint[0], {})
+    got_tokens, got_length, got_first = video_answer(
+        checkpoint[0], {"hf_overrides": {"vlmzip": {"method": "visionzip", "tokens": 24}}})
+    assert got_length == length > 24 and got_tokens == tokens
+    assert got_first.keys() == first.keys()
+    for tok, logprob in first.items():
+        assert got_first[tok] == pytest.approx(logprob, abs=1e-5)
+
+
+@pytest.mark.parametrize("method", ["visionzip", "tome"])
+def test_qwen3_vl_moe_equals_transformers(tmp_path: Path, method: str) -> None:
+    """Qwen3-VL-MoE (vLLM's fused experts; the builder's checkpoint rewritten to the released layout): the kept
+    tokens and their DeepStack levels (merged with the same weights under ToMe) give vlmzip's answer on
+    transformers."""
+    model, _ = build_qwen_vl(tmp_path, QwenVLSpec(version="3-moe", **SIZES))
+    assert rewrite_for_vllm(tmp_path) > 0
+    processor = load_processor(tmp_path)
+    knobs = CASES[method]
+    want = reference(model.eval(), processor, method, knobs, PROMPT)
+    llm = serve(tmp_path, {"vlmzip": {"method": method, **knobs}})
+    try:
+        got = generate(llm, PROMPT)
+    finally:
+        close(llm)
+    vanilla, text = counts(processor)
+    assert got[2] == knobs["tokens"] + text < vanilla + text
+    assert_same(got, want)
 
 
 def test_positions_travel_exactly_with_the_embeddings() -> None:

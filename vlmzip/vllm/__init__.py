@@ -1,5 +1,5 @@
 """vlmzip inside vLLM: a general plugin that runs vlmzip's pre-LLM methods in vLLM's LLaVA-1.5, LLaVA-NeXT,
-Qwen2-VL and Qwen2.5-VL.
+Qwen2-VL, Qwen2.5-VL and Qwen3-VL (dense and MoE).
 
 Installed with ``pip install "vlmzip[vllm]"``, vLLM loads it by itself (entry point group ``vllm.general_plugins``;
 ``VLLM_PLUGINS`` without ``vlmzip`` switches it off). It is on for a server whose model config has a ``vlmzip``
@@ -19,6 +19,8 @@ MODELS = {
     "LlavaNextForConditionalGeneration": "vlmzip.vllm.llava_next:VlmzipLlavaNext",
     "Qwen2_5_VLForConditionalGeneration": "vlmzip.vllm.qwen_vl:VlmzipQwen2_5_VL",
     "Qwen2VLForConditionalGeneration": "vlmzip.vllm.qwen_vl:VlmzipQwen2VL",
+    "Qwen3VLForConditionalGeneration": "vlmzip.vllm.qwen_vl:VlmzipQwen3VL",
+    "Qwen3VLMoeForConditionalGeneration": "vlmzip.vllm.qwen_vl:VlmzipQwen3VLMoe",
 }
 
 

@@ -27,9 +27,9 @@ from . import settings as vz
 
 def checkpoint(model: str | None, layers: int | None) -> tuple[str, str]:
     """(folder vLLM loads, description) for ``--model``: the lab mini-VLM by default, a checkpoint folder, or
-    ``arch:NAME`` built with random weights. Weights saved by transformers 5 are renamed for vLLM in a temporary
+    ``arch:NAME`` built with random weights. Weights saved by transformers 5 are rewritten for vLLM in a temporary
     copy (:mod:`vlmzip.vllm.checkpoints`); a folder vLLM can load as it is is used in place."""
-    from .checkpoints import vllm_names
+    from .checkpoints import rewrite_for_vllm
 
     folder = tempfile.mkdtemp(prefix="vlmzip-vllm-")
     if model and model.startswith("arch:"):
@@ -39,13 +39,13 @@ def checkpoint(model: str | None, layers: int | None) -> tuple[str, str]:
         built.save_pretrained(folder)
         processor.save_pretrained(folder)
         del built
-        vllm_names(folder)
+        rewrite_for_vllm(folder)
         return folder, f"{model} (random weights{f', {layers} decoder layers' if layers else ''})"
     source = Path(model) if model else Path(__file__).resolve().parents[1] / "lab" / "checkpoint"
     if not (source / "config.json").is_file():
         raise ValueError(f"--model {model}: no config.json there; give a checkpoint folder or arch:NAME")
     shutil.copytree(source, folder, dirs_exist_ok=True)
-    if not vllm_names(folder):
+    if not rewrite_for_vllm(folder):
         shutil.rmtree(folder)
         folder = str(source)
     return folder, model or "the lab mini-VLM (LLaVA, 256 visual tokens per image)"

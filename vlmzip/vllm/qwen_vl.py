@@ -1,5 +1,5 @@
-"""Qwen2.5-VL (``Qwen2_5_VLForConditionalGeneration``) and Qwen2-VL (``Qwen2VLForConditionalGeneration``) in vLLM
-with a vlmzip pre-LLM method.
+"""Qwen2-VL (``Qwen2VLForConditionalGeneration``), Qwen2.5-VL (``Qwen2_5_VLForConditionalGeneration``) and Qwen3-VL
+(``Qwen3VLForConditionalGeneration``, ``Qwen3VLMoeForConditionalGeneration``) in vLLM with a vlmzip pre-LLM method.
 
 As vlmzip does on transformers (``vlmzip/adapters/qwen_vl.py``):
 - what is compressed: each image's merged tokens (the PatchMerger's output, what the LLM sees), one unit per image
@@ -7,8 +7,12 @@ As vlmzip does on transformers (``vlmzip/adapters/qwen_vl.py``):
   both receive them (the merger is Qwen's projector);
 - the count: the processor answers each image's placeholder count with its budget (``_get_prompt_updates``, from
   the image's grid, which the image's size gives before the tower runs), so the KV cache holds only the kept tokens;
+- Qwen3-VL's DeepStack: the tower returns each merged token's features followed by those of its DeepStack levels
+  (one (N, D * (1 + L)) tensor), which vLLM adds to the hidden states of its first decoder layers; the method ranks
+  and merges the first D channels and every level follows the same selection and merge weights
+  (``Selection.apply``), as on transformers;
 - the signals (no CLS): forward hooks on the signal block (Qwen2.5-VL: the last full-attention block,
-  ``max(fullatt_block_indexes)``, the others attend within windows; Qwen2-VL: the last block) take its fused
+  ``max(fullatt_block_indexes)``, the others attend within windows; Qwen2-VL, Qwen3-VL: the last block) take its fused
   ``qkv`` output (keys, before RoPE) and the rotary embedding's output (q and k as the block's attention sees
   them); ``received_attention`` of a merged token is the attention its ``merge^2`` patches receive in that block
   (mean over heads and over the queries of its image, summed over the group), on Qwen2.5-VL mapped from the
@@ -25,7 +29,8 @@ in extra channels; :meth:`VlmzipQwen2_5_VL.embed_input_ids` strips them where th
 embeddings into the prompt and ``forward`` adds them to those slots' positions. (EVS has the engine rewrite the
 stored positions through ``recompute_mrope_positions`` instead; vLLM's CPU runner never enables that call, so the
 plugin does not rely on it.) Pipeline parallelism is refused: a later stage has no embeddings to read them from.
-Videos, and images passed as embeddings, are sent whole, at their vanilla positions.
+Videos, and images passed as embeddings, are sent whole, at their vanilla positions (a Qwen3-VL video is one run of
+placeholders per temporal patch, after its timestamp text, each run at its own positions).
 """
 
 from __future__ import annotations
@@ -48,12 +53,20 @@ from vllm.model_executor.models.qwen2_vl import (
     Qwen2VLMultiModalProcessor,
     Qwen2VLProcessingInfo,
 )
+from vllm.model_executor.models.qwen3_vl import (
+    Qwen3VLDummyInputsBuilder,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLMultiModalProcessor,
+    Qwen3VLProcessingInfo,
+)
+from vllm.model_executor.models.qwen3_vl_moe import Qwen3VLMoeForConditionalGeneration, Qwen3VLMoeProcessingInfo
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.processing import PromptReplacement
 
 from .. import signals
 from ..methods import TokenLayout, VisionTokens
 from . import settings as vz
+from .tower import over_all_heads
 
 # each relative position travels as two small integers (hi * BASE + lo), exact in bf16 / fp16
 BASE = 128
@@ -131,19 +144,9 @@ class QwenTower:
                                  "(fullatt_block_indexes is empty), so no attention over a whole image to score tokens")
             block = max(full) % len(visual.blocks)
         self.attn = visual.blocks[block].attn
-        self.num_heads = int(self.attn.num_attention_heads_per_partition)
+        self.num_heads = int(self.attn.num_attention_heads_per_partition)  # this rank's heads (tensor parallel)
         self.head_dim = int(self.attn.hidden_size_per_attention_head)
         self.tp_size = int(getattr(self.attn, "tp_size", 1))
-
-    def check(self, needs: frozenset[str], method: str) -> None:
-        """A clear start-up error where the signals ``needs`` cannot be captured on this tower."""
-        if needs and self.tp_size != 1:
-            raise ValueError(
-                f"vlmzip in vLLM: {method} needs the vision tower's attention over all heads, but the tower is split "
-                f"over {self.tp_size} tensor-parallel ranks (each sees its own heads); run the encoder data-parallel "
-                "(--mm-encoder-tp-mode data) or choose a method that needs no attention (pool, spatial, random, "
-                "tome, divprune, cluster_aggregate)"
-            )
 
     def run(self, pixel_values: torch.Tensor, grids: list[list[int]],
             needs: frozenset[str]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -173,8 +176,9 @@ class QwenTower:
         length = qkv.shape[0]
         order = meta["reverse_indices"].to(qkv.device) if self.windowed else slice(None)
         keys = received = None
-        if "keys" in needs:
+        if "keys" in needs:  # mean over heads (this rank's, then all ranks')
             keys = qkv[:, 1].mean(dim=1).view(length // unit, unit, dim).mean(dim=1)[order]
+            keys = over_all_heads(keys, self.tp_size, mean=True)
         if "received_attention" in needs:
             rotated = store["rotated"].reshape(2, length, heads, dim).float()  # q, k after the rotary embedding
             q, k = rotated[0].transpose(0, 1), rotated[1].transpose(0, 1)  # (H, S, Dh)
@@ -185,6 +189,7 @@ class QwenTower:
                     parts.append(signals.segment_received_attention(q[:, at : at + n], k[:, at : at + n], dim**-0.5))
                     at += n
             received = torch.cat(parts).view(length // unit, unit).sum(dim=1)[order]
+            received = over_all_heads(received, self.tp_size, mean=True)
         return merged, received, keys
 
 
@@ -231,14 +236,16 @@ class VlmzipQwen:
             raise ValueError("vlmzip in vLLM: Qwen-VL with vlmzip cannot run pipeline-parallel (the kept tokens' "
                              "positions travel with the first stage's embeddings); use tensor or data parallelism")
         self.vlmzip_tower = QwenTower(self.visual)
-        self.vlmzip_tower.check(self.vlmzip.spec.needs, self.vlmzip.method)
         self.merge = self.vlmzip_tower.merge
+        # Qwen3-VL: the width of a token's own features, before its DeepStack levels (None: no DeepStack)
+        self.vlmzip_width = int(self.visual_dim) if getattr(self, "use_deepstack", False) else None
         self.vlmzip_slots: tuple[torch.Tensor, torch.Tensor] | None = None  # this step's visual slots, positions
 
     # -- encoder ------------------------------------------------------------------------------------
 
     def vlmzip_images(self, image_input: Any) -> tuple[torch.Tensor, ...]:
-        """Each image's kept tokens (K_i, D) with their positions in extra channels (:func:`with_positions`)."""
+        """Each image's kept tokens (K_i, D) with their positions in extra channels (:func:`with_positions`);
+        Qwen3-VL: D = the token's own features and its DeepStack levels', selected and merged in step."""
         found = self.vlmzip
         assert found is not None
         grids = [[int(v) for v in g] for g in image_input["image_grid_thw"].tolist()]
@@ -260,15 +267,21 @@ class VlmzipQwen:
         for grid, n, keep in zip(grids, counts, keeps, strict=True):
             t, h, w = grid
             layout = TokenLayout(0, (t * h // self.merge, w // self.merge), send_prefix=True)
+            own, deep = merged[at : at + n], None
+            if self.vlmzip_width is not None:  # Qwen3-VL: (n, D) own features, (n, D * L) DeepStack levels
+                own, deep = own[:, : self.vlmzip_width], own[:, self.vlmzip_width :]
             tokens = VisionTokens(
-                hidden=merged[at : at + n].unsqueeze(0), layout=layout,
+                hidden=own.unsqueeze(0), layout=layout,
                 keys=None if keys is None else keys[at : at + n].unsqueeze(0),
                 received_attention=None if received is None else received[at : at + n].unsqueeze(0),
                 seeds=signals.content_seeds(normalized[patch_at : patch_at + n * unit].unsqueeze(0)),
             )
             chosen = vz.select(found, tokens, keep)
+            features = chosen.features[0]
+            if deep is not None:
+                features = torch.cat([features, chosen.apply(deep.unsqueeze(0))[0].to(features.dtype)], dim=1)
             rel = relative_positions(grid, self.merge)[0]
-            out.append(with_positions(chosen.features[0], rel[:, chosen.indices[0].cpu()]))
+            out.append(with_positions(features, rel[:, chosen.indices[0].cpu()]))
             at += n
             patch_at += n * unit
         return tuple(out)
@@ -276,13 +289,18 @@ class VlmzipQwen:
     def vlmzip_videos(self, video_input: Any) -> tuple[torch.Tensor, ...]:
         """Each video's tokens, sent whole, with their vanilla positions in extra channels."""
         grids = [[int(v) for v in g] for g in video_input["video_grid_thw"].tolist()]
-        seconds = video_input.get("second_per_grid_ts")
-        per_second = float(getattr(self.config.vision_config, "tokens_per_second", 1.0))
         out = []
         for i, (emb, grid) in enumerate(zip(self._process_video_input(video_input), grids, strict=True)):
-            factor = (1.0 if seconds is None else float(seconds[i])) * per_second
-            out.append(with_positions(emb, relative_positions(grid, self.merge, factor)[0]))
+            out.append(with_positions(emb, self.video_positions(video_input, i, grid)))
         return tuple(out)
+
+    def video_positions(self, video_input: Any, i: int, grid: list[int]) -> torch.Tensor:
+        """(3, N) positions of video ``i``'s merged tokens relative to its run of placeholders (Qwen2-VL /
+        Qwen2.5-VL: one run; its time axis at ``second_per_grid_ts * tokens_per_second`` per temporal patch)."""
+        seconds = video_input.get("second_per_grid_ts")
+        per_second = float(getattr(self.config.vision_config, "tokens_per_second", 1.0))
+        factor = (1.0 if seconds is None else float(seconds[i])) * per_second
+        return relative_positions(grid, self.merge, factor)[0]
 
     def embed_multimodal(self, **kwargs: object) -> Any:
         if self.vlmzip is None:
@@ -297,22 +315,28 @@ class VlmzipQwen:
 
     # -- positions ----------------------------------------------------------------------------------
 
+    def placeholder_runs(self, input_tokens: list[int], mm_features: list[Any]) -> list[tuple[int, int, int]]:
+        """(prompt index, placeholders, extent) of each run of visual placeholders in the prompt, in order; extent:
+        the positions the run spans in the vanilla sequence (Qwen2-VL / Qwen2.5-VL: one run per item)."""
+        lengths = {int(f.mm_position.offset): int(f.mm_position.length) for f in mm_features}
+        merge = self.merge
+        return [(offset, lengths[offset], relative_positions((t, h * merge, w * merge), merge, factor)[1])
+                for offset, t, h, w, factor in self.iter_mm_grid_thw(mm_features)]
+
     def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list[Any]) -> tuple[torch.Tensor, int]:
         """(3, N) positions of the shrunk prompt and the decode delta: text at its vanilla positions (gaps where
-        tokens were dropped), each item's placeholders at the item's first position (``forward`` adds each sent
+        tokens were dropped), each run of placeholders at the run's first position (``forward`` adds each sent
         token's own offset), decoding at the vanilla positions."""
         if self.vlmzip is None:
             return super().get_mrope_input_positions(input_tokens, mm_features)
-        lengths = {int(f.mm_position.offset): int(f.mm_position.length) for f in mm_features}
         parts: list[torch.Tensor] = []
         st, nxt = 0, 0  # next prompt index, next position
-        for offset, t, h, w, factor in self.iter_mm_grid_thw(mm_features):
+        for offset, length, extent in self.placeholder_runs(input_tokens, mm_features):
             text = offset - st
             parts.append(torch.arange(nxt, nxt + text).expand(3, -1))
             base = nxt + text
-            extent = relative_positions((t, h * self.merge, w * self.merge), self.merge, factor)[1]
-            parts.append(torch.full((3, lengths[offset]), base))
-            st, nxt = offset + lengths[offset], base + extent
+            parts.append(torch.full((3, length), base))
+            st, nxt = offset + length, base + extent
         if st < len(input_tokens):
             parts.append(torch.arange(nxt, nxt + len(input_tokens) - st).expand(3, -1))
             nxt += len(input_tokens) - st
@@ -376,3 +400,55 @@ class VlmzipQwen2VLMultiModalProcessor(VlmzipQwenProcessor, Qwen2VLMultiModalPro
 )
 class VlmzipQwen2VL(VlmzipQwen, Qwen2VLForConditionalGeneration):
     """vLLM's Qwen2-VL with vlmzip."""
+
+
+class VlmzipQwen3:
+    """What Qwen3-VL changes (a mixin before :class:`VlmzipQwen`): a video is one run of placeholders per temporal
+    patch, after its timestamp text, each patch's tokens at (0, row, column) from the run's first position."""
+
+    def placeholder_runs(self, input_tokens: list[int], mm_features: list[Any]) -> list[tuple[int, int, int]]:
+        runs = []
+        for feature in mm_features:
+            if feature.modality == "image":
+                _, h, w = (int(v) for v in feature.data["image_grid_thw"].data.tolist())
+                runs.append((int(feature.mm_position.offset), int(feature.mm_position.length),
+                             max(h, w) // self.merge))
+        videos = [feature for feature in mm_features if feature.modality == "video"]
+        config = self.config
+        for offset, h, w, n in self._iter_mm_grid_hw(
+            input_tokens, videos, video_token_id=config.video_token_id,
+            vision_start_token_id=config.vision_start_token_id, vision_end_token_id=config.vision_end_token_id,
+            spatial_merge_size=self.merge,
+        ):
+            runs.append((offset, n, max(h, w)))
+        return sorted(runs)
+
+    def video_positions(self, video_input: Any, i: int, grid: list[int]) -> torch.Tensor:
+        t, h, w = grid
+        return relative_positions((1, h, w), self.merge)[0].repeat(1, t)
+
+
+class VlmzipQwen3VLProcessingInfo(VlmzipQwenInfo, Qwen3VLProcessingInfo):
+    """Qwen3-VL's processing info with vlmzip's image counts."""
+
+
+class VlmzipQwen3VLMultiModalProcessor(VlmzipQwenProcessor, Qwen3VLMultiModalProcessor):
+    """Qwen3-VL's (and Qwen3-VL-MoE's) processor with vlmzip's image counts and cache identities."""
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    VlmzipQwen3VLMultiModalProcessor, info=VlmzipQwen3VLProcessingInfo, dummy_inputs=Qwen3VLDummyInputsBuilder,
+)
+class VlmzipQwen3VL(VlmzipQwen3, VlmzipQwen, Qwen3VLForConditionalGeneration):
+    """vLLM's Qwen3-VL with vlmzip."""
+
+
+class VlmzipQwen3VLMoeProcessingInfo(VlmzipQwenInfo, Qwen3VLMoeProcessingInfo):
+    """Qwen3-VL-MoE's processing info with vlmzip's image counts."""
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    VlmzipQwen3VLMultiModalProcessor, info=VlmzipQwen3VLMoeProcessingInfo, dummy_inputs=Qwen3VLDummyInputsBuilder,
+)
+class VlmzipQwen3VLMoe(VlmzipQwen3, VlmzipQwen, Qwen3VLMoeForConditionalGeneration):
+    """vLLM's Qwen3-VL-MoE (its language model's MLPs mixtures of experts) with vlmzip."""
