@@ -27,9 +27,10 @@ ORDERS = ("random", "position")
 
 
 def nearest_members(x: torch.Tensor, labels: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
-    """(B, k) position of each cluster's member nearest its centre (first in position order on ties)."""
+    """(B, k) position of each cluster's member nearest its centre (first in position order on ties, rounding-level
+    differences counting as ties)."""
     dist = squared_distances(x, centres).gather(2, labels.unsqueeze(-1)).squeeze(-1)  # (B, N)
-    return nearest_in_groups(dist, labels, centres.shape[1])
+    return nearest_in_groups(dist, labels, centres.shape[1], rtol=1e-5)
 
 
 def cluster_aggregate(

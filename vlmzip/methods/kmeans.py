@@ -97,13 +97,14 @@ def cluster_means(x: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor
     return one_hot.transpose(1, 2) @ x.float() / counts
 
 
-def nearest_in_groups(dist: torch.Tensor, labels: torch.Tensor, k: int, rtol: float = 1e-5) -> torch.Tensor:
+def nearest_in_groups(dist: torch.Tensor, labels: torch.Tensor, k: int, rtol: float = 0.0) -> torch.Tensor:
     """(B, N) distances, (B, N) labels of k groups -> (B, k) position of each group's nearest member (meaningless
     for an empty group). No host sync.
 
-    Ties go to the first member in position order, and a tie is any distance within ``rtol`` times the row's largest
-    distance of its group's nearest: the two members of a two-member cluster are exactly as far from their mean, and
-    rounding alone (a different matmul order, another runtime's tower) must not decide which one represents it."""
+    Ties go to the first member in position order; with ``rtol`` > 0 a tie is any distance within ``rtol`` times the
+    row's largest distance of its group's nearest. Distances computed from features need it: the two members of a
+    two-member cluster are exactly as far from their mean, and rounding alone (a different matmul order, another
+    runtime's tower) must not decide which one represents it."""
     batch, num = dist.shape
     nearest = dist.new_full((batch, k), float("inf")).scatter_reduce(1, labels, dist, "amin")
     slack = rtol * dist.abs().amax(dim=1, keepdim=True)
