@@ -54,16 +54,21 @@ def counts(processor: Any, picture: Image.Image | None = None) -> tuple[int, int
     return visual, len(ids) - visual
 
 
+def served(folder: Path, method: str, knobs: dict[str, Any]) -> tuple[list[int], dict[int, float], int]:
+    """:func:`generate`'s answer to the prompt from an engine serving ``folder`` with the plugin on."""
+    llm = serve(folder, {"vlmzip": {"method": method, **knobs}})
+    try:
+        return generate(llm, PROMPT)
+    finally:
+        close(llm)
+
+
 @pytest.mark.parametrize("method", sorted(CASES))
 def test_method_equals_transformers(checkpoint: tuple[Path, Any, Any], method: str) -> None:
     folder, model, processor = checkpoint
     knobs = CASES[method]
     want = reference(model, processor, method, knobs, PROMPT)
-    llm = serve(folder, {"vlmzip": {"method": method, **knobs}})
-    try:
-        got = generate(llm, PROMPT)
-    finally:
-        close(llm)
+    got = served(folder, method, knobs)
     vanilla, text = counts(processor)
     keep = vz.parse({"method": method, **knobs}).keep(vanilla)
     assert keep < vanilla
@@ -247,11 +252,7 @@ def test_qwen3_vl_moe_equals_transformers(tmp_path: Path, method: str) -> None:
     processor = load_processor(tmp_path)
     knobs = CASES[method]
     want = reference(model.eval(), processor, method, knobs, PROMPT)
-    llm = serve(tmp_path, {"vlmzip": {"method": method, **knobs}})
-    try:
-        got = generate(llm, PROMPT)
-    finally:
-        close(llm)
+    got = served(tmp_path, method, knobs)
     vanilla, text = counts(processor)
     assert got[2] == knobs["tokens"] + text < vanilla + text
     assert_same(got, want)
