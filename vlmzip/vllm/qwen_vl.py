@@ -73,26 +73,17 @@ BASE = 128
 CHANNELS = 6  # (t, h, w) x (hi, lo)
 
 
-def checked_settings(config: Any) -> vz.Settings | None:
-    """The config's vlmzip settings (start-up errors for bad knobs)."""
-    return vz.from_config(config)
-
-
-def image_keep(found: vz.Settings | None, vanilla: int) -> int:
-    """Tokens an image of ``vanilla`` merged tokens sends."""
-    return vanilla if found is None else found.keep(vanilla)
-
-
 class VlmzipQwenInfo:
     """Qwen-VL's processing info (a mixin before vLLM's class); with vlmzip on, an image's token count is its
     budget."""
 
     @cached_property
     def vlmzip(self) -> vz.Settings | None:
-        return checked_settings(self.get_hf_config())
+        return vz.from_config(self.get_hf_config())  # start-up errors for bad knobs
 
     def get_num_image_tokens(self, **kwargs: Any) -> int:
-        return image_keep(self.vlmzip, super().get_num_image_tokens(**kwargs))
+        vanilla = super().get_num_image_tokens(**kwargs)
+        return vanilla if self.vlmzip is None else self.vlmzip.keep(vanilla)
 
 
 class VlmzipQwenProcessor:
@@ -225,7 +216,7 @@ class VlmzipQwen:
 
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.vlmzip = checked_settings(self.config)
+        self.vlmzip = vz.from_config(self.config)
         if self.vlmzip is None:
             return
         mm_config = vllm_config.model_config.multimodal_config
