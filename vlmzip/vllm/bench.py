@@ -90,7 +90,7 @@ def measure(folder: str, entry: dict[str, Any] | None, image: Any, prompt: str, 
 
 # the single-image prompt of each family's chat format (the model type in config.json); LLaVA's otherwise
 QWEN_PROMPT = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{}<|im_end|>\n<|im_start|>assistant\n"
-PROMPTS = {"qwen2_vl": QWEN_PROMPT, "qwen2_5_vl": QWEN_PROMPT}
+PROMPTS = {name: QWEN_PROMPT for name in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")}
 
 
 def prompt_for(folder: str, question: str) -> str:
