@@ -214,27 +214,23 @@ VIDEO_PROMPT = "<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>wha
                "<|im_start|>assistant\n"
 
 
-def video_answer(folder: Path, overrides: dict[str, Any]) -> tuple[list[int], int, dict[int, float]]:
-    """Greedy tokens, the engine's prompt length and the first step's top log-probabilities for the clip, from an
-    engine that is gone when this returns (the next one starts clean)."""
+def video_answer(folder: Path, overrides: dict[str, Any]) -> tuple[list[int], dict[int, float], int]:
+    """:func:`generate`'s answer for the clip, from an engine that is gone when this returns (the next one starts
+    clean)."""
     llm = vllm.LLM(model=str(folder), dtype="float32", enforce_eager=True, max_model_len=512, seed=0,
                    limit_mm_per_prompt={"image": 1, "video": 1}, kv_cache_memory_bytes=64 << 20, **overrides)
     try:
-        params = vllm.SamplingParams(max_tokens=6, temperature=0.0, logprobs=5)
-        request = {"prompt": VIDEO_PROMPT, "multi_modal_data": {"video": clip()}}
-        out = llm.generate([request], params, use_tqdm=False)[0]
+        return generate(llm, VIDEO_PROMPT, media={"video": clip()})
     finally:
         close(llm)
-    first = {tok: lp.logprob for tok, lp in out.outputs[0].logprobs[0].items()}
-    return list(out.outputs[0].token_ids), len(out.prompt_token_ids), first
 
 
 def test_videos_pass_whole_at_vllms_positions(checkpoint: tuple[Path, Any, Any]) -> None:
     """With the plugin on, a video is sent whole (the plugin compresses images): the same prompt length, greedy tokens
     and log-probabilities as vLLM without the plugin, so each temporal patch's tokens (Qwen3-VL: each run after its
     timestamp) sit at vLLM's own positions."""
-    tokens, length, first = video_answer(checkpoint[0], {})
-    got_tokens, got_length, got_first = video_answer(
+    tokens, first, length = video_answer(checkpoint[0], {})
+    got_tokens, got_first, got_length = video_answer(
         checkpoint[0], {"hf_overrides": {"vlmzip": {"method": "visionzip", "tokens": 24}}})
     assert got_length == length > 24 and got_tokens == tokens
     assert got_first.keys() == first.keys()

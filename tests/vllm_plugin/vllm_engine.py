@@ -44,11 +44,12 @@ def serve(folder: Path, overrides: dict[str, Any] | None) -> vllm.LLM:
                     limit_mm_per_prompt={"image": 1}, kv_cache_memory_bytes=64 << 20, **kwargs)
 
 
-def generate(llm: vllm.LLM, prompt: str = PROMPT,
-             picture: Image.Image | None = None) -> tuple[list[int], dict[int, float], int]:
-    """Greedy tokens, the first step's top log-probabilities {token: logprob}, the engine's prompt length."""
+def generate(llm: vllm.LLM, prompt: str = PROMPT, picture: Image.Image | None = None,
+             media: dict[str, Any] | None = None) -> tuple[list[int], dict[int, float], int]:
+    """Greedy tokens, the first step's top log-probabilities {token: logprob}, the engine's prompt length, for one
+    request with ``picture`` (default: :func:`image`) or the ``media`` given (vLLM's ``multi_modal_data``)."""
     params = vllm.SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, logprobs=TOP)
-    request = {"prompt": prompt, "multi_modal_data": {"image": picture or image()}}
+    request = {"prompt": prompt, "multi_modal_data": media or {"image": picture or image()}}
     out = llm.generate([request], params, use_tqdm=False)[0]
     first = {tok: lp.logprob for tok, lp in out.outputs[0].logprobs[0].items()}
     return list(out.outputs[0].token_ids), first, len(out.prompt_token_ids)
